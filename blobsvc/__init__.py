@@ -1,0 +1,1 @@
+"""blobsvc: the data plane. Streams content-addressed bytes in and out of pluggable storage."""

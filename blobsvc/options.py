@@ -1,0 +1,21 @@
+"""Flags of `linkedblob serve blob`."""
+
+from __future__ import annotations
+
+import argparse
+
+from linkedblob.config import BLOB_PORT, add_option
+
+HELP = "the data plane: content-addressed bytes (linkedblob.blob.v1.BlobService)"
+DEFAULT_PORT = BLOB_PORT
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--data", default="data/blobs", help="root directory of the filesystem store")
+    add_option(
+        parser,
+        "--storage",
+        default="filesystem",
+        choices=["filesystem", "memory"],
+        help="storage driver",
+    )

@@ -1,0 +1,71 @@
+"""Configuration by flags, with every flag's default read from a ``LINKEDBLOB_*`` variable.
+
+``--data DIR`` can be given as ``LINKEDBLOB_DATA=DIR``; a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+ENV_PREFIX = "LINKEDBLOB_"
+
+MiB = 1024 * 1024
+
+# Ports of the three services when run with their defaults.
+GATEWAY_PORT = 50051
+BLOB_PORT = 50052
+LINK_PORT = 50053
+
+# The largest data message a service accepts (larger ones are RESOURCE_EXHAUSTED /
+# SIZE_INVALID); the gRPC transport limit sits above it so the reason can be reported.
+MAX_CHUNK_BYTES = 4 * MiB
+TRANSPORT_LIMIT_BYTES = MAX_CHUNK_BYTES + MiB
+# The chunk size used when the services stream bytes: ~1 MiB messages stream fastest.
+STREAM_CHUNK_BYTES = MiB
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _env_bool(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def add_option(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
+    """Adds ``flag`` with its default taken from LINKEDBLOB_<FLAG> when that is set."""
+    env = env_name(flag)
+    raw = os.environ.get(env)
+    action = kwargs.get("action")
+    if raw is not None:
+        if action == "store_true":
+            kwargs["default"] = _env_bool(raw)
+        else:
+            kwargs["default"] = kwargs.get("type", str)(raw)
+    help_text = kwargs.get("help", "")
+    kwargs["help"] = f"{help_text} [env {env}]".strip()
+    parser.add_argument(flag, **kwargs)
+
+
+def add_server_options(parser: argparse.ArgumentParser, default_port: int) -> None:
+    """The options every server shares."""
+    add_option(parser, "--host", default="127.0.0.1", help="address to listen on")
+    add_option(parser, "--port", type=int, default=default_port, help="port; 0 picks a free one")
+    add_option(
+        parser,
+        "--metrics-port",
+        type=int,
+        default=-1,
+        help="Prometheus metrics HTTP port; -1 disables, 0 picks a free one",
+    )
+    add_option(
+        parser,
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds to drain in-flight calls on SIGTERM",
+    )
+    add_option(parser, "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    add_option(parser, "--log-format", default="json", choices=["json", "text"], help="log format")

@@ -1,0 +1,113 @@
+"""The bootstrap every service uses: a grpc.aio server with health checking, reflection,
+metrics, message limits, keepalive and graceful shutdown on SIGTERM/SIGINT.
+
+A service supplies a :class:`Service` (its registrar and its full service names) and an
+optional async cleanup; :func:`run` does the rest and prints one ready line on stdout,
+``linkedblob <name> listening on HOST:PORT``, which `linkedblob up` and the tests wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from linkedblob import metrics
+from linkedblob.config import TRANSPORT_LIMIT_BYTES
+
+log = logging.getLogger(__name__)
+
+
+def server_options(max_message_bytes: int = TRANSPORT_LIMIT_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Detect dead peers on long-lived streams, and allow clients' keepalive pings.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        # A second server on the same port must fail, not silently share it.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class Service:
+    """What a service hands to the bootstrap."""
+
+    name: str  # "blob", "link", "gateway": for logs and the ready line
+    service_names: Sequence[str]  # full gRPC service names, for health and reflection
+    register: Callable[[grpc.aio.Server], None]
+    on_stop: Callable[[], Awaitable[None]] | None = None
+    extra_options: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    service: Service
+
+    async def stop(self, grace: float | None) -> None:
+        """Reports NOT_SERVING, stops taking calls, drains in-flight ones for up to ``grace``."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.service.on_stop is not None:
+            await self.service.on_stop()
+
+
+async def start(service: Service, host: str, port: int) -> RunningServer:
+    server = grpc.aio.server(options=server_options() + service.extra_options)
+    service.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    for name in ("", *service.service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, health_servicer, bound, service)
+
+
+async def serve_until_signalled(
+    service: Service, host: str, port: int, grace: float, metrics_port: int = -1
+) -> None:
+    running = await start(service, host, port)
+    if metrics_port >= 0:
+        mport = metrics.start_http(host, metrics_port)
+        log.info("metrics on http://%s:%d/metrics", host, mport)
+    display_host = f"[{host}]" if ":" in host else host
+    print(f"linkedblob {service.name} listening on {display_host}:{running.port}", flush=True)
+    log.info("serving", extra={"service": service.name, "port": running.port})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down; draining for up to %.0fs", grace)
+    await running.stop(grace)
+    log.info("stopped")
+
+
+def run(service: Service, host: str, port: int, grace: float, metrics_port: int = -1) -> None:
+    """Runs the service until SIGTERM/SIGINT (the process's main entry for `serve`)."""
+    try:
+        asyncio.run(serve_until_signalled(service, host, port, grace, metrics_port))
+    except OSError as exc:
+        print(f"linkedblob {service.name}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc

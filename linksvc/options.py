@@ -1,0 +1,25 @@
+"""Flags of `linkedblob serve link`."""
+
+from __future__ import annotations
+
+import argparse
+
+from linkedblob.config import LINK_PORT, add_option
+
+HELP = "the metadata plane: links, blob index, upload sessions (linkedblob.link.v1.LinkService)"
+DEFAULT_PORT = LINK_PORT
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option(
+        parser,
+        "--db",
+        default="sqlite:///data/linkedblob.db",
+        help="SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg://USER@HOST/DB",
+    )
+    add_option(
+        parser,
+        "--migrate",
+        action="store_true",
+        help="upgrade the database to the latest schema before serving",
+    )

@@ -1,0 +1,79 @@
+"""Shared fixtures: PostgreSQL databases for tests, and the service launcher (tests/services.py).
+
+PostgreSQL: tests read the server DSN from LINKEDBLOB_TEST_PG (an SQLAlchemy URL such as
+``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``). Each test run creates databases of
+its own and drops them afterwards. Without the variable the PostgreSQL half of the tests is
+skipped, and the run says so; under CI (CI=true) a missing or unreachable server fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+PG_ENV = "LINKEDBLOB_TEST_PG"
+
+_pg_skipped: list[str] = []
+
+
+def pg_server_url() -> str | None:
+    url = os.environ.get(PG_ENV)
+    if not url and os.environ.get("CI"):
+        pytest.fail(f"CI requires PostgreSQL: set {PG_ENV}", pytrace=False)
+    return url
+
+
+def _admin_execute(server_url: str, sql: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(sql)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def pg_database_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test; dropped afterwards."""
+    import sqlalchemy as sa
+
+    server = pg_server_url()
+    if not server:
+        _pg_skipped.append("pg")
+        pytest.skip(f"PostgreSQL not configured ({PG_ENV} unset)")
+    name = f"linkedblob_test_{secrets.token_hex(6)}"
+    try:
+        _admin_execute(server, f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot reach PostgreSQL at {server}: {exc}", pytrace=False)
+        _pg_skipped.append("pg")
+        pytest.skip(f"PostgreSQL unreachable at {server}")
+    url = sa.make_url(server).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        _admin_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A fresh, empty database of each kind: an SQLite file, and a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'link.db'}"
+    return str(request.getfixturevalue("pg_database_url"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _pg_skipped:
+        terminalreporter.write_line(
+            f"NOTE: {len(_pg_skipped)} PostgreSQL test(s) were SKIPPED: set {PG_ENV} "
+            "(see README) to run them.",
+            yellow=True,
+            bold=True,
+        )
