@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dlinkedblob/blob/v1/blob.proto\x12\x12linkedblob.blob.v1\"*\n\nDescriptor\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\"\x1d\n\x0bStatRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"<\n\x0cStatResponse\x12,\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\"%\n\x12\x46indMissingRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"&\n\x13\x46indMissingResponse\x12\x0f\n\x07missing\x18\x01 \x03(\t\"<\n\x0bReadRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x03\"\x1c\n\x0cReadResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x93\x01\n\x0cWriteRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x15\n\rcommit_digest\x18\x04 \x01(\t\x12\x18\n\x0b\x63ommit_size\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\talgorithm\x18\x06 \x01(\tB\x0e\n\x0c_commit_size\"K\n\rWriteResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12,\n\x04\x62lob\x18\x02 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\"(\n\x13UploadStatusRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"$\n\x14UploadStatusResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\"N\n\rCommitRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x11\n\x04size\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_size\"W\n\x0e\x43ommitResponse\x12,\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\"!\n\x0c\x41\x62ortRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"*\n\nPutRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"T\n\x0bPutResponse\x12,\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\"\x1f\n\rDeleteRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"4\n\x0bListRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x0cListResponse\x12-\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xbb\x06\n\x0b\x42lobService\x12I\n\x04Stat\x12\x1f.linkedblob.blob.v1.StatRequest\x1a .linkedblob.blob.v1.StatResponse\x12^\n\x0b\x46indMissing\x12&.linkedblob.blob.v1.FindMissingRequest\x1a\'.linkedblob.blob.v1.FindMissingResponse\x12K\n\x04Read\x12\x1f.linkedblob.blob.v1.ReadRequest\x1a .linkedblob.blob.v1.ReadResponse0\x01\x12N\n\x05Write\x12 .linkedblob.blob.v1.WriteRequest\x1a!.linkedblob.blob.v1.WriteResponse(\x01\x12\x61\n\x0cUploadStatus\x12\'.linkedblob.blob.v1.UploadStatusRequest\x1a(.linkedblob.blob.v1.UploadStatusResponse\x12O\n\x06\x43ommit\x12!.linkedblob.blob.v1.CommitRequest\x1a\".linkedblob.blob.v1.CommitResponse\x12L\n\x05\x41\x62ort\x12 .linkedblob.blob.v1.AbortRequest\x1a!.linkedblob.blob.v1.AbortResponse\x12\x46\n\x03Put\x12\x1e.linkedblob.blob.v1.PutRequest\x1a\x1f.linkedblob.blob.v1.PutResponse\x12O\n\x06\x44\x65lete\x12!.linkedblob.blob.v1.DeleteRequest\x1a\".linkedblob.blob.v1.DeleteResponse\x12I\n\x04List\x12\x1f.linkedblob.blob.v1.ListRequest\x1a .linkedblob.blob.v1.ListResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dlinkedblob/blob/v1/blob.proto\x12\x12linkedblob.blob.v1\"*\n\nDescriptor\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\"\x1d\n\x0bStatRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"<\n\x0cStatResponse\x12,\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\"%\n\x12\x46indMissingRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"&\n\x13\x46indMissingResponse\x12\x0f\n\x07missing\x18\x01 \x03(\t\"<\n\x0bReadRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x03\"\x1c\n\x0cReadResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xa3\x01\n\x0cWriteRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08\x12\x15\n\rcommit_digest\x18\x04 \x01(\t\x12\x18\n\x0b\x63ommit_size\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\talgorithm\x18\x06 \x01(\tB\x0e\n\x0c_commit_size\"d\n\rWriteResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12,\n\x04\x62lob\x18\x02 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0f\x61lready_existed\x18\x03 \x01(\x08\"(\n\x13UploadStatusRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"$\n\x14UploadStatusResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\"N\n\rCommitRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x11\n\x04size\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_size\"W\n\x0e\x43ommitResponse\x12,\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\"!\n\x0c\x41\x62ortRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"*\n\nPutRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"T\n\x0bPutResponse\x12,\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\"\x1f\n\rDeleteRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"4\n\x0bListRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x0cListResponse\x12-\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xbb\x06\n\x0b\x42lobService\x12I\n\x04Stat\x12\x1f.linkedblob.blob.v1.StatRequest\x1a .linkedblob.blob.v1.StatResponse\x12^\n\x0b\x46indMissing\x12&.linkedblob.blob.v1.FindMissingRequest\x1a\'.linkedblob.blob.v1.FindMissingResponse\x12K\n\x04Read\x12\x1f.linkedblob.blob.v1.ReadRequest\x1a .linkedblob.blob.v1.ReadResponse0\x01\x12N\n\x05Write\x12 .linkedblob.blob.v1.WriteRequest\x1a!.linkedblob.blob.v1.WriteResponse(\x01\x12\x61\n\x0cUploadStatus\x12\'.linkedblob.blob.v1.UploadStatusRequest\x1a(.linkedblob.blob.v1.UploadStatusResponse\x12O\n\x06\x43ommit\x12!.linkedblob.blob.v1.CommitRequest\x1a\".linkedblob.blob.v1.CommitResponse\x12L\n\x05\x41\x62ort\x12 .linkedblob.blob.v1.AbortRequest\x1a!.linkedblob.blob.v1.AbortResponse\x12\x46\n\x03Put\x12\x1e.linkedblob.blob.v1.PutRequest\x1a\x1f.linkedblob.blob.v1.PutResponse\x12O\n\x06\x44\x65lete\x12!.linkedblob.blob.v1.DeleteRequest\x1a\".linkedblob.blob.v1.DeleteResponse\x12I\n\x04List\x12\x1f.linkedblob.blob.v1.ListRequest\x1a .linkedblob.blob.v1.ListResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,33 +46,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_READRESPONSE']._serialized_start=331
   _globals['_READRESPONSE']._serialized_end=359
   _globals['_WRITEREQUEST']._serialized_start=362
-  _globals['_WRITEREQUEST']._serialized_end=509
-  _globals['_WRITERESPONSE']._serialized_start=511
-  _globals['_WRITERESPONSE']._serialized_end=586
-  _globals['_UPLOADSTATUSREQUEST']._serialized_start=588
-  _globals['_UPLOADSTATUSREQUEST']._serialized_end=628
-  _globals['_UPLOADSTATUSRESPONSE']._serialized_start=630
-  _globals['_UPLOADSTATUSRESPONSE']._serialized_end=666
-  _globals['_COMMITREQUEST']._serialized_start=668
-  _globals['_COMMITREQUEST']._serialized_end=746
-  _globals['_COMMITRESPONSE']._serialized_start=748
-  _globals['_COMMITRESPONSE']._serialized_end=835
-  _globals['_ABORTREQUEST']._serialized_start=837
-  _globals['_ABORTREQUEST']._serialized_end=870
-  _globals['_ABORTRESPONSE']._serialized_start=872
-  _globals['_ABORTRESPONSE']._serialized_end=887
-  _globals['_PUTREQUEST']._serialized_start=889
-  _globals['_PUTREQUEST']._serialized_end=931
-  _globals['_PUTRESPONSE']._serialized_start=933
-  _globals['_PUTRESPONSE']._serialized_end=1017
-  _globals['_DELETEREQUEST']._serialized_start=1019
-  _globals['_DELETEREQUEST']._serialized_end=1050
-  _globals['_DELETERESPONSE']._serialized_start=1052
-  _globals['_DELETERESPONSE']._serialized_end=1085
-  _globals['_LISTREQUEST']._serialized_start=1087
-  _globals['_LISTREQUEST']._serialized_end=1139
-  _globals['_LISTRESPONSE']._serialized_start=1141
-  _globals['_LISTRESPONSE']._serialized_end=1227
-  _globals['_BLOBSERVICE']._serialized_start=1230
-  _globals['_BLOBSERVICE']._serialized_end=2057
+  _globals['_WRITEREQUEST']._serialized_end=525
+  _globals['_WRITERESPONSE']._serialized_start=527
+  _globals['_WRITERESPONSE']._serialized_end=627
+  _globals['_UPLOADSTATUSREQUEST']._serialized_start=629
+  _globals['_UPLOADSTATUSREQUEST']._serialized_end=669
+  _globals['_UPLOADSTATUSRESPONSE']._serialized_start=671
+  _globals['_UPLOADSTATUSRESPONSE']._serialized_end=707
+  _globals['_COMMITREQUEST']._serialized_start=709
+  _globals['_COMMITREQUEST']._serialized_end=787
+  _globals['_COMMITRESPONSE']._serialized_start=789
+  _globals['_COMMITRESPONSE']._serialized_end=876
+  _globals['_ABORTREQUEST']._serialized_start=878
+  _globals['_ABORTREQUEST']._serialized_end=911
+  _globals['_ABORTRESPONSE']._serialized_start=913
+  _globals['_ABORTRESPONSE']._serialized_end=928
+  _globals['_PUTREQUEST']._serialized_start=930
+  _globals['_PUTREQUEST']._serialized_end=972
+  _globals['_PUTRESPONSE']._serialized_start=974
+  _globals['_PUTRESPONSE']._serialized_end=1058
+  _globals['_DELETEREQUEST']._serialized_start=1060
+  _globals['_DELETEREQUEST']._serialized_end=1091
+  _globals['_DELETERESPONSE']._serialized_start=1093
+  _globals['_DELETERESPONSE']._serialized_end=1126
+  _globals['_LISTREQUEST']._serialized_start=1128
+  _globals['_LISTREQUEST']._serialized_end=1180
+  _globals['_LISTRESPONSE']._serialized_start=1182
+  _globals['_LISTRESPONSE']._serialized_end=1268
+  _globals['_BLOBSERVICE']._serialized_start=1271
+  _globals['_BLOBSERVICE']._serialized_end=2098
 # @@protoc_insertion_point(module_scope)

@@ -188,6 +188,7 @@ class WriteRequest(_message.Message):
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
     COMMIT_DIGEST_FIELD_NUMBER: _builtins.int
     COMMIT_SIZE_FIELD_NUMBER: _builtins.int
     ALGORITHM_FIELD_NUMBER: _builtins.int
@@ -205,12 +206,16 @@ class WriteRequest(_message.Message):
     """Bytes to append; at most the server's chunk size per message (RESOURCE_EXHAUSTED /
     SIZE_INVALID beyond it; 1 MiB messages stream fastest).
     """
+    commit: _builtins.bool
+    """First message only: commit the upload when the stream ends, exactly as Commit would with
+    commit_digest and commit_size (the staged bytes are kept on a mismatch). Saves a round trip.
+    """
     commit_digest: _builtins.str
-    """First message only, optional: commit the upload with this digest when the stream ends,
-    exactly as Commit would (the staged bytes are kept on a mismatch).
+    """First message only, with commit: the digest the bytes must hash to; empty: the digest they
+    hash to with `algorithm`.
     """
     commit_size: _builtins.int
-    """First message only, with commit_digest: the expected total size; -1 or unset: unchecked."""
+    """First message only, with commit: the expected total size; unset: unchecked."""
     algorithm: _builtins.str
     """First message of a new upload only, optional: the algorithm to hash with as bytes arrive
     ("sha256" by default). A commit with another algorithm re-reads the staged bytes.
@@ -221,13 +226,14 @@ class WriteRequest(_message.Message):
         upload_id: _builtins.str = ...,
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        commit: _builtins.bool = ...,
         commit_digest: _builtins.str = ...,
         commit_size: _builtins.int | None = ...,
         algorithm: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_commit_size", b"_commit_size", "commit_size", b"commit_size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_commit_size", b"_commit_size", "algorithm", b"algorithm", "commit_digest", b"commit_digest", "commit_size", b"commit_size", "data", b"data", "offset", b"offset", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_commit_size", b"_commit_size", "algorithm", b"algorithm", "commit", b"commit", "commit_digest", b"commit_digest", "commit_size", b"commit_size", "data", b"data", "offset", b"offset", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__commit_size: _TypeAlias = _typing.Literal["commit_size"]  # noqa: Y015
     _WhichOneofArgType__commit_size: _TypeAlias = _typing.Literal["_commit_size", b"_commit_size"]  # noqa: Y015
@@ -241,21 +247,25 @@ class WriteResponse(_message.Message):
 
     SIZE_FIELD_NUMBER: _builtins.int
     BLOB_FIELD_NUMBER: _builtins.int
+    ALREADY_EXISTED_FIELD_NUMBER: _builtins.int
     size: _builtins.int
     """Bytes staged after this stream."""
+    already_existed: _builtins.bool
+    """With commit: true when the blob was already stored and the staged copy was dropped."""
     @_builtins.property
     def blob(self) -> Global___Descriptor:
-        """Set when the stream committed (commit_digest was given)."""
+        """Set when the stream committed (commit was set)."""
 
     def __init__(
         self,
         *,
         size: _builtins.int = ...,
         blob: Global___Descriptor | None = ...,
+        already_existed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_existed", b"already_existed", "blob", b"blob", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -310,7 +320,8 @@ class CommitRequest(_message.Message):
     upload_id: _builtins.str
     digest: _builtins.str
     """The digest the staged bytes must hash to. A mismatch is INVALID_ARGUMENT / DIGEST_INVALID
-    and keeps the staged bytes so the caller can retry or abort.
+    and keeps the staged bytes so the caller can retry or abort. Empty: commit under the
+    digest the bytes hash to, with the upload's algorithm (see WriteRequest.algorithm).
     """
     size: _builtins.int
     """Optional expected size; a mismatch is INVALID_ARGUMENT / SIZE_INVALID (staging kept)."""
