@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +24,9 @@ from linkedblob import metrics
 from linkedblob.config import TRANSPORT_LIMIT_BYTES
 
 log = logging.getLogger(__name__)
+
+# grpcio-health-checking's asyncio servicer (the typing stubs don't know the `aio` submodule).
+AioHealthServicer = health.aio.HealthServicer  # type: ignore[attr-defined]
 
 
 def server_options(max_message_bytes: int = TRANSPORT_LIMIT_BYTES) -> list[tuple[str, int]]:
@@ -54,7 +58,7 @@ class Service:
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: Any  # grpc_health.v1.health.aio.HealthServicer
     port: int
     service: Service
 
@@ -69,7 +73,7 @@ class RunningServer:
 async def start(service: Service, host: str, port: int) -> RunningServer:
     server = grpc.aio.server(options=server_options() + service.extra_options)
     service.register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = AioHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
