@@ -1,0 +1,611 @@
+"""linkedblob.v1.Registry: the public API, composed from blobsvc (bytes) and linksvc (links,
+blob index, upload sessions) over gRPC.
+
+Every method validates its request first (gateway.validation), then calls the backends, in the
+order that keeps DESIGN.md's invariants: bytes durable in blobsvc, then recorded, then linked
+(linksvc Link with `size` records and links in one transaction). Backend errors are relayed
+with their code and reason by @grpc_errors; an unreachable backend becomes UNAVAILABLE.
+
+Access goes through links: a blob is stat'ed or read only after linksvc resolved the
+repository's link, and an upload is used only through the repository that started it.
+
+The byte streams (ReadBlob, PushBlob, WriteUpload) handle data messages as raw bytes and re-tag
+them for the next hop without parsing (linkedblob.wire); see gateway.server for the handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from google.protobuf import empty_pb2
+
+from gateway import validation
+from gateway.backends import Backends
+from linkedblob import metrics, wire
+from linkedblob.blob.v1 import blob_pb2
+from linkedblob.digests import Digest
+from linkedblob.errors import (
+    LinkedBlobError,
+    Reason,
+    error_info,
+    failed_precondition,
+    from_rpc_error,
+    grpc_errors,
+    invalid_argument,
+    not_found,
+    out_of_range,
+)
+from linkedblob.link.v1 import link_pb2
+from linkedblob.v1 import registry_pb2
+
+Context = grpc.aio.ServicerContext
+
+# Field numbers of the data fields the streams relay.
+_BLOB_READ_DATA = 1  # blob.v1.ReadResponse.data
+_BLOB_WRITE_DATA = 3  # blob.v1.WriteRequest.data
+_READ_BLOB_DATA = 2  # v1.ReadBlobResponse.data
+_PUSH_BLOB_DATA = 2  # v1.PushBlobRequest.data
+_WRITE_UPLOAD_DATA = 4  # v1.WriteUploadRequest.data
+
+_ACTIVE = link_pb2.Session.ACTIVE
+_COMMITTED = link_pb2.Session.COMMITTED
+
+# How often a write retries linksvc's compare-and-set of the session size after losing a race.
+_ADVANCE_ATTEMPTS = 4
+
+
+def _descriptor(blob: link_pb2.Descriptor) -> registry_pb2.Descriptor:
+    return registry_pb2.Descriptor(digest=blob.digest, size=blob.size, media_type=blob.media_type)
+
+
+def _reason(err: grpc.RpcError) -> str | None:
+    info = error_info(err)
+    return info.reason if info is not None else None
+
+
+def _unknown_upload(upload_id: str) -> LinkedBlobError:
+    return not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"unknown upload {upload_id!r}")
+
+
+def _push_data(raw: bytes) -> bytes:
+    """The data of a PushBlob message that is not a plain data message (the slow path)."""
+    msg = registry_pb2.PushBlobRequest.FromString(raw)
+    if msg.HasField("header"):
+        raise invalid_argument(
+            Reason.BLOB_UPLOAD_INVALID, "only the first PushBlob message may carry the header"
+        )
+    return msg.data
+
+
+def _write_upload_data(raw: bytes) -> bytes:
+    """The data of a WriteUpload message that is not a plain data message (the slow path).
+
+    The naming fields belong to the first message; later ones are read for their data only.
+    """
+    return registry_pb2.WriteUploadRequest.FromString(raw).data
+
+
+class RegistryServicer:
+    def __init__(self, backends: Backends, *, enable_delete: bool = False) -> None:
+        self._backends = backends
+        self._blob = backends.blob
+        self._link = backends.link
+        self._enable_delete = enable_delete
+
+    # --- reading ------------------------------------------------------------------------------
+
+    @grpc_errors
+    async def StatBlob(
+        self, request: registry_pb2.StatBlobRequest, context: Context
+    ) -> registry_pb2.Descriptor:
+        repository = validation.repository(request.repository)
+        digest = validation.digest(request.digest)
+        return _descriptor(await self._resolve(repository, digest))
+
+    @grpc_errors
+    async def ReadBlob(
+        self, request: registry_pb2.ReadBlobRequest, context: Context
+    ) -> AsyncIterator[bytes]:
+        """Yields serialized ReadBlobResponse messages: the descriptor (with the first chunk),
+        then blobsvc's chunks re-tagged as they come."""
+        repository = validation.repository(request.repository)
+        digest = validation.digest(request.digest)
+        validation.read_range(request.offset, request.length)
+        blob = await self._resolve(repository, digest)
+        if request.offset > blob.size:
+            raise out_of_range(
+                Reason.RANGE_INVALID,
+                f"offset {request.offset} is beyond the end of the blob ({blob.size} bytes)",
+                size=blob.size,
+            )
+        available = blob.size - request.offset
+        want = available if request.length == 0 else min(request.length, available)
+        head = registry_pb2.ReadBlobResponse(blob=_descriptor(blob)).SerializeToString()
+        if want == 0:
+            yield head
+            return
+
+        call = self._backends.read_raw(
+            blob_pb2.ReadRequest(digest=blob.digest, offset=request.offset, limit=want)
+        )
+        sent = 0
+        try:
+            async for raw in call:
+                payload = wire.data_payload(raw, _BLOB_READ_DATA)
+                if payload is None:  # not a plain data message: parse it
+                    data = blob_pb2.ReadResponse.FromString(raw).data
+                    sent += len(data)
+                    out = wire.data_message(_READ_BLOB_DATA, data)
+                else:
+                    sent += len(payload)
+                    out = wire.retag(raw, _READ_BLOB_DATA) if payload else b""
+                if head:
+                    out, head = head + out, b""
+                if out:
+                    yield out
+        finally:
+            metrics.BYTES_OUT.labels("ReadBlob").inc(sent)
+        if sent != want:
+            # A store that lost bytes must not pass for a short blob.
+            raise LinkedBlobError(
+                grpc.StatusCode.DATA_LOSS,
+                Reason.INTERNAL,
+                f"blobsvc sent {sent} of {want} bytes of {blob.digest}",
+            )
+        if head:
+            yield head
+
+    # --- storing in one call --------------------------------------------------------------------
+
+    @grpc_errors
+    async def PutBlob(
+        self, request: registry_pb2.PutBlobRequest, context: Context
+    ) -> registry_pb2.Descriptor:
+        repository = validation.repository(request.repository)
+        media_type = validation.media_type(request.media_type)
+        digest = validation.optional_digest(request.digest)
+        validation.data_size(len(request.data))
+        stored = await self._blob.Put(
+            blob_pb2.PutRequest(data=request.data, digest=str(digest) if digest else "")
+        )
+        metrics.BYTES_IN.labels("PutBlob").inc(stored.blob.size)
+        return await self._link_stored(repository, stored.blob, media_type)
+
+    @grpc_errors
+    async def PushBlob(
+        self, request_iterator: AsyncIterator[bytes], context: Context
+    ) -> registry_pb2.Descriptor:
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        header_msg = registry_pb2.PushBlobRequest.FromString(first or b"")
+        if not header_msg.HasField("header"):
+            raise invalid_argument(
+                Reason.BLOB_UPLOAD_INVALID, "the first PushBlob message must be the header"
+            )
+        header = header_msg.header
+        repository = validation.repository(header.repository)
+        media_type = validation.media_type(header.media_type)
+        digest = validation.optional_digest(header.digest)
+        size = validation.expected_size(header.size if header.HasField("size") else None)
+
+        if digest is not None:
+            linked = await self._link_if_recorded(repository, digest, size, media_type)
+            if linked is not None:
+                return linked  # the early return: the data is not read
+
+        # A staging area of its own: nobody else knows the id, nobody can resume it.
+        upload_id = f"push-{secrets.token_urlsafe(18)}"
+        first_write = blob_pb2.WriteRequest(
+            upload_id=upload_id,
+            offset=0,
+            commit=True,
+            commit_digest=str(digest) if digest else "",
+            commit_size=size,
+            algorithm=digest.algorithm if digest else "",
+        )
+        try:
+            written = await self._relay_write(
+                first_write, messages, _PUSH_BLOB_DATA, _push_data, "PushBlob"
+            )
+        except BaseException:
+            await self._abort_quietly(upload_id)
+            raise
+        return await self._link_stored(repository, written.blob, media_type)
+
+    # --- resumable uploads ----------------------------------------------------------------------
+
+    @grpc_errors
+    async def StartUpload(
+        self, request: registry_pb2.StartUploadRequest, context: Context
+    ) -> registry_pb2.Upload:
+        repository = validation.repository(request.repository)
+        session = await self._link.CreateSession(
+            link_pb2.CreateSessionRequest(repository=repository)
+        )
+        return registry_pb2.Upload(
+            id=session.id, repository=session.repository, offset=0, started_at=session.started_at
+        )
+
+    @grpc_errors
+    async def WriteUpload(
+        self, request_iterator: AsyncIterator[bytes], context: Context
+    ) -> registry_pb2.Upload:
+        messages = aiter(request_iterator)
+        first_raw = await anext(messages, None)
+        if first_raw is None:
+            raise invalid_argument(
+                Reason.BLOB_UPLOAD_INVALID, "WriteUpload needs a first message naming the upload"
+            )
+        first = registry_pb2.WriteUploadRequest.FromString(first_raw)
+        repository = validation.repository(first.repository)
+        upload_id = validation.upload_id(first.upload_id)
+        validation.write_offset(first.offset)
+        validation.data_size(len(first.data))
+        session = await self._active_session(repository, upload_id)
+
+        # blobsvc checks the offset against the staged bytes (OUT_OF_RANGE with "size").
+        first_write = blob_pb2.WriteRequest(
+            upload_id=upload_id, offset=first.offset, data=first.data
+        )
+        written = await self._relay_write(
+            first_write, messages, _WRITE_UPLOAD_DATA, _write_upload_data, "WriteUpload"
+        )
+        await self._advance_session(session, written.size)
+        return registry_pb2.Upload(
+            id=upload_id, repository=repository, offset=written.size, started_at=session.started_at
+        )
+
+    @grpc_errors
+    async def GetUpload(
+        self, request: registry_pb2.GetUploadRequest, context: Context
+    ) -> registry_pb2.Upload:
+        repository = validation.repository(request.repository)
+        upload_id = validation.upload_id(request.upload_id)
+        # Both at once: the session (ownership, state) and the staged size (the truth).
+        session_result, staged_result = await asyncio.gather(
+            self._active_session(repository, upload_id),
+            self._staged_size(upload_id),
+            return_exceptions=True,
+        )
+        if isinstance(session_result, BaseException):
+            raise session_result
+        if isinstance(staged_result, BaseException):
+            raise staged_result
+        return registry_pb2.Upload(
+            id=upload_id,
+            repository=repository,
+            offset=staged_result,
+            started_at=session_result.started_at,
+        )
+
+    @grpc_errors
+    async def CommitUpload(
+        self, request: registry_pb2.CommitUploadRequest, context: Context
+    ) -> registry_pb2.Descriptor:
+        repository = validation.repository(request.repository)
+        upload_id = validation.upload_id(request.upload_id)
+        digest = validation.digest(request.digest)
+        media_type = validation.media_type(request.media_type)
+        validation.data_size(len(request.data))
+        validation.write_offset(request.offset)
+
+        session = await self._session(repository, upload_id)
+        if session.state == _COMMITTED:
+            # A retried commit (its answer was lost): answer from the link it made.
+            try:
+                return _descriptor(await self._resolve(repository, digest))
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                    raise _unknown_upload(upload_id) from None
+                raise
+        if session.state != _ACTIVE:
+            raise _unknown_upload(upload_id)
+
+        stored = await self._commit_staged(session, digest, request.data, request.offset)
+        linked = await self._link.Link(
+            link_pb2.LinkRequest(
+                repository=repository,
+                digest=stored.digest,
+                media_type=media_type,
+                size=stored.size,
+                finish_session_id=upload_id,
+            )
+        )
+        return _descriptor(linked.blob)
+
+    @grpc_errors
+    async def CancelUpload(
+        self, request: registry_pb2.CancelUploadRequest, context: Context
+    ) -> empty_pb2.Empty:
+        repository = validation.repository(request.repository)
+        upload_id = validation.upload_id(request.upload_id)
+        await self._active_session(repository, upload_id)
+        # The session first: once cancelled, no write or commit is accepted for it.
+        await self._link.FinishSession(
+            link_pb2.FinishSessionRequest(id=upload_id, state=link_pb2.Session.CANCELLED)
+        )
+        await self._blob.Abort(blob_pb2.AbortRequest(upload_id=upload_id))
+        return empty_pb2.Empty()
+
+    # --- links ----------------------------------------------------------------------------------
+
+    @grpc_errors
+    async def MountBlob(
+        self, request: registry_pb2.MountBlobRequest, context: Context
+    ) -> registry_pb2.Descriptor:
+        repository = validation.repository(request.repository)
+        source = (
+            validation.repository(request.from_repository, "from_repository")
+            if request.from_repository
+            else ""
+        )
+        digest = validation.digest(request.digest)
+        media_type = validation.media_type(request.media_type)
+        # With no source, any repository that links the blob will do. This is where
+        # authorization will restrict the candidates to the repositories the caller may read.
+        mounted = await self._link.Mount(
+            link_pb2.MountRequest(
+                repository=repository,
+                from_repository=source,
+                digest=str(digest),
+                media_type=media_type,
+            )
+        )
+        return _descriptor(mounted.blob)
+
+    @grpc_errors
+    async def DeleteBlob(
+        self, request: registry_pb2.DeleteBlobRequest, context: Context
+    ) -> empty_pb2.Empty:
+        if not self._enable_delete:
+            raise failed_precondition(
+                Reason.UNSUPPORTED, "deletes are disabled on this gateway (--enable-delete)"
+            )
+        repository = validation.repository(request.repository)
+        digest = validation.digest(request.digest)
+        await self._link.Unlink(link_pb2.UnlinkRequest(repository=repository, digest=str(digest)))
+        return empty_pb2.Empty()
+
+    @grpc_errors
+    async def ListBlobs(
+        self, request: registry_pb2.ListBlobsRequest, context: Context
+    ) -> registry_pb2.ListBlobsResponse:
+        repository = validation.repository(request.repository)
+        validation.page(request.page_size, request.page_token)
+        links = await self._link.ListLinks(
+            link_pb2.ListLinksRequest(
+                repository=repository, page_size=request.page_size, page_token=request.page_token
+            )
+        )
+        return registry_pb2.ListBlobsResponse(
+            blobs=[_descriptor(b) for b in links.blobs], next_page_token=links.next_page_token
+        )
+
+    @grpc_errors
+    async def ListRepositories(
+        self, request: registry_pb2.ListRepositoriesRequest, context: Context
+    ) -> registry_pb2.ListRepositoriesResponse:
+        validation.page(request.page_size, request.page_token)
+        names = await self._link.ListRepositories(
+            link_pb2.ListRepositoriesRequest(
+                page_size=request.page_size, page_token=request.page_token
+            )
+        )
+        return registry_pb2.ListRepositoriesResponse(
+            repositories=list(names.repositories), next_page_token=names.next_page_token
+        )
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    async def _resolve(self, repository: str, digest: Digest) -> link_pb2.Descriptor:
+        resolved = await self._link.Resolve(
+            link_pb2.ResolveRequest(repository=repository, digest=str(digest))
+        )
+        return resolved.blob
+
+    async def _link_stored(
+        self, repository: str, blob: blob_pb2.Descriptor, media_type: str
+    ) -> registry_pb2.Descriptor:
+        """Records (with its size) and links a blob blobsvc holds, in one linksvc transaction."""
+        linked = await self._link.Link(
+            link_pb2.LinkRequest(
+                repository=repository, digest=blob.digest, media_type=media_type, size=blob.size
+            )
+        )
+        return _descriptor(linked.blob)
+
+    async def _link_if_recorded(
+        self, repository: str, digest: Digest, size: int | None, media_type: str
+    ) -> registry_pb2.Descriptor | None:
+        """Links a blob linksvc has recorded (bytes already durable); None when it has not."""
+        try:
+            recorded = await self._link.StatBlob(link_pb2.StatBlobRequest(digest=str(digest)))
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                return None
+            raise
+        if size is not None and size != recorded.size:
+            raise invalid_argument(
+                Reason.SIZE_INVALID,
+                f"{digest} is {recorded.size} bytes, not the declared {size}",
+                size=recorded.size,
+            )
+        try:
+            linked = await self._link.Link(
+                link_pb2.LinkRequest(
+                    repository=repository, digest=str(digest), media_type=media_type
+                )
+            )
+        except grpc.RpcError as err:
+            # Collected between the two calls: upload it after all.
+            if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                return None
+            raise
+        return _descriptor(linked.blob)
+
+    async def _session(self, repository: str, upload_id: str) -> link_pb2.Session:
+        """The session, if it belongs to ``repository`` (otherwise it is unknown here)."""
+        session = await self._link.GetSession(link_pb2.GetSessionRequest(id=upload_id))
+        if session.repository != repository:
+            raise _unknown_upload(upload_id)
+        return session
+
+    async def _active_session(self, repository: str, upload_id: str) -> link_pb2.Session:
+        session = await self._session(repository, upload_id)
+        if session.state != _ACTIVE:
+            raise _unknown_upload(upload_id)
+        return session
+
+    async def _staged_size(self, upload_id: str) -> int:
+        """The bytes blobsvc holds for an upload; 0 for one never written."""
+        try:
+            status = await self._blob.UploadStatus(
+                blob_pb2.UploadStatusRequest(upload_id=upload_id)
+            )
+        except grpc.RpcError as err:
+            if _reason(err) == Reason.BLOB_UPLOAD_UNKNOWN:
+                return 0
+            raise
+        return status.size
+
+    async def _advance_session(self, session: link_pb2.Session, size: int) -> None:
+        """Moves the session's recorded size up to ``size`` (a compare-and-set in linksvc).
+
+        blobsvc's staged size is the truth; this keeps the session's bookkeeping (and its
+        last-update time, which stale-upload purging reads) in step with it. Losing the race
+        to a concurrent writer retries from the size that writer set.
+        """
+        current = session.size
+        for _ in range(_ADVANCE_ATTEMPTS):
+            if size <= current:
+                return
+            try:
+                await self._link.AdvanceSession(
+                    link_pb2.AdvanceSessionRequest(id=session.id, from_size=current, to_size=size)
+                )
+                return
+            except grpc.RpcError as err:
+                info = error_info(err)
+                if (
+                    err.code() != grpc.StatusCode.ABORTED  # type: ignore[attr-defined]
+                    or info is None
+                    or "size" not in info.metadata
+                ):
+                    raise
+                current = int(info.metadata["size"])
+        # Still racing: the bytes are staged all the same; the next write catches up.
+
+    async def _commit_staged(
+        self, session: link_pb2.Session, digest: Digest, data: bytes, offset: int
+    ) -> blob_pb2.Descriptor:
+        """Commits an upload's staged bytes (with an optional last chunk) in blobsvc."""
+        if data:
+            written = await self._relay_write(
+                blob_pb2.WriteRequest(
+                    upload_id=session.id,
+                    offset=offset,
+                    data=data,
+                    commit=True,
+                    commit_digest=str(digest),
+                ),
+                None,
+                _WRITE_UPLOAD_DATA,
+                _write_upload_data,
+                "CommitUpload",
+            )
+            return written.blob
+        try:
+            committed = await self._blob.Commit(
+                blob_pb2.CommitRequest(upload_id=session.id, digest=str(digest))
+            )
+            return committed.blob
+        except grpc.RpcError as err:
+            if _reason(err) != Reason.BLOB_UPLOAD_UNKNOWN:
+                raise
+            missing = err
+        if session.size == 0:
+            # Never written: an empty upload. Committing an empty staging area verifies the
+            # digest (only the empty blob's passes).
+            written = await self._relay_write(
+                blob_pb2.WriteRequest(
+                    upload_id=session.id,
+                    offset=0,
+                    commit=True,
+                    commit_digest=str(digest),
+                    algorithm=digest.algorithm,
+                ),
+                None,
+                _WRITE_UPLOAD_DATA,
+                _write_upload_data,
+                "CommitUpload",
+            )
+            return written.blob
+        # The staged bytes are gone while the session is active: an earlier commit moved them
+        # into the store and stopped before linking. Finish that job when the store holds the
+        # digest at exactly the size this session wrote; otherwise the upload is unknown.
+        try:
+            stat = await self._blob.Stat(blob_pb2.StatRequest(digest=str(digest)))
+        except grpc.RpcError:
+            raise from_rpc_error(missing) from None
+        if stat.blob.size != session.size:
+            raise from_rpc_error(missing)
+        return stat.blob
+
+    async def _relay_write(
+        self,
+        first: blob_pb2.WriteRequest,
+        messages: AsyncIterator[bytes] | None,
+        data_field: int,
+        slow_data: Callable[[bytes], bytes],
+        method: str,
+    ) -> blob_pb2.WriteResponse:
+        """Streams ``first`` and then the caller's data messages into blobsvc Write.
+
+        Data messages are re-tagged, not parsed; at most the messages in flight are held (gRPC
+        flow control paces the caller to blobsvc). A failure of blobsvc mid-stream (a wrong
+        offset, a digest mismatch at commit) is raised with its code and reason.
+        """
+        call = self._backends.write_raw()  # type: ignore[call-arg]  # written with .write()
+        received = len(first.data)
+        try:
+            await self._send(call, first.SerializeToString())
+            if messages is not None:
+                async for raw in messages:
+                    payload = wire.data_payload(raw, data_field)
+                    if payload is None:
+                        data = slow_data(raw)
+                        validation.data_size(len(data))
+                        out = wire.data_message(_BLOB_WRITE_DATA, data)
+                        received += len(data)
+                    else:
+                        validation.data_size(len(payload))
+                        out = wire.retag(raw, _BLOB_WRITE_DATA) if payload else b""
+                        received += len(payload)
+                    if out:
+                        await self._send(call, out)
+            await call.done_writing()
+            response: blob_pb2.WriteResponse = await call
+            return response
+        except BaseException:
+            call.cancel()
+            raise
+        finally:
+            metrics.BYTES_IN.labels(method).inc(received)
+
+    @staticmethod
+    async def _send(call: grpc.aio.StreamUnaryCall, raw: bytes) -> None:
+        try:
+            await call.write(raw)
+        except asyncio.InvalidStateError:
+            # blobsvc already ended the call (it refused the stream): raise its status.
+            await call
+            raise  # it ended without an error but before we were done: report it as ours
+
+    async def _abort_quietly(self, upload_id: str) -> None:
+        """Drops a failed push's staging area; best effort (its ids are never reused)."""
+        with contextlib.suppress(grpc.RpcError):
+            await self._blob.Abort(blob_pb2.AbortRequest(upload_id=upload_id))
