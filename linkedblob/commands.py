@@ -1,9 +1,192 @@
-"""Client commands of the CLI (push, pull, stat, mount, ls, rm), built on linkedblob.client."""
+"""Client commands of the CLI (push, pull, stat, mount, ls, rm), built on linkedblob.client.
+
+Each talks to the gateway at --addr ($LINKEDBLOB_ADDR, default 127.0.0.1:50051). Results go to
+stdout (a digest, or tab-separated descriptor lines), a progress bar to stderr for transfers
+that last more than a moment on a terminal, and a failure is one line on stderr with the gRPC
+code and the reason, and exit status 1.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from linkedblob.client import DEFAULT_ADDR, Client, ClientError, Descriptor, Progress
+from linkedblob.config import add_option
+
+# A progress bar appears only when a transfer is still going after this many seconds.
+_PROGRESS_DELAY = 0.5
 
 
 def register(commands: Any) -> None:
-    """Adds the client commands to the CLI (filled in with the gateway)."""
+    """Adds the client commands to the CLI's subcommands."""
+    push = _command(commands, "push", _push, "store FILE as a blob and link it into REPO")
+    push.add_argument("repository", metavar="REPO")
+    push.add_argument("file", metavar="FILE", help="the file to store; - reads stdin")
+    push.add_argument("--media-type", default="", help="media type recorded on the link")
+    push.add_argument(
+        "--digest", default="", help="the expected digest (a stored blob is linked at once)"
+    )
+    push.add_argument(
+        "--resumable",
+        action="store_true",
+        help="use the resumable upload API (resumes after broken connections)",
+    )
+
+    pull = _command(commands, "pull", _pull, "write a blob that REPO links to a file")
+    pull.add_argument("repository", metavar="REPO")
+    pull.add_argument("digest", metavar="DIGEST")
+    pull.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="where to write it; - for stdout"
+    )
+    pull.add_argument("--offset", type=int, default=0, help="first byte to read")
+    pull.add_argument("--length", type=int, default=0, help="bytes to read (0: to the end)")
+
+    stat = _command(commands, "stat", _stat, "show a blob that REPO links: digest, size, type")
+    stat.add_argument("repository", metavar="REPO")
+    stat.add_argument("digest", metavar="DIGEST")
+
+    mount = _command(commands, "mount", _mount, "link into REPO a blob another repository links")
+    mount.add_argument("repository", metavar="REPO")
+    mount.add_argument("digest", metavar="DIGEST")
+    mount.add_argument(
+        "--from", dest="source", default="", metavar="SRC", help="the repository that links it"
+    )
+
+    ls = _command(commands, "ls", _ls, "list REPO's blobs, or with no REPO the repositories")
+    ls.add_argument("repository", metavar="REPO", nargs="?", default="")
+
+    rm = _command(commands, "rm", _rm, "unlink a blob from REPO (gateway must allow deletes)")
+    rm.add_argument("repository", metavar="REPO")
+    rm.add_argument("digest", metavar="DIGEST")
+
+
+def _command(
+    commands: Any, name: str, handler: Callable[[argparse.Namespace], None], help_text: str
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
+    add_option(parser, "--addr", default=DEFAULT_ADDR, help="gateway address")
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            handler(args)
+        except ClientError as e:
+            reason = f" {e.reason}" if e.reason else ""
+            print(f"linkedblob {name}: {e.code.name}{reason}: {e.message}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"linkedblob {name}: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        return 0
+
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def _print_descriptor(desc: Descriptor) -> None:
+    print(f"{desc.digest}\t{desc.size}\t{desc.media_type}")
+
+
+@contextlib.contextmanager
+def _progress(total: int | None, desc: str) -> Iterator[Progress]:
+    """A tqdm bar on stderr, shown only on a terminal and only after a moment."""
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+        delay=_PROGRESS_DELAY,
+        leave=False,
+    ) as bar:
+        yield bar.update
+
+
+def _push(args: argparse.Namespace) -> None:
+    with Client(args.addr) as client:
+        if args.file == "-":
+            if args.resumable:
+                raise OSError("--resumable needs a file, not stdin")
+            with _progress(None, "push") as progress:
+                desc = client.push(
+                    args.repository,
+                    sys.stdin.buffer,
+                    media_type=args.media_type,
+                    digest=args.digest,
+                    progress=progress,
+                )
+        else:
+            with open(args.file, "rb") as f:
+                size = f.seek(0, 2)
+                f.seek(0)
+                with _progress(size, "push") as progress:
+                    desc = client.push(
+                        args.repository,
+                        f,
+                        media_type=args.media_type,
+                        digest=args.digest,
+                        resumable=args.resumable,
+                        progress=progress,
+                    )
+    print(desc.digest)
+
+
+def _pull(args: argparse.Namespace) -> None:
+    with Client(args.addr) as client:
+        size = client.stat(args.repository, args.digest).size
+        total = max(size - args.offset, 0) if args.length == 0 else args.length
+        with _progress(min(total, max(size - args.offset, 0)), "pull") as progress:
+            if args.output == "-":
+                client.pull(
+                    args.repository,
+                    args.digest,
+                    sys.stdout.buffer,
+                    offset=args.offset,
+                    length=args.length,
+                    progress=progress,
+                )
+                sys.stdout.buffer.flush()
+            else:
+                client.pull(
+                    args.repository,
+                    args.digest,
+                    args.output,
+                    offset=args.offset,
+                    length=args.length,
+                    progress=progress,
+                )
+
+
+def _stat(args: argparse.Namespace) -> None:
+    with Client(args.addr) as client:
+        _print_descriptor(client.stat(args.repository, args.digest))
+
+
+def _mount(args: argparse.Namespace) -> None:
+    with Client(args.addr) as client:
+        desc = client.mount(args.repository, args.digest, from_repository=args.source)
+    print(desc.digest)
+
+
+def _ls(args: argparse.Namespace) -> None:
+    with Client(args.addr) as client:
+        if args.repository:
+            for desc in client.list_blobs(args.repository, page_size=1000):
+                _print_descriptor(desc)
+        else:
+            for name in client.list_repositories(page_size=1000):
+                print(name)
+
+
+def _rm(args: argparse.Namespace) -> None:
+    with Client(args.addr) as client:
+        client.delete(args.repository, args.digest)

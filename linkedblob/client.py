@@ -1,0 +1,733 @@
+"""A synchronous Python client of the linkedblob gateway (linkedblob.v1.Registry).
+
+    from linkedblob.client import Client, ClientError
+
+    with Client() as lb:  # LINKEDBLOB_ADDR, or 127.0.0.1:50051
+        desc = lb.push("team/app", "layer.tar.gz", media_type="application/gzip")
+        lb.pull("team/app", desc.digest, "copy.tar.gz")  # verified against the digest
+        try:
+            lb.stat("other/repo", desc.digest)
+        except ClientError as e:
+            assert e.reason == "BLOB_UNKNOWN"  # not linked there
+
+Every failed call raises :class:`ClientError`, which carries the gRPC status code and the
+ErrorInfo ``reason`` of the gateway's error model (README "Errors"); the original
+grpc.RpcError is its ``__cause__``. A pull whose bytes do not hash to the digest raises
+:class:`DigestMismatchError` (a ClientError).
+
+Pushes stream from a path, bytes, a binary file or an iterable of bytes in ~1 MiB messages,
+hashing as they send. ``resumable=True`` uses the upload API and survives a broken connection:
+on UNAVAILABLE it backs off, asks the gateway for the upload's offset and continues from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+
+from linkedblob import wire
+from linkedblob.config import (
+    GATEWAY_PORT,
+    MAX_CHUNK_BYTES,
+    STREAM_CHUNK_BYTES,
+    TRANSPORT_LIMIT_BYTES,
+)
+from linkedblob.errors import error_info
+from linkedblob.v1 import registry_pb2, registry_pb2_grpc
+
+ADDR_ENV = "LINKEDBLOB_ADDR"
+DEFAULT_ADDR = f"127.0.0.1:{GATEWAY_PORT}"
+
+# Field numbers of the data fields sent and received without protobuf objects.
+_PUSH_BLOB_DATA = 2
+_WRITE_UPLOAD_DATA = 4
+_READ_BLOB_DATA = 2
+
+# Errors after which a resumable push re-reads the offset and goes on.
+_RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+
+Source = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes] | Iterable[bytes]
+Destination = str | os.PathLike[str] | IO[bytes]
+# Called with the number of bytes just transferred (negative when a resumed push rewinds).
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    digest: str
+    size: int
+    media_type: str = ""
+
+    @classmethod
+    def from_proto(cls, msg: registry_pb2.Descriptor) -> Descriptor:
+        return cls(msg.digest, msg.size, msg.media_type)
+
+
+@dataclass(frozen=True)
+class Upload:
+    id: str
+    repository: str
+    offset: int
+    started_at: datetime.datetime
+
+    @classmethod
+    def from_proto(cls, msg: registry_pb2.Upload) -> Upload:
+        started = msg.started_at.ToDatetime(tzinfo=datetime.UTC)
+        return cls(msg.id, msg.repository, msg.offset, started)
+
+
+class ClientError(Exception):
+    """A failed call: the gRPC code, the ErrorInfo reason (empty if none) and its metadata."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.metadata = metadata or {}
+
+    @classmethod
+    def from_rpc_error(cls, err: grpc.RpcError) -> ClientError:
+        code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
+        message: str = err.details() or ""  # type: ignore[attr-defined]
+        info = error_info(err)
+        if info is None:
+            return cls(code, "", message)
+        return cls(code, info.reason, message, dict(info.metadata))
+
+    def __str__(self) -> str:
+        return f"{self.code.name}/{self.reason or '-'}: {self.message}"
+
+
+class DigestMismatchError(ClientError):
+    """Received or sent bytes that do not hash to the expected digest."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.DATA_LOSS, "DIGEST_INVALID", message)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise ClientError.from_rpc_error(err) from err
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", TRANSPORT_LIMIT_BYTES),
+        ("grpc.max_send_message_length", TRANSPORT_LIMIT_BYTES),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        # Reconnect to a restarted gateway within a fraction of a second, not grpc's 1-120 s.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
+    ]
+
+
+class Client:
+    """A client of one gateway over one gRPC channel; safe to share between threads.
+
+    ``addr`` defaults to $LINKEDBLOB_ADDR, then 127.0.0.1:50051. ``timeout`` (seconds) bounds
+    each unary call; ``retry_timeout`` is how long a resumable push keeps retrying without
+    progress before it gives up.
+    """
+
+    def __init__(
+        self,
+        addr: str | None = None,
+        *,
+        timeout: float | None = 30.0,
+        retry_timeout: float = 60.0,
+        chunk_size: int = STREAM_CHUNK_BYTES,
+    ) -> None:
+        if not 0 < chunk_size <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_size must be 1-{MAX_CHUNK_BYTES}")
+        self.addr = addr or os.environ.get(ADDR_ENV) or DEFAULT_ADDR
+        self.timeout = timeout
+        self.retry_timeout = retry_timeout
+        self.chunk_size = chunk_size
+        self._channel = grpc.insecure_channel(self.addr, options=channel_options())
+        self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+        # The byte streams, with their data messages built and read without protobuf objects.
+        self._push_raw = self._channel.stream_unary(
+            "/linkedblob.v1.Registry/PushBlob",
+            request_serializer=None,
+            response_deserializer=registry_pb2.Descriptor.FromString,
+        )
+        self._write_raw = self._channel.stream_unary(
+            "/linkedblob.v1.Registry/WriteUpload",
+            request_serializer=None,
+            response_deserializer=registry_pb2.Upload.FromString,
+        )
+        self._read_raw = self._channel.unary_stream(
+            "/linkedblob.v1.Registry/ReadBlob",
+            request_serializer=registry_pb2.ReadBlobRequest.SerializeToString,
+            response_deserializer=None,
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- blobs ----------------------------------------------------------------------------------
+
+    def stat(self, repository: str, digest: str) -> Descriptor:
+        with _errors():
+            msg = self._stub.StatBlob(
+                registry_pb2.StatBlobRequest(repository=repository, digest=digest),
+                timeout=self.timeout,
+            )
+        return Descriptor.from_proto(msg)
+
+    def exists(self, repository: str, digest: str) -> bool:
+        """Whether the repository links the blob."""
+        try:
+            self.stat(repository, digest)
+        except ClientError as e:
+            if e.code == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return True
+
+    def put(
+        self, repository: str, data: bytes, *, media_type: str = "", digest: str = ""
+    ) -> Descriptor:
+        """Stores a small blob (at most 4 MiB) in one call."""
+        with _errors():
+            msg = self._stub.PutBlob(
+                registry_pb2.PutBlobRequest(
+                    repository=repository, data=data, media_type=media_type, digest=digest
+                ),
+                timeout=self.timeout,
+            )
+        return Descriptor.from_proto(msg)
+
+    def push(
+        self,
+        repository: str,
+        source: Source,
+        *,
+        media_type: str = "",
+        digest: str = "",
+        resumable: bool = False,
+        progress: Progress | None = None,
+    ) -> Descriptor:
+        """Stores a blob from a path, bytes, a binary file (from its current position) or an
+        iterable of bytes, and links it into ``repository``.
+
+        With ``digest`` given, a blob the store already holds is linked without sending its
+        bytes (the gateway returns early). Without it the digest (sha256) is computed while
+        sending and checked against the gateway's. ``resumable`` (a path, bytes or a seekable
+        file) goes through the upload API and resumes after broken connections.
+        """
+        with _Source(source) as src:
+            if resumable:
+                return self._push_resumable(repository, src, media_type, digest, progress)
+            if src.size is not None and src.size <= self.chunk_size:
+                # Small: one unary call.
+                data = src.read_all()
+                expected = digest or _digest_of(data)
+                desc = self.put(repository, data, media_type=media_type, digest=expected)
+                if progress:
+                    progress(len(data))
+                return desc
+            return self._push_stream(repository, src, media_type, digest, progress)
+
+    def get(self, repository: str, digest: str, *, offset: int = 0, length: int = 0) -> bytes:
+        """A blob's bytes (or a range of them) in memory, verified when whole: for small
+        blobs; use :meth:`pull` for big ones."""
+        parts: list[bytes] = []
+        desc, chunks = self._read(repository, digest, offset, length)
+        check = _Verifier(desc, digest, offset, length)
+        with _errors():
+            for chunk in chunks:
+                check.update(chunk)
+                parts.append(bytes(chunk))
+        check.finish()
+        return b"".join(parts)
+
+    def pull(
+        self,
+        repository: str,
+        digest: str,
+        dest: Destination,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        progress: Progress | None = None,
+    ) -> Descriptor:
+        """Writes a blob (or the range ``offset``, ``length``; 0: to the end) to a path or a
+        binary file, verifying the whole blob's digest as it reads.
+
+        A path is written to a temporary file beside it and renamed into place only when
+        complete and verified; on a mismatch it is removed and DigestMismatchError raised.
+        """
+        desc, chunks = self._read(repository, digest, offset, length)
+        check = _Verifier(desc, digest, offset, length)
+        if isinstance(dest, (str, os.PathLike)):
+            path = Path(dest)
+            part = path.with_name(f".{path.name}.part-{os.getpid()}-{threading.get_ident()}")
+            try:
+                with open(part, "wb") as out:
+                    self._copy(chunks, out, check, progress)
+                os.replace(part, path)
+            finally:
+                part.unlink(missing_ok=True)
+        else:
+            self._copy(chunks, dest, check, progress)
+        return desc
+
+    def mount(
+        self, repository: str, digest: str, *, from_repository: str = "", media_type: str = ""
+    ) -> Descriptor:
+        """Links a blob that ``from_repository`` (empty: any repository) links; NOT_FOUND /
+        BLOB_UNKNOWN when it does not (then push it)."""
+        with _errors():
+            msg = self._stub.MountBlob(
+                registry_pb2.MountBlobRequest(
+                    repository=repository,
+                    from_repository=from_repository,
+                    digest=digest,
+                    media_type=media_type,
+                ),
+                timeout=self.timeout,
+            )
+        return Descriptor.from_proto(msg)
+
+    def delete(self, repository: str, digest: str) -> None:
+        """Unlinks a blob from the repository (needs a gateway with deletes enabled)."""
+        with _errors():
+            self._stub.DeleteBlob(
+                registry_pb2.DeleteBlobRequest(repository=repository, digest=digest),
+                timeout=self.timeout,
+            )
+
+    def list_blobs(self, repository: str, *, page_size: int = 0) -> Iterator[Descriptor]:
+        """The repository's blobs in digest order, fetched page by page as iterated."""
+        token = ""
+        while True:
+            with _errors():
+                page = self._stub.ListBlobs(
+                    registry_pb2.ListBlobsRequest(
+                        repository=repository, page_size=page_size, page_token=token
+                    ),
+                    timeout=self.timeout,
+                )
+            yield from (Descriptor.from_proto(b) for b in page.blobs)
+            token = page.next_page_token
+            if not token:
+                return
+
+    def list_repositories(self, *, page_size: int = 0) -> Iterator[str]:
+        token = ""
+        while True:
+            with _errors():
+                page = self._stub.ListRepositories(
+                    registry_pb2.ListRepositoriesRequest(page_size=page_size, page_token=token),
+                    timeout=self.timeout,
+                )
+            yield from page.repositories
+            token = page.next_page_token
+            if not token:
+                return
+
+    # --- resumable uploads, step by step ----------------------------------------------------------
+
+    def start_upload(self, repository: str) -> Upload:
+        with _errors():
+            msg = self._stub.StartUpload(
+                registry_pb2.StartUploadRequest(repository=repository), timeout=self.timeout
+            )
+        return Upload.from_proto(msg)
+
+    def get_upload(self, repository: str, upload_id: str) -> Upload:
+        with _errors():
+            msg = self._stub.GetUpload(
+                registry_pb2.GetUploadRequest(repository=repository, upload_id=upload_id),
+                timeout=self.timeout,
+            )
+        return Upload.from_proto(msg)
+
+    def write_upload(
+        self, repository: str, upload_id: str, offset: int, chunks: Iterable[bytes | memoryview]
+    ) -> Upload:
+        """Appends ``chunks`` (each at most 4 MiB) at ``offset`` in one stream."""
+
+        def messages() -> Iterator[bytes]:
+            yield registry_pb2.WriteUploadRequest(
+                repository=repository, upload_id=upload_id, offset=offset
+            ).SerializeToString()
+            for chunk in chunks:
+                if chunk:
+                    yield wire.data_message(_WRITE_UPLOAD_DATA, chunk)
+
+        with _errors():
+            msg = self._write_raw(messages())
+        return Upload.from_proto(msg)
+
+    def commit_upload(
+        self,
+        repository: str,
+        upload_id: str,
+        digest: str,
+        *,
+        media_type: str = "",
+        data: bytes = b"",
+        offset: int = 0,
+    ) -> Descriptor:
+        with _errors():
+            msg = self._stub.CommitUpload(
+                registry_pb2.CommitUploadRequest(
+                    repository=repository,
+                    upload_id=upload_id,
+                    digest=digest,
+                    media_type=media_type,
+                    data=data,
+                    offset=offset,
+                ),
+                timeout=self.timeout,
+            )
+        return Descriptor.from_proto(msg)
+
+    def cancel_upload(self, repository: str, upload_id: str) -> None:
+        with _errors():
+            self._stub.CancelUpload(
+                registry_pb2.CancelUploadRequest(repository=repository, upload_id=upload_id),
+                timeout=self.timeout,
+            )
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _push_stream(
+        self,
+        repository: str,
+        src: _Source,
+        media_type: str,
+        digest: str,
+        progress: Progress | None,
+    ) -> Descriptor:
+        header = registry_pb2.PushBlobRequest.Header(
+            repository=repository, media_type=media_type, digest=digest, size=src.size
+        )
+        # Without a declared digest, hash what is sent to check the gateway's answer.
+        hasher = None if digest else hashlib.sha256()
+        failure: list[BaseException] = []
+
+        def messages() -> Iterator[bytes]:
+            yield registry_pb2.PushBlobRequest(header=header).SerializeToString()
+            try:
+                for chunk in src.chunks(self.chunk_size):
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    yield wire.data_message(_PUSH_BLOB_DATA, chunk)
+                    if progress:
+                        progress(len(chunk))
+            except Exception as exc:  # grpc would only report "exception iterating requests"
+                failure.append(exc)
+                raise
+
+        try:
+            with _errors():
+                msg = self._push_raw(messages())
+        except ClientError:
+            if failure:
+                raise failure[0] from None
+            raise
+        desc = Descriptor.from_proto(msg)
+        if hasher is not None and desc.digest != f"sha256:{hasher.hexdigest()}":
+            raise DigestMismatchError(
+                f"the gateway stored {desc.digest}, but the bytes sent hash to "
+                f"sha256:{hasher.hexdigest()}"
+            )
+        return desc
+
+    def _push_resumable(
+        self,
+        repository: str,
+        src: _Source,
+        media_type: str,
+        digest: str,
+        progress: Progress | None,
+    ) -> Descriptor:
+        if not src.seekable:
+            raise ValueError("a resumable push needs a path, bytes or a seekable file")
+        retry = _Retry(self.retry_timeout)
+        upload = retry.call(lambda: self.start_upload(repository))
+        hasher = _RewindableHash(src) if not digest else None
+        position = 0  # where the source was last rewound to / the confirmed offset
+        sent = 0  # bytes handed to gRPC in the current attempt, from position
+        while True:
+            src.seek(position)
+            if hasher is not None:
+                hasher.rewind(position)
+            sent = 0
+
+            def chunks() -> Iterator[bytes | memoryview]:
+                nonlocal sent
+                for chunk in src.chunks(self.chunk_size):
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    yield chunk
+                    # Taken by gRPC (not yet acknowledged: a broken stream rewinds to GetUpload).
+                    sent += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+
+            try:
+                done = self.write_upload(repository, upload.id, position, chunks())
+                position = done.offset
+                break
+            except ClientError as e:
+                if not _resumable_error(e):
+                    raise
+                retry.wait(e)
+                offset = retry.call(lambda: self.get_upload(repository, upload.id)).offset
+                if progress and offset != position + sent:
+                    progress(offset - (position + sent))  # rewind the progress shown
+                if offset > position:
+                    retry.reset()  # progress was made: the retry budget starts again
+                position = offset
+        if src.size is not None and position != src.size:
+            raise ClientError(
+                grpc.StatusCode.DATA_LOSS,
+                "SIZE_INVALID",
+                f"upload {upload.id} holds {position} bytes; the source has {src.size}",
+            )
+        if not digest:
+            assert hasher is not None
+            digest = hasher.hexdigest()
+        final = digest
+        return retry.call(
+            lambda: self.commit_upload(repository, upload.id, final, media_type=media_type)
+        )
+
+    def _read(
+        self, repository: str, digest: str, offset: int, length: int
+    ) -> tuple[Descriptor, Iterator[memoryview]]:
+        """Opens ReadBlob: the descriptor (from the first message), then the data as views
+        into the received messages (no copies)."""
+        stream = self._read_raw(
+            registry_pb2.ReadBlobRequest(
+                repository=repository, digest=digest, offset=offset, length=length
+            )
+        )
+        with _errors():
+            first = registry_pb2.ReadBlobResponse.FromString(next(iter(stream)))
+        desc = Descriptor.from_proto(first.blob)
+
+        def data() -> Iterator[memoryview]:
+            try:
+                if first.data:
+                    yield memoryview(first.data)
+                for raw in stream:
+                    view = wire.data_payload(raw, _READ_BLOB_DATA)
+                    if view is None:
+                        view = memoryview(registry_pb2.ReadBlobResponse.FromString(raw).data)
+                    yield view
+            finally:
+                stream.cancel()  # a no-op when complete; stops the transfer when abandoned
+
+        return desc, data()
+
+    @staticmethod
+    def _copy(
+        chunks: Iterator[memoryview], out: IO[bytes], check: _Verifier, progress: Progress | None
+    ) -> None:
+        with _errors():
+            for chunk in chunks:
+                check.update(chunk)
+                out.write(chunk)
+                if progress:
+                    progress(len(chunk))
+        check.finish()
+
+
+def _resumable_error(e: ClientError) -> bool:
+    if e.code in _RETRYABLE:
+        return True
+    # A write at a stale offset (a chunk the gateway got before the connection broke).
+    return e.code == grpc.StatusCode.OUT_OF_RANGE and e.reason == "BLOB_UPLOAD_INVALID"
+
+
+def _digest_of(data: bytes | memoryview) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+class _Retry:
+    """Exponential backoff on transient failures, within a budget of time without progress."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.reset()
+
+    def reset(self) -> None:
+        self.deadline = time.monotonic() + self.budget
+        self.delay = 0.05
+
+    def wait(self, error: ClientError) -> None:
+        if time.monotonic() + self.delay > self.deadline:
+            raise error
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 2.0)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                return fn()
+            except ClientError as e:
+                if e.code not in _RETRYABLE:
+                    raise
+                self.wait(e)
+
+
+class _Verifier:
+    """Checks the bytes of a read: the exact count, and the digest when the read is whole."""
+
+    def __init__(self, desc: Descriptor, digest: str, offset: int, length: int) -> None:
+        self.digest = desc.digest or digest
+        available = max(desc.size - offset, 0)
+        self.expected = available if length == 0 else min(length, available)
+        self.received = 0
+        whole = offset == 0 and self.expected == desc.size
+        algorithm = self.digest.partition(":")[0]
+        self.hasher = hashlib.new(algorithm) if whole and algorithm else None
+
+    def update(self, chunk: memoryview) -> None:
+        self.received += len(chunk)
+        if self.hasher is not None:
+            self.hasher.update(chunk)
+
+    def finish(self) -> None:
+        if self.received != self.expected:
+            raise DigestMismatchError(
+                f"received {self.received} bytes of {self.digest}, expected {self.expected}"
+            )
+        if self.hasher is not None:
+            got = f"{self.hasher.name}:{self.hasher.hexdigest()}"
+            if got != self.digest:
+                raise DigestMismatchError(f"received bytes hash to {got}, not {self.digest}")
+
+
+@dataclass
+class _Source:
+    """What a push reads from: a path, bytes, a binary file or an iterable of bytes."""
+
+    obj: Source
+    size: int | None = None
+    view: memoryview | None = None
+    file: IO[bytes] | None = None
+    base: int = 0  # where the blob starts in `file`
+    pos: int = 0  # where chunks() starts, from the blob's start (seek)
+    owned: bool = False
+    _iterable: Iterable[bytes] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        obj = self.obj
+        if isinstance(obj, (str, os.PathLike)):
+            self.file = open(obj, "rb")  # noqa: SIM115 - closed by __exit__
+            self.owned = True
+        elif isinstance(obj, (bytes, bytearray, memoryview)):
+            self.view = memoryview(obj).cast("B")
+            self.size = len(self.view)
+            return
+        elif hasattr(obj, "read"):
+            self.file = obj  # type: ignore[assignment]
+        else:
+            self._iterable = obj
+            return
+        assert self.file is not None
+        if self.file.seekable():
+            self.base = self.file.tell()
+            end = self.file.seek(0, os.SEEK_END)
+            self.file.seek(self.base)
+            self.size = end - self.base
+
+    def __enter__(self) -> _Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.owned and self.file is not None:
+            self.file.close()
+
+    @property
+    def seekable(self) -> bool:
+        return self.view is not None or (self.file is not None and self.file.seekable())
+
+    def seek(self, offset: int) -> None:
+        self.pos = offset
+        if self.file is not None:
+            self.file.seek(self.base + offset)
+
+    def read_all(self) -> bytes:
+        """Everything (for a small source of known size)."""
+        return b"".join(bytes(chunk) for chunk in self.chunks(MAX_CHUNK_BYTES))
+
+    def chunks(self, size: int) -> Iterator[bytes | memoryview]:
+        if self.view is not None:
+            for pos in range(self.pos, len(self.view), size):
+                yield self.view[pos : pos + size]
+        elif self.file is not None:
+            while chunk := self.file.read(size):
+                yield chunk
+        else:
+            assert self._iterable is not None
+            for item in self._iterable:
+                view = memoryview(item).cast("B")
+                for pos in range(0, len(view), size):
+                    yield view[pos : pos + size]
+
+
+class _RewindableHash:
+    """A sha256 of the bytes sent so far that can go back to an earlier offset (after a
+    resumed push lost chunks in flight) by re-reading the source up to it."""
+
+    def __init__(self, src: _Source) -> None:
+        self.src = src
+        self.hasher = hashlib.sha256()
+        self.position = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self.hasher.update(chunk)
+        self.position += len(chunk)
+
+    def rewind(self, offset: int) -> None:
+        if offset == self.position:
+            return
+        self.hasher = hashlib.sha256()
+        self.position = 0
+        self.src.seek(0)
+        for chunk in self.src.chunks(STREAM_CHUNK_BYTES):
+            take = min(len(chunk), offset - self.position)
+            self.update(memoryview(chunk)[:take])
+            if self.position == offset:
+                break
+        self.src.seek(offset)
+
+    def hexdigest(self) -> str:
+        return f"sha256:{self.hasher.hexdigest()}"
