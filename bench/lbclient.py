@@ -1,0 +1,79 @@
+"""linkedblob's side of the client: the project's own ``linkedblob.client.Client``.
+
+Pushes hand it the blob as an iterable of memoryviews (no copies; it frames them as data
+messages itself) with the digest declared, as the registry client declares it; pulls go to a
+sink that discards the bytes after the client has verified them; the resumable push uses its
+step-by-step upload calls, one WriteUpload stream per chunk, as the registry gets one PATCH per
+chunk.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from typing import IO, cast
+
+from bench.payload import Blob
+from bench.systems import BenchError
+from linkedblob.client import Client, Descriptor
+from linkedblob.config import STREAM_CHUNK_BYTES
+
+
+def client_note() -> str:
+    return "linkedblob.client.Client (sync grpc, one channel each), 1 MiB data messages"
+
+
+class _Discard(io.RawIOBase):
+    """A destination that drops what it is given (the client verifies before writing)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: object) -> int:  # type: ignore[override]
+        return memoryview(data).nbytes  # type: ignore[arg-type]
+
+
+class LinkedblobClient:
+    def __init__(self, address: str) -> None:
+        self.client = Client(address, timeout=120)
+        self._sink = cast(IO[bytes], _Discard())
+
+    def close(self) -> None:
+        self.client.close()
+
+    def push(self, repository: str, blob: Blob) -> None:
+        # Iterable[bytes] in the client's signature; it takes any buffer (memoryview(item)).
+        pieces = cast(Iterable[bytes], blob.views(STREAM_CHUNK_BYTES))
+        _check(self.client.push(repository, pieces, digest=blob.digest), blob)
+
+    def push_chunked(self, repository: str, blob: Blob, chunk_bytes: int) -> None:
+        upload = self.client.start_upload(repository)
+        for start in range(0, blob.size, chunk_bytes):
+            stop = min(start + chunk_bytes, blob.size)
+            pieces = blob.views(STREAM_CHUNK_BYTES, start, stop)
+            written = self.client.write_upload(repository, upload.id, start, pieces)
+            if written.offset != stop:
+                raise BenchError(f"linkedblob WriteUpload: offset {written.offset}, want {stop}")
+        _check(self.client.commit_upload(repository, upload.id, blob.digest), blob)
+
+    def pull_verified(self, repository: str, digest: str, size: int) -> None:
+        desc = self.client.pull(repository, digest, self._sink)  # raises unless verified
+        if desc.size != size:
+            raise BenchError(f"linkedblob pull {digest}: {desc.size} bytes, expected {size}")
+
+    def stat(self, repository: str, digest: str) -> None:
+        self.client.stat(repository, digest)
+
+    def mount(self, repository: str, from_repository: str, digest: str) -> None:
+        self.client.mount(repository, digest, from_repository=from_repository)
+
+    def push_small(self, repository: str, blob: Blob) -> None:
+        _check(self.client.put(repository, blob.data(), digest=blob.digest), blob)
+
+
+def _check(descriptor: Descriptor, blob: Blob) -> None:
+    if descriptor.digest != blob.digest or descriptor.size != blob.size:
+        raise BenchError(
+            f"linkedblob stored {descriptor.digest} ({descriptor.size} bytes), "
+            f"expected {blob.digest} ({blob.size} bytes)"
+        )

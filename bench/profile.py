@@ -1,0 +1,87 @@
+"""``--profile DIR``: py-spy records each linkedblob service during each figure.
+
+py-spy (``pip install py-spy``; not a project dependency) samples the running services without
+restarting them. Each recording is a raw collapsed-stack file, ``FIGURE-SYSTEM-SERVICE.txt``;
+``summary.txt`` lists each one's hottest frames (where samples were taken, and the frames
+most often on the stack). Profiling slows the services: never report figures from such a run.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.report import REFERENCE
+from bench.systems import System
+
+TOP = 12
+
+
+class Profiler:
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not Path(binary).exists():
+            raise SystemExit("--profile needs py-spy: pip install py-spy")
+        self.binary = binary
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def __call__(self, figure: str, system: System) -> Iterator[None]:
+        if system.name == REFERENCE:
+            yield
+            return
+        spies: list[tuple[subprocess.Popen[str], Path]] = []
+        for service, pid in system.services().items():
+            name = f"{figure}-{system.name.replace('/', '-')}-{service}.txt"
+            out = self.directory / name
+            argv = [self.binary, "record", "-p", str(pid), "-f", "raw", "-r", "200"]
+            spy = subprocess.Popen(
+                [*argv, "--nonblocking", "-o", str(out)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert spy.stderr is not None
+            spy.stderr.readline()  # "Sampling process ...": it has attached
+            spies.append((spy, out))
+        try:
+            yield
+        finally:
+            for spy, _ in spies:
+                spy.send_signal(signal.SIGINT)
+            for spy, out in spies:
+                spy.wait(timeout=60)
+                with open(self.directory / "summary.txt", "a") as summary:
+                    summary.write(summarize(out) + "\n")
+
+
+def summarize(path: Path, top: int = TOP) -> str:
+    """The frames where most samples landed (self) and those most often on the stack."""
+    own: collections.Counter[str] = collections.Counter()
+    on_stack: collections.Counter[str] = collections.Counter()
+    total = 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = stack.split(";")
+            n = int(count)
+            total += n
+            own[frames[-1]] += n
+            for frame in set(frames):
+                on_stack[frame] += n
+    lines = [f"== {path.name}: {total} samples"]
+    if total:
+        lines.append("  self:")
+        lines += [f"    {n / total:6.1%}  {frame}" for frame, n in own.most_common(top)]
+        lines.append("  on stack:")
+        lines += [f"    {n / total:6.1%}  {frame}" for frame, n in on_stack.most_common(top)]
+    return "\n".join(lines)
