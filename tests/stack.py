@@ -1,0 +1,144 @@
+"""The whole system for end-to-end tests: blobsvc, linksvc and a gateway as real processes.
+
+`database(kind)` makes a fresh SQLite file or PostgreSQL database for a module-scoped stack (the
+`db_url` fixture of conftest.py is per test); `Stack.start` runs the three services on it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from linkedblob.config import TRANSPORT_LIMIT_BYTES
+from linkedblob.v1 import registry_pb2_grpc
+from tests import conftest
+from tests.services import ServiceProcess, spawn
+
+DB_KINDS = ["sqlite", "postgresql"]
+
+
+@contextmanager
+def database(kind: str, directory: Path) -> Iterator[str]:
+    """A fresh database of ``kind`` ("sqlite": a file in ``directory``; "postgresql": a new
+    database on $LINKEDBLOB_TEST_PG, dropped afterwards; skipped when that is not set)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{directory / 'link.db'}"
+        return
+    import sqlalchemy as sa
+
+    server = conftest.pg_server_url()
+    if not server:
+        conftest._pg_skipped.append("pg")
+        pytest.skip(f"PostgreSQL not configured ({conftest.PG_ENV} unset)")
+    name = f"linkedblob_test_{secrets.token_hex(6)}"
+    conftest._admin_execute(server, f'CREATE DATABASE "{name}"')
+    try:
+        yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        conftest._admin_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def registry_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_receive_message_length", TRANSPORT_LIMIT_BYTES + 1024 * 1024),
+            ("grpc.max_send_message_length", TRANSPORT_LIMIT_BYTES + 1024 * 1024),
+        ],
+    )
+
+
+@dataclass
+class Stack:
+    data: Path
+    db_url: str
+    blob: ServiceProcess
+    link: ServiceProcess
+    gateway: ServiceProcess
+    extra: list[ServiceProcess] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, data: Path, db_url: str, *, enable_delete: bool = True) -> Stack:
+        blob = spawn("blob", "--data", str(data / "blobs"), "--log-level", "WARNING")
+        try:
+            link = spawn("link", "--db", db_url, "--migrate", "--log-level", "WARNING")
+        except BaseException:
+            blob.stop()
+            raise
+        try:
+            gateway = spawn_gateway(blob.address, link.address, enable_delete=enable_delete)
+        except BaseException:
+            link.stop()
+            blob.stop()
+            raise
+        return cls(data, db_url, blob, link, gateway)
+
+    @property
+    def address(self) -> str:
+        return self.gateway.address
+
+    def another_gateway(self, *, enable_delete: bool) -> ServiceProcess:
+        """A second gateway on the same backends (stopped with the stack)."""
+        gateway = spawn_gateway(self.blob.address, self.link.address, enable_delete=enable_delete)
+        self.extra.append(gateway)
+        return gateway
+
+    def stop(self) -> None:
+        for svc in (*self.extra, self.gateway, self.link, self.blob):
+            svc.stop()
+
+
+def spawn_gateway(
+    blob_addr: str, link_addr: str, *, enable_delete: bool = True, port: int = 0
+) -> ServiceProcess:
+    args = ["--blob-addr", blob_addr, "--link-addr", link_addr, "--port", str(port)]
+    if enable_delete:
+        args.append("--enable-delete")
+    return spawn("gateway", *args, "--log-level", "WARNING")
+
+
+@contextmanager
+def running_stack(kind: str, directory: Path, *, enable_delete: bool = True) -> Iterator[Stack]:
+    with database(kind, directory) as url:
+        stack = Stack.start(directory, url, enable_delete=enable_delete)
+        try:
+            yield stack
+        finally:
+            stack.stop()
+
+
+def registry(address: str) -> registry_pb2_grpc.RegistryStub:
+    return registry_pb2_grpc.RegistryStub(registry_channel(address))
+
+
+class Raised:
+    """What :func:`rpc_error` caught: the code, the ErrorInfo reason and metadata."""
+
+    code: grpc.StatusCode | None = None
+    reason: str = ""
+    metadata: dict[str, str]
+    details: str = ""
+
+
+@contextmanager
+def rpc_error(code: grpc.StatusCode, reason: str) -> Iterator[Raised]:
+    """Asserts that the block fails with ``code`` and an ErrorInfo ``reason``."""
+    from linkedblob.errors import error_info
+
+    raised = Raised()
+    raised.metadata = {}
+    with pytest.raises(grpc.RpcError) as exc_info:
+        yield raised
+    err = exc_info.value
+    info = error_info(err)
+    raised.code = err.code()  # type: ignore[attr-defined]
+    raised.details = err.details() or ""  # type: ignore[attr-defined]
+    raised.reason = info.reason if info is not None else ""
+    raised.metadata = dict(info.metadata) if info is not None else {}
+    assert (raised.code, raised.reason) == (code, reason), raised.details
