@@ -11,7 +11,9 @@ DEFAULT_PORT = BLOB_PORT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_option(parser, "--data", default="data/blobs", help="root directory of the filesystem store")
+    add_option(
+        parser, "--data", default="data/blobs", help="root directory of the filesystem store"
+    )
     add_option(
         parser,
         "--storage",

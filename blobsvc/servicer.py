@@ -1,0 +1,171 @@
+"""The gRPC surface of blobsvc (linkedblob.blob.v1.BlobService): validates each request at the
+edge, calls the domain (blobsvc.store), maps the results. Errors become statuses in
+linkedblob.errors.grpc_errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from blobsvc.storage import validate_upload_id
+from blobsvc.store import MAX_FIND_MISSING, BlobStore, CommitSpec, Committed
+from linkedblob import metrics
+from linkedblob.blob.v1 import blob_pb2 as pb
+from linkedblob.blob.v1 import blob_pb2_grpc
+from linkedblob.config import MAX_CHUNK_BYTES
+from linkedblob.digests import Digest, parse_algorithm
+from linkedblob.errors import Reason, grpc_errors, invalid_argument, resource_exhausted
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlobService"].full_name
+
+_bytes_in_write = metrics.BYTES_IN.labels("Write")
+_bytes_in_put = metrics.BYTES_IN.labels("Put")
+_bytes_out_read = metrics.BYTES_OUT.labels("Read")
+
+
+def _check_chunk(data: bytes) -> bytes:
+    if len(data) > MAX_CHUNK_BYTES:
+        raise resource_exhausted(
+            Reason.SIZE_INVALID,
+            f"data message of {len(data)} bytes exceeds the limit of {MAX_CHUNK_BYTES}",
+            limit=MAX_CHUNK_BYTES,
+        )
+    return data
+
+
+def _descriptor(committed: Committed) -> pb.Descriptor:
+    return pb.Descriptor(digest=str(committed.digest), size=committed.size)
+
+
+def _optional_digest(text: str) -> Digest | None:
+    return Digest.parse(text) if text else None
+
+
+async def _write_data(
+    first: pb.WriteRequest, rest: AsyncIterator[pb.WriteRequest]
+) -> AsyncIterator[bytes]:
+    """The data of a Write stream's messages, each checked against the size limit (before it
+    is written). ``msg.data`` is read once per message: every access copies."""
+    data = _check_chunk(first.data)
+    _bytes_in_write.inc(len(data))
+    yield data
+    async for message in rest:
+        data = _check_chunk(message.data)
+        _bytes_in_write.inc(len(data))
+        yield data
+
+
+class BlobServicer(blob_pb2_grpc.BlobServiceServicer):
+    def __init__(self, store: BlobStore) -> None:
+        self.store = store
+
+    @grpc_errors
+    async def Stat(
+        self, request: pb.StatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatResponse:
+        digest = Digest.parse(request.digest)
+        size = await self.store.stat(digest)
+        return pb.StatResponse(blob=pb.Descriptor(digest=str(digest), size=size))
+
+    @grpc_errors
+    async def FindMissing(
+        self, request: pb.FindMissingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FindMissingResponse:
+        if len(request.digests) > MAX_FIND_MISSING:  # before parsing a huge list
+            raise invalid_argument(
+                Reason.PAGINATION_INVALID,
+                f"at most {MAX_FIND_MISSING} digests per call, got {len(request.digests)}",
+            )
+        digests = [Digest.parse(d) for d in request.digests]
+        missing = await self.store.find_missing(digests)
+        return pb.FindMissingResponse(missing=[str(d) for d in missing])
+
+    @grpc_errors
+    async def Read(
+        self, request: pb.ReadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ReadResponse]:
+        digest = Digest.parse(request.digest)
+        async for chunk in self.store.read(digest, request.offset, request.limit):
+            _bytes_out_read.inc(len(chunk))
+            yield pb.ReadResponse(data=chunk)
+
+    @grpc_errors
+    async def Write(
+        self, request_iterator: AsyncIterator[pb.WriteRequest], context: grpc.aio.ServicerContext
+    ) -> pb.WriteResponse:
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None:
+            raise invalid_argument(
+                Reason.BLOB_UPLOAD_INVALID, "empty stream: the first message names the upload"
+            )
+        upload_id = validate_upload_id(first.upload_id)
+        algorithm = parse_algorithm(first.algorithm)
+        commit = None
+        if first.commit:
+            size = first.commit_size if first.HasField("commit_size") else None
+            commit = CommitSpec(_optional_digest(first.commit_digest), size)
+        result = await self.store.write(
+            upload_id, first.offset, algorithm, _write_data(first, messages), commit
+        )
+        response = pb.WriteResponse(size=result.size)
+        if result.committed is not None:
+            response.blob.CopyFrom(_descriptor(result.committed))
+            response.already_existed = result.committed.already_existed
+        return response
+
+    @grpc_errors
+    async def UploadStatus(
+        self, request: pb.UploadStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UploadStatusResponse:
+        size = await self.store.upload_size(validate_upload_id(request.upload_id))
+        return pb.UploadStatusResponse(size=size)
+
+    @grpc_errors
+    async def Commit(
+        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CommitResponse:
+        upload_id = validate_upload_id(request.upload_id)
+        size = request.size if request.HasField("size") else None
+        spec = CommitSpec(_optional_digest(request.digest), size)
+        committed = await self.store.commit(upload_id, spec)
+        return pb.CommitResponse(
+            blob=_descriptor(committed), already_existed=committed.already_existed
+        )
+
+    @grpc_errors
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        await self.store.abort(validate_upload_id(request.upload_id))
+        return pb.AbortResponse()
+
+    @grpc_errors
+    async def Put(
+        self, request: pb.PutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PutResponse:
+        data = _check_chunk(request.data)
+        expected = _optional_digest(request.digest)
+        _bytes_in_put.inc(len(data))
+        committed = await self.store.put(data, expected)
+        return pb.PutResponse(
+            blob=_descriptor(committed), already_existed=committed.already_existed
+        )
+
+    @grpc_errors
+    async def Delete(
+        self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteResponse:
+        deleted = await self.store.delete(Digest.parse(request.digest))
+        return pb.DeleteResponse(deleted=deleted)
+
+    @grpc_errors
+    async def List(
+        self, request: pb.ListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListResponse:
+        page, next_token = await self.store.list(request.page_size, request.page_token)
+        return pb.ListResponse(
+            blobs=[pb.Descriptor(digest=str(d), size=size) for d, size in page],
+            next_page_token=next_token,
+        )

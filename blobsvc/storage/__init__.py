@@ -1,0 +1,174 @@
+"""The storage drivers' interface: where blobsvc keeps committed blobs and staged uploads.
+
+A driver is synchronous and thread-safe; the domain layer (blobsvc.store) calls it from worker
+threads so the event loop never blocks on I/O. It knows digests, upload ids and bytes, nothing
+of hashing policy: the domain verifies digests before it asks a driver to store anything.
+
+Drivers: ``filesystem`` (the default, blobsvc.storage.filesystem) and ``memory`` (tests,
+blobsvc.storage.memory). Both pass one contract suite (tests/test_blobsvc_storage.py).
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+import threading
+from typing import Protocol
+
+from linkedblob.digests import Digest
+from linkedblob.errors import Reason, aborted, invalid_argument
+
+# Upload ids come from callers and name staging paths: this grammar keeps them inside the root.
+UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def validate_upload_id(upload_id: str) -> str:
+    """Returns the id when it is well formed; INVALID_ARGUMENT / BLOB_UPLOAD_INVALID otherwise."""
+    if not UPLOAD_ID_RE.fullmatch(upload_id):
+        raise invalid_argument(
+            Reason.BLOB_UPLOAD_INVALID,
+            f"malformed upload id {upload_id[:200]!r}: 1-128 characters of [A-Za-z0-9_-]",
+        )
+    return upload_id
+
+
+class BlobReader(Protocol):
+    """An open, immutable blob. Reads stay valid even if the blob is deleted meanwhile."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``offset`` (fewer only at the end)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class StagedUpload(Protocol):
+    """An upload's staging area, held exclusively (one holder, across processes) until close()."""
+
+    @property
+    def upload_id(self) -> str: ...
+
+    @property
+    def algorithm(self) -> str:
+        """The hash algorithm the upload was started with."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """Bytes staged so far."""
+        ...
+
+    @property
+    def generation(self) -> str:
+        """Random and fixed for the life of the staging area: an upload id aborted and started
+        again (maybe by another replica) gets a new one, so hash state kept in memory for the
+        old one is never applied to the new bytes."""
+        ...
+
+    def append(self, data: bytes | memoryview) -> None:
+        """Appends all of ``data`` at the end of the staged bytes."""
+        ...
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` staged bytes from ``offset``."""
+        ...
+
+    def store_as(self, digest: Digest) -> bool:
+        """Moves the staged bytes into the store under ``digest`` (verified by the caller),
+        durably and atomically, and removes the staging area. Returns True when the blob was
+        already stored (the staged copy is then just dropped)."""
+        ...
+
+    def discard(self) -> None:
+        """Removes the staging area and its bytes."""
+        ...
+
+    def close(self) -> None:
+        """Releases the upload (it stays staged unless stored or discarded)."""
+        ...
+
+
+class Storage(abc.ABC):
+    """A blob store plus staging areas for uploads."""
+
+    # --- committed blobs ---
+
+    @abc.abstractmethod
+    def stat(self, digest: Digest) -> int | None:
+        """The blob's size, or None when it is not stored."""
+
+    @abc.abstractmethod
+    def open_blob(self, digest: Digest) -> BlobReader | None:
+        """Opens a stored blob for reading, or None when it is not stored."""
+
+    @abc.abstractmethod
+    def put(self, digest: Digest, data: bytes) -> bool:
+        """Stores ``data`` (verified by the caller) under ``digest``, atomically. Returns True
+        when it was already stored."""
+
+    @abc.abstractmethod
+    def delete(self, digest: Digest) -> bool:
+        """Removes a blob; False when it was not stored."""
+
+    @abc.abstractmethod
+    def list(self, after: str, limit: int) -> list[tuple[Digest, int]]:
+        """Up to ``limit`` stored blobs (digest, size) whose digest string sorts after
+        ``after`` ("" for the first page), in digest string order."""
+
+    # --- uploads ---
+
+    @abc.abstractmethod
+    def upload_size(self, upload_id: str) -> int | None:
+        """Bytes staged for an upload (without taking it), or None when it is unknown."""
+
+    @abc.abstractmethod
+    def open_upload(self, upload_id: str, create_with: str | None = None) -> StagedUpload | None:
+        """Takes an upload exclusively. An unknown id is created (empty, hashing with the
+        algorithm ``create_with``) when ``create_with`` is given, else None is returned.
+        Raises ABORTED / BLOB_UPLOAD_INVALID while another holder has it."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Releases the driver's resources."""
+
+
+class UploadClaims:
+    """The in-process half of an upload's exclusivity: which upload ids are held right now.
+
+    (The filesystem driver adds an flock on the staging file for other processes.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: set[str] = set()
+
+    def claim(self, upload_id: str) -> None:
+        with self._lock:
+            if upload_id in self._held:
+                raise busy(upload_id)
+            self._held.add(upload_id)
+
+    def release(self, upload_id: str) -> None:
+        with self._lock:
+            self._held.discard(upload_id)
+
+
+def busy(upload_id: str) -> Exception:
+    return aborted(
+        Reason.BLOB_UPLOAD_INVALID,
+        f"upload {upload_id} is being written or committed by another stream; retry later",
+    )
+
+
+def open_storage(kind: str, root: str) -> Storage:
+    """The driver named by ``--storage``."""
+    if kind == "filesystem":
+        from blobsvc.storage.filesystem import FilesystemStorage
+
+        return FilesystemStorage(root)
+    if kind == "memory":
+        from blobsvc.storage.memory import MemoryStorage
+
+        return MemoryStorage()
+    raise ValueError(f"unknown storage driver {kind!r}")

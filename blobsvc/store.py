@@ -1,0 +1,382 @@
+"""blobsvc's domain logic: reads, resumable uploads with incremental hashing, commits.
+
+Plain asyncio over a storage driver (blobsvc.storage): every driver call runs in a worker
+thread, so the event loop only moves messages. Callers pass parsed digests and validated
+arguments (the servicer does that at the edge); this layer enforces the upload protocol
+(offsets, exclusivity, verification before anything is stored).
+
+Hashing: each upload's hash state is kept in memory as its bytes arrive, so a commit in the
+process that staged them only finalizes it. The state is trusted only while it matches the
+upload exactly (generation, size, algorithm); otherwise (after a restart, when another replica
+wrote, or for a commit with another algorithm) the commit re-reads the staged bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from prometheus_client import Counter
+
+from blobsvc.storage import StagedUpload, Storage
+from linkedblob.config import STREAM_CHUNK_BYTES
+from linkedblob.digests import Digest, Hasher, new_hasher
+from linkedblob.errors import (
+    LinkedBlobError,
+    Reason,
+    invalid_argument,
+    not_found,
+    out_of_range,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_FIND_MISSING = 1000  # digests per FindMissing call
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+REHASHES = Counter(
+    "linkedblob_blob_commit_rehash_total",
+    "Commits that re-read the staged bytes to hash them (no matching in-memory hash state)",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    digest: Digest
+    size: int
+    already_existed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CommitSpec:
+    """What a commit expects: a digest (None: whatever the bytes hash to) and maybe a size."""
+
+    digest: Digest | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    size: int  # bytes staged after the stream
+    committed: Committed | None
+
+
+@dataclass
+class _HashState:
+    """A running hash over an upload's first ``size`` staged bytes."""
+
+    generation: str
+    algorithm: str
+    hasher: Hasher
+    size: int = 0
+
+
+class BlobStore:
+    def __init__(self, storage: Storage, io_threads: int = 16) -> None:
+        self.storage = storage
+        # File I/O and hashing of large buffers release the GIL: threads overlap them with
+        # the event loop receiving the next message.
+        self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix="blob-io")
+        self._hashes: dict[str, _HashState] = {}
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.storage.close()
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # --- blobs ---
+
+    async def stat(self, digest: Digest) -> int:
+        size = await self._run(self.storage.stat, digest)
+        if size is None:
+            if digest.is_empty:
+                return 0
+            raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} not found")
+        return size
+
+    async def find_missing(self, digests: list[Digest]) -> list[Digest]:
+        def missing() -> list[Digest]:
+            return [d for d in digests if not d.is_empty and self.storage.stat(d) is None]
+
+        return await self._run(missing)
+
+    async def read(self, digest: Digest, offset: int, limit: int) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``offset`` (at most ``limit``; 0: to the end), in chunks of
+        STREAM_CHUNK_BYTES. The next chunk is read while the current one is sent."""
+        if offset < 0 or limit < 0:
+            raise invalid_argument(Reason.RANGE_INVALID, "offset and limit must not be negative")
+        reader = await self._run(self.storage.open_blob, digest)
+        if reader is None:
+            if digest.is_empty:
+                if offset > 0:
+                    raise out_of_range(Reason.RANGE_INVALID, f"offset {offset} is beyond size 0")
+                return
+            raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} not found")
+        pending: asyncio.Future[bytes] | None = None
+        try:
+            size = reader.size
+            if offset > size:
+                raise out_of_range(
+                    Reason.RANGE_INVALID, f"offset {offset} is beyond size {size}", size=size
+                )
+            end = size if limit == 0 else min(size, offset + limit)
+            position = offset
+            if position < end:
+                pending = self._submit(
+                    reader.read_at, position, min(STREAM_CHUNK_BYTES, end - position)
+                )
+            while pending is not None:
+                chunk = await pending
+                pending = None
+                if not chunk:  # stored blobs are immutable: this is damage, not a race
+                    raise LinkedBlobError(
+                        grpc.StatusCode.DATA_LOSS,
+                        Reason.INTERNAL,
+                        f"blob {digest} ends at {position}, before its size {size}",
+                    )
+                position += len(chunk)
+                if position < end:
+                    pending = self._submit(
+                        reader.read_at, position, min(STREAM_CHUNK_BYTES, end - position)
+                    )
+                yield chunk
+        finally:
+            if pending is not None:
+                await _settle(pending)
+            reader.close()
+
+    def _submit(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def put(self, data: bytes, expected: Digest | None) -> Committed:
+        algorithm = expected.algorithm if expected else "sha256"
+        actual = await self._run(Digest.of, data, algorithm)
+        if expected is not None and actual != expected:
+            raise invalid_argument(
+                Reason.DIGEST_INVALID,
+                f"data hashes to {actual}, not {expected}",
+                digest=str(actual),
+            )
+        if actual.is_empty:
+            return Committed(actual, 0, True)  # the empty blob is always present
+        existed = await self._run(self.storage.put, actual, data)
+        return Committed(actual, len(data), existed)
+
+    async def delete(self, digest: Digest) -> bool:
+        return await self._run(self.storage.delete, digest)
+
+    async def list(self, page_size: int, page_token: str) -> tuple[list[tuple[Digest, int]], str]:
+        """One page of stored blobs in digest order, and the token of the next page ("" at
+        the end)."""
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise invalid_argument(
+                Reason.PAGINATION_INVALID, f"page size must be 0-{MAX_PAGE_SIZE}, got {page_size}"
+            )
+        page_size = page_size or DEFAULT_PAGE_SIZE
+        after = decode_page_token(page_token)
+        found = await self._run(self.storage.list, after, page_size + 1)
+        page = found[:page_size]
+        next_token = encode_page_token(str(page[-1][0])) if len(found) > page_size else ""
+        return page, next_token
+
+    # --- uploads ---
+
+    async def upload_size(self, upload_id: str) -> int:
+        size = await self._run(self.storage.upload_size, upload_id)
+        if size is None:
+            raise not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} not found")
+        return size
+
+    async def abort(self, upload_id: str) -> None:
+        """Drops the upload's staged bytes; an unknown upload is fine (idempotent)."""
+        upload = await self._run(self.storage.open_upload, upload_id)
+        self._hashes.pop(upload_id, None)
+        if upload is None:
+            return
+        try:
+            await self._run(upload.discard)
+        finally:
+            upload.close()
+
+    async def commit(self, upload_id: str, spec: CommitSpec) -> Committed:
+        upload = await self._open_existing(upload_id)
+        try:
+            return await self._commit_held(upload, spec)
+        finally:
+            upload.close()
+
+    async def write(
+        self,
+        upload_id: str,
+        offset: int,
+        algorithm: str,
+        chunks: AsyncIterable[bytes],
+        commit: CommitSpec | None = None,
+    ) -> WriteResult:
+        """Appends ``chunks`` to the upload at ``offset`` (which must equal its staged size;
+        offset 0 creates an unknown upload hashing with ``algorithm``), then commits when
+        ``commit`` is given.
+
+        Pipelined: chunk N is written and hashed in a worker thread while the caller's
+        iterator receives chunk N+1, so at most two chunks are held per stream."""
+        if offset < 0:
+            raise invalid_argument(Reason.BLOB_UPLOAD_INVALID, f"negative offset {offset}")
+        if offset == 0:
+            upload = await self._run(self.storage.open_upload, upload_id, algorithm)
+            assert upload is not None
+        else:
+            upload = await self._open_existing(upload_id)
+        try:
+            if upload.size != offset:
+                raise out_of_range(
+                    Reason.BLOB_UPLOAD_INVALID,
+                    f"upload {upload_id} has {upload.size} bytes staged; cannot write at {offset}",
+                    size=upload.size,
+                )
+            state = self._hash_state(upload)
+            pending: asyncio.Future[None] | None = None
+            try:
+                async for data in chunks:
+                    if pending is not None:
+                        await pending
+                        pending = None
+                    if data:
+                        pending = self._submit(_append, upload, state, data)
+                if pending is not None:
+                    await pending
+                    pending = None
+            finally:
+                if pending is not None:
+                    await _settle(pending)
+            size = upload.size
+            committed = await self._commit_held(upload, commit) if commit is not None else None
+            return WriteResult(size, committed)
+        finally:
+            upload.close()
+
+    async def _open_existing(self, upload_id: str) -> StagedUpload:
+        upload = await self._run(self.storage.open_upload, upload_id)
+        if upload is None:
+            raise not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} not found")
+        return upload
+
+    def _hash_state(self, upload: StagedUpload) -> _HashState | None:
+        """The running hash to extend while writing this (held) upload, or None when the
+        bytes already staged are not covered by one (then the commit re-reads them)."""
+        state = self._hashes.get(upload.upload_id)
+        if state is not None and _covers(state, upload, upload.algorithm):
+            return state
+        if upload.size == 0:
+            state = _HashState(upload.generation, upload.algorithm, new_hasher(upload.algorithm))
+            self._hashes[upload.upload_id] = state
+            return state
+        self._hashes.pop(upload.upload_id, None)
+        return None
+
+    async def _commit_held(self, upload: StagedUpload, spec: CommitSpec) -> Committed:
+        size = upload.size
+        if spec.size is not None and spec.size != size:
+            raise invalid_argument(
+                Reason.SIZE_INVALID,
+                f"upload {upload.upload_id} has {size} bytes, not {spec.size}",
+                size=size,
+            )
+        algorithm = spec.digest.algorithm if spec.digest else upload.algorithm
+        state = self._hashes.get(upload.upload_id)
+        if state is not None and _covers(state, upload, algorithm):
+            hexdigest = state.hasher.hexdigest()  # does not finalize: a retry can reuse it
+        else:
+            log.info(
+                "re-hashing staged bytes",
+                extra={"upload_id": upload.upload_id, "size": size, "algorithm": algorithm},
+            )
+            REHASHES.inc()
+            hexdigest = await self._run(_hash_staged, upload, algorithm)
+        actual = Digest(algorithm, hexdigest)
+        if spec.digest is not None and actual != spec.digest:
+            raise invalid_argument(
+                Reason.DIGEST_INVALID,
+                f"upload {upload.upload_id} hashes to {actual}, not {spec.digest}",
+                digest=str(actual),
+            )
+        # Verified: store it (or find it already stored), and forget the upload.
+        if actual.is_empty:
+            await self._run(upload.discard)  # the empty blob is always present
+            existed = True
+        else:
+            existed = await self._run(upload.store_as, actual)
+        self._hashes.pop(upload.upload_id, None)
+        return Committed(actual, size, existed)
+
+
+def _covers(state: _HashState, upload: StagedUpload, algorithm: str) -> bool:
+    return (state.generation, state.size, state.algorithm) == (
+        upload.generation,
+        upload.size,
+        algorithm,
+    )
+
+
+def _append(upload: StagedUpload, state: _HashState | None, data: bytes) -> None:
+    """Worker: stages ``data`` and extends the running hash (both release the GIL).
+    Written first: if the write fails the hash stays behind the file and is not trusted."""
+    upload.append(data)
+    if state is not None:
+        state.hasher.update(data)
+        state.size += len(data)
+
+
+def _hash_staged(upload: StagedUpload, algorithm: str) -> str:
+    hasher = new_hasher(algorithm)
+    position = 0
+    while position < upload.size:
+        chunk = upload.read_at(position, STREAM_CHUNK_BYTES)
+        if not chunk:
+            break
+        hasher.update(chunk)
+        position += len(chunk)
+    return hasher.hexdigest()
+
+
+async def _settle(future: asyncio.Future[T]) -> None:
+    """Waits for a worker to finish even if this task is being cancelled: the worker still
+    uses the file we are about to close. Its own outcome is not ours to report here."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            cancelled = True
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not log it as never retrieved
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+# --- page tokens: opaque to callers (base64url of the last digest of the previous page) ---
+
+
+def encode_page_token(after: str) -> str:
+    return base64.urlsafe_b64encode(after.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+        return str(Digest.parse(text))
+    except (binascii.Error, UnicodeDecodeError, ValueError, LinkedBlobError):
+        raise invalid_argument(Reason.PAGINATION_INVALID, "malformed page token") from None
