@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,12 +66,20 @@ class Stack:
 
     @classmethod
     def start(cls, data: Path, db_url: str, *, enable_delete: bool = True) -> Stack:
-        blob = spawn("blob", "--data", str(data / "blobs"), "--log-level", "WARNING")
-        try:
-            link = spawn("link", "--db", db_url, "--migrate", "--log-level", "WARNING")
-        except BaseException:
-            blob.stop()
-            raise
+        # The two backends start side by side (each takes a second or so to import and bind).
+        with ThreadPoolExecutor(2) as pool:
+            blob_future = pool.submit(
+                spawn, "blob", "--data", str(data / "blobs"), "--log-level", "WARNING"
+            )
+            link_future = pool.submit(
+                spawn, "link", "--db", db_url, "--migrate", "--log-level", "WARNING"
+            )
+            started = [f.result() for f in (blob_future, link_future) if f.exception() is None]
+            if len(started) < 2:
+                for svc in started:
+                    svc.stop()
+                raise (blob_future.exception() or link_future.exception())  # type: ignore[misc]
+        blob, link = started
         try:
             gateway = spawn_gateway(blob.address, link.address, enable_delete=enable_delete)
         except BaseException:
