@@ -4,6 +4,7 @@ process exits cleanly and none is left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -47,10 +49,13 @@ def test_up_push_ls_pull_and_ctrl_c(tmp_path: Path) -> None:
     threading.Thread(target=pump, daemon=True).start()
     try:
         address = ""
+        deadline = time.monotonic() + 60
         while not address:
-            line = lines.get(timeout=60)
-            m = _UP.match(line)
-            address = m.group(1) if m else ""
+            assert up.poll() is None, (tmp_path / "up.log").read_text()
+            assert time.monotonic() < deadline, "not up in 60 s"
+            with contextlib.suppress(queue.Empty):
+                m = _UP.match(lines.get(timeout=0.2))
+                address = m.group(1) if m else ""
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) == 3
 
