@@ -4,22 +4,53 @@ them on the shared bootstrap (health, reflection, metrics, graceful shutdown).""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import grpc
+from google.protobuf import message_factory
 
-from blobsvc.servicer import SERVICE_NAME, BlobServicer
+from blobsvc.servicer import RAW_REQUESTS, RAW_RESPONSES, SERVICE_NAME, BlobServicer
 from blobsvc.storage import open_storage
 from blobsvc.store import BlobStore
-from linkedblob.blob.v1 import blob_pb2_grpc
+from linkedblob.blob.v1 import blob_pb2
 from linkedblob.server import Service, run
+
+_HANDLER_FACTORIES: dict[tuple[bool, bool], Any] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def method_handlers(servicer: BlobServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """BlobService's handlers as the generated add_BlobServiceServicer_to_server builds them,
+    except that Write's requests and Read's responses skip protobuf (see blobsvc.servicer)."""
+    service = blob_pb2.DESCRIPTOR.services_by_name["BlobService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request_class: Any = message_factory.GetMessageClass(method.input_type)
+        response_class: Any = message_factory.GetMessageClass(method.output_type)
+        factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=None if method.name in RAW_REQUESTS else request_class.FromString,
+            response_serializer=None
+            if method.name in RAW_RESPONSES
+            else response_class.SerializeToString,
+        )
+    return handlers
 
 
 def serve(args: argparse.Namespace) -> int | None:
     store = BlobStore(open_storage(args.storage, args.data))
-    servicer = BlobServicer(store)
+    handlers = method_handlers(BlobServicer(store))
 
     def register(server: grpc.aio.Server) -> None:
-        blob_pb2_grpc.add_BlobServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 
     run(
         Service("blob", [SERVICE_NAME], register, on_stop=store.close),

@@ -80,6 +80,13 @@ class _HashState:
     hasher: Hasher
     size: int = 0
 
+    def update(self, data: bytes | memoryview) -> None:
+        """Worker thread (hashlib releases the GIL on large buffers). Runs beside the write
+        of the same bytes: if that write fails, the file's size no longer matches ``size``
+        and the state is not trusted again."""
+        self.hasher.update(data)
+        self.size += len(data)
+
 
 class BlobStore:
     def __init__(self, storage: Storage, io_threads: int = 16) -> None:
@@ -222,15 +229,15 @@ class BlobStore:
         upload_id: str,
         offset: int,
         algorithm: str,
-        chunks: AsyncIterable[bytes],
+        chunks: AsyncIterable[bytes | memoryview],
         commit: CommitSpec | None = None,
     ) -> WriteResult:
         """Appends ``chunks`` to the upload at ``offset`` (which must equal its staged size;
         offset 0 creates an unknown upload hashing with ``algorithm``), then commits when
         ``commit`` is given.
 
-        Pipelined: chunk N is written and hashed in a worker thread while the caller's
-        iterator receives chunk N+1, so at most two chunks are held per stream."""
+        Pipelined: chunk N is written and hashed (in two worker threads, at once) while the
+        caller's iterator receives chunk N+1, so at most two chunks are held per stream."""
         if offset < 0:
             raise invalid_argument(Reason.BLOB_UPLOAD_INVALID, f"negative offset {offset}")
         if offset == 0:
@@ -246,20 +253,18 @@ class BlobStore:
                     size=upload.size,
                 )
             state = self._hash_state(upload)
-            pending: asyncio.Future[None] | None = None
+            in_flight: list[asyncio.Future[None]] = []  # the previous chunk's write and hash
             try:
                 async for data in chunks:
-                    if pending is not None:
-                        await pending
-                        pending = None
+                    await _finish(in_flight)
                     if data:
-                        pending = self._submit(_append, upload, state, data)
-                if pending is not None:
-                    await pending
-                    pending = None
+                        in_flight.append(self._submit(upload.append, data))
+                        if state is not None:
+                            in_flight.append(self._submit(state.update, data))
+                await _finish(in_flight)
             finally:
-                if pending is not None:
-                    await _settle(pending)
+                for future in in_flight:
+                    await _settle(future)
             size = upload.size
             committed = await self._commit_held(upload, commit) if commit is not None else None
             return WriteResult(size, committed)
@@ -329,13 +334,11 @@ def _covers(state: _HashState, upload: StagedUpload, algorithm: str) -> bool:
     )
 
 
-def _append(upload: StagedUpload, state: _HashState | None, data: bytes) -> None:
-    """Worker: stages ``data`` and extends the running hash (both release the GIL).
-    Written first: if the write fails the hash stays behind the file and is not trusted."""
-    upload.append(data)
-    if state is not None:
-        state.hasher.update(data)
-        state.size += len(data)
+async def _finish(futures: list[asyncio.Future[None]]) -> None:
+    """Awaits each future and removes it once it succeeded (the caller settles the rest)."""
+    while futures:
+        await futures[0]
+        futures.pop(0)
 
 
 def _hash_staged(upload: StagedUpload, algorithm: str) -> str:

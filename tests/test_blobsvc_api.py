@@ -607,3 +607,35 @@ def test_filesystem_layout_and_nothing_outside_the_root(blobsvc: ServiceProcess)
         or p.is_relative_to(root / "tmp")
         for p in root.rglob("*")
     )
+
+
+# --- the raw Write path (data messages are not parsed with protobuf) -----------------------
+
+
+def test_data_messages_of_another_shape_are_parsed(stub: blob_pb2_grpc.BlobServiceStub) -> None:
+    """Following messages that set other fields than data take the protobuf path: their data
+    counts, the rest is ignored."""
+    upload_id = uid()
+    parts = [unique(1000), unique(2000), b"", unique(10)]
+    requests = [pb.WriteRequest(upload_id=upload_id, data=parts[0])]
+    requests += [pb.WriteRequest(upload_id="ignored", offset=99, data=p) for p in parts[1:]]
+    assert stub.Write(iter(requests)).size == 3010
+    committed = stub.Commit(pb.CommitRequest(upload_id=upload_id, digest=sha256(b"".join(parts))))
+    assert committed.blob.size == 3010
+
+
+def test_a_malformed_data_message_is_refused(blobsvc: ServiceProcess) -> None:
+    upload_id = uid()
+    with blobsvc.channel() as channel:
+        raw_write = channel.stream_unary(
+            "/linkedblob.blob.v1.BlobService/Write",
+            request_serializer=None,
+            response_deserializer=pb.WriteResponse.FromString,
+        )
+        first = pb.WriteRequest(upload_id=upload_id, data=b"good").SerializeToString()
+        with refused(Code.INVALID_ARGUMENT, Reason.BLOB_UPLOAD_INVALID):
+            raw_write(iter([first, b"\x1a\x05abc"]))  # says 5 bytes, has 3
+        with refused(Code.INVALID_ARGUMENT, Reason.BLOB_UPLOAD_INVALID):
+            raw_write(iter([b"\xff\xff\xff"]))
+        stub = blob_pb2_grpc.BlobServiceStub(channel)
+        assert status(stub, upload_id) == 4

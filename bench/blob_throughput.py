@@ -1,0 +1,131 @@
+"""Single-stream throughput of blobsvc: one upload and one download of a 256 MiB blob.
+
+Starts a real blobsvc (`linkedblob serve blob`, filesystem storage in a temporary directory)
+and drives it with the generated synchronous Python gRPC stub, 1 MiB messages:
+
+- upload: one Write stream committing at its end (the server hashes the bytes as they arrive
+  and verifies the digest); the blob is deleted after each run so every run stores it;
+- download: one Read stream; the client hashes what it receives and checks the digest.
+
+Prints the median of 3 runs of each in MB/s (10^6 bytes per second). Client and server share
+the machine's cores, so the figures are for the pair. Usage:
+
+    .venv/bin/python bench/blob_throughput.py [--size-mib 256] [--runs 3] [--storage memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from linkedblob.blob.v1 import blob_pb2 as pb
+from linkedblob.blob.v1 import blob_pb2_grpc
+
+MiB = 1024 * 1024
+_READY = re.compile(r"^linkedblob blob listening on (\S+)$")
+
+
+def chunks(size_mib: int, block: bytes) -> Iterator[bytes]:
+    """``size_mib`` distinct 1 MiB chunks: a random block behind an 8-byte counter."""
+    for i in range(size_mib):
+        yield i.to_bytes(8, "big") + block[8:]
+
+
+def start_server(data_dir: str, storage: str) -> tuple[subprocess.Popen[str], str]:
+    cmd = [sys.executable, "-m", "linkedblob.cli", "serve", "blob", "--port", "0"]
+    cmd += ["--data", data_dir, "--storage", storage, "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        m = _READY.match(line.strip())
+        if m:
+            return proc, m.group(1)
+    raise SystemExit(f"blobsvc exited with {proc.wait()}")
+
+
+def upload(
+    stub: blob_pb2_grpc.BlobServiceStub, upload_id: str, size_mib: int, block: bytes, digest: str
+) -> float:
+    def requests() -> Iterator[pb.WriteRequest]:
+        for i, chunk in enumerate(chunks(size_mib, block)):
+            if i == 0:
+                yield pb.WriteRequest(
+                    upload_id=upload_id, data=chunk, commit=True, commit_digest=digest
+                )
+            else:
+                yield pb.WriteRequest(data=chunk)
+
+    started = time.perf_counter()
+    response = stub.Write(requests())
+    elapsed = time.perf_counter() - started
+    assert response.blob.digest == digest and not response.already_existed, response
+    return elapsed
+
+
+def download(stub: blob_pb2_grpc.BlobServiceStub, size: int, digest: str) -> float:
+    hasher = hashlib.sha256()
+    received = 0
+    started = time.perf_counter()
+    for message in stub.Read(pb.ReadRequest(digest=digest)):
+        data = message.data
+        hasher.update(data)
+        received += len(data)
+    elapsed = time.perf_counter() - started
+    assert received == size and f"sha256:{hasher.hexdigest()}" == digest, "download corrupted"
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="blobsvc single-stream throughput")
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--storage", default="filesystem", choices=["filesystem", "memory"])
+    args = parser.parse_args()
+
+    block = os.urandom(MiB)
+    hasher = hashlib.sha256()
+    for chunk in chunks(args.size_mib, block):
+        hasher.update(chunk)
+    digest = f"sha256:{hasher.hexdigest()}"
+    size = args.size_mib * MiB
+
+    with tempfile.TemporaryDirectory(prefix="blobsvc-bench-") as data_dir:
+        proc, address = start_server(data_dir, args.storage)
+        try:
+            options = [("grpc.max_receive_message_length", 8 * MiB)]
+            with grpc.insecure_channel(address, options=options) as channel:
+                stub = blob_pb2_grpc.BlobServiceStub(channel)
+                ups = []
+                for run in range(args.runs):
+                    ups.append(upload(stub, f"bench-{run}", args.size_mib, block, digest))
+                    stub.Delete(pb.DeleteRequest(digest=digest))  # the next run stores it again
+                upload(stub, "bench-keep", args.size_mib, block, digest)
+                downs = [download(stub, size, digest) for _ in range(args.runs)]
+        finally:
+            proc.terminate()
+            proc.wait()
+
+    def mbps(seconds: float) -> float:
+        return size / seconds / 1e6
+
+    def line(what: str, times: list[float]) -> str:
+        runs = ", ".join(f"{mbps(t):.0f}" for t in times)
+        return f"  {what:<44}{mbps(statistics.median(times)):7.0f} MB/s  (runs: {runs})"
+
+    print(f"blobsvc ({args.storage}), one stream, {args.size_mib} MiB blob, 1 MiB messages")
+    print(line("upload   (Write + commit, sha256 verified):", ups))
+    print(line("download (Read, client verifies sha256):", downs))
+
+
+if __name__ == "__main__":
+    main()
