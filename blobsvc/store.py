@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_FIND_MISSING = 1000  # digests per FindMissing call
+# Running hashes kept in memory (a few hundred bytes each); beyond it the oldest are dropped.
+MAX_HASH_STATES = 10_000
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -89,15 +91,19 @@ class _HashState:
 
 
 class BlobStore:
-    def __init__(self, storage: Storage, io_threads: int = 16) -> None:
+    def __init__(
+        self, storage: Storage, io_threads: int = 16, max_hash_states: int = MAX_HASH_STATES
+    ) -> None:
         self.storage = storage
         # File I/O and hashing of large buffers release the GIL: threads overlap them with
         # the event loop receiving the next message.
         self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix="blob-io")
+        # Running hashes by upload id, oldest first (uploads nobody finishes are forgotten).
         self._hashes: dict[str, _HashState] = {}
+        self._max_hash_states = max_hash_states
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
         self.storage.close()
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
@@ -285,6 +291,9 @@ class BlobStore:
             return state
         if upload.size == 0:
             state = _HashState(upload.generation, upload.algorithm, new_hasher(upload.algorithm))
+            while len(self._hashes) >= self._max_hash_states:
+                # Bounded memory: the oldest upload's commit will re-read its bytes instead.
+                del self._hashes[next(iter(self._hashes))]
             self._hashes[upload.upload_id] = state
             return state
         self._hashes.pop(upload.upload_id, None)

@@ -1,0 +1,87 @@
+"""blobsvc's domain logic (blobsvc.store) on the memory driver: when the running hash is
+trusted at commit, and when the staged bytes are read again instead."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+
+from blobsvc.storage.memory import MemoryStorage
+from blobsvc.store import BlobStore, CommitSpec, decode_page_token, encode_page_token
+from linkedblob.digests import Digest
+from linkedblob.errors import LinkedBlobError, Reason
+
+
+async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+def digest(data: bytes) -> Digest:
+    return Digest("sha256", hashlib.sha256(data).hexdigest())
+
+
+def rehashes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.upload_id for r in caplog.records if r.getMessage() == "re-hashing staged bytes"]  # type: ignore[attr-defined]
+
+
+def test_hash_states_are_bounded_and_the_forgotten_rehash(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="blobsvc.store")
+
+    async def scenario() -> None:
+        store = BlobStore(MemoryStorage(), io_threads=2, max_hash_states=2)
+        try:
+            for name in ("a", "b", "c"):  # "a"'s running hash is dropped for "c"'s
+                await store.write(name, 0, "sha256", chunks(name.encode() * 100))
+            for name in ("b", "c", "a"):
+                committed = await store.commit(name, CommitSpec(digest(name.encode() * 100)))
+                assert committed.size == 100
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+    assert rehashes(caplog) == ["a"]
+
+
+def test_a_replica_writing_in_between_makes_the_hash_stale(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two stores on one storage stand for two replicas: a's running hash covers only its
+    own bytes, so its commit must not trust it."""
+    caplog.set_level(logging.INFO, logger="blobsvc.store")
+
+    async def scenario() -> None:
+        shared = MemoryStorage()
+        a, b = BlobStore(shared, io_threads=2), BlobStore(shared, io_threads=2)
+        try:
+            await a.write("u", 0, "sha256", chunks(b"first "))
+            await b.write("u", 6, "sha256", chunks(b"second"))
+            await a.write("u", 12, "sha256", chunks(b" third"))  # a's hash is stale: not extended
+            committed = await a.commit("u", CommitSpec(digest(b"first second third")))
+            assert committed.size == 18
+            # an upload aborted and started again elsewhere is a new generation
+            await a.write("v", 0, "sha256", chunks(b"old"))
+            await b.abort("v")
+            await b.write("v", 0, "sha256", chunks(b"new"))
+            committed = await a.commit("v", CommitSpec())
+            assert committed.digest == digest(b"new")
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+    assert rehashes(caplog) == ["u", "v"]
+
+
+def test_page_tokens_round_trip_and_refuse_garbage() -> None:
+    d = str(digest(b"x"))
+    assert decode_page_token(encode_page_token(d)) == d
+    assert decode_page_token("") == ""
+    for bad in ("!!!", encode_page_token("sha256:short"), encode_page_token("hello")):
+        with pytest.raises(LinkedBlobError) as excinfo:
+            decode_page_token(bad)
+        assert excinfo.value.reason == Reason.PAGINATION_INVALID
