@@ -247,13 +247,10 @@ class RegistryServicer:
         validation.data_size(len(first.data))
         session = await self._active_session(repository, upload_id)
 
-        # blobsvc checks the offset against the staged bytes (OUT_OF_RANGE with "size").
         first_write = blob_pb2.WriteRequest(
             upload_id=upload_id, offset=first.offset, data=first.data
         )
-        written = await self._relay_write(
-            first_write, messages, _WRITE_UPLOAD_DATA, _write_upload_data, "WriteUpload"
-        )
+        written = await self._write_upload(first_write, messages, "WriteUpload")
         await self._advance_session(session, written.size)
         return registry_pb2.Upload(
             id=upload_id, repository=repository, offset=written.size, started_at=session.started_at
@@ -504,7 +501,7 @@ class RegistryServicer:
     ) -> blob_pb2.Descriptor:
         """Commits an upload's staged bytes (with an optional last chunk) in blobsvc."""
         if data:
-            written = await self._relay_write(
+            written = await self._write_upload(
                 blob_pb2.WriteRequest(
                     upload_id=session.id,
                     offset=offset,
@@ -513,8 +510,6 @@ class RegistryServicer:
                     commit_digest=str(digest),
                 ),
                 None,
-                _WRITE_UPLOAD_DATA,
-                _write_upload_data,
                 "CommitUpload",
             )
             return written.blob
@@ -554,6 +549,32 @@ class RegistryServicer:
         if stat.blob.size != session.size:
             raise from_rpc_error(missing)
         return stat.blob
+
+    async def _write_upload(
+        self,
+        first: blob_pb2.WriteRequest,
+        messages: AsyncIterator[bytes] | None,
+        method: str,
+    ) -> blob_pb2.WriteResponse:
+        """Appends to an active session's staging area at ``first.offset``.
+
+        blobsvc checks the offset against the staged bytes (OUT_OF_RANGE with "size"). A
+        session never written has no staging area in blobsvc, which refuses a write past 0 as
+        an unknown upload; for the Registry such an upload is at offset 0 (as GetUpload says),
+        so that is the same wrong-offset answer.
+        """
+        try:
+            return await self._relay_write(
+                first, messages, _WRITE_UPLOAD_DATA, _write_upload_data, method
+            )
+        except grpc.RpcError as err:
+            if first.offset > 0 and _reason(err) == Reason.BLOB_UPLOAD_UNKNOWN:
+                raise out_of_range(
+                    Reason.BLOB_UPLOAD_INVALID,
+                    f"upload {first.upload_id} has 0 bytes; cannot write at {first.offset}",
+                    size=0,
+                ) from None
+            raise
 
     async def _relay_write(
         self,

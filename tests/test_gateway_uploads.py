@@ -187,7 +187,12 @@ def test_a_write_at_an_offset_on_an_upload_never_written(rpc: Registry, repo: st
     with rpc_error(Code.OUT_OF_RANGE, "BLOB_UPLOAD_INVALID") as err:
         write(rpc, repo, upload_id, 5, [b"late"])
     assert err.metadata["size"] == "0"
+    with rpc_error(Code.OUT_OF_RANGE, "BLOB_UPLOAD_INVALID") as err:
+        commit(rpc, repo, upload_id, digest_of(b"late"), data=b"late", offset=5)
+    assert err.metadata["size"] == "0"
     assert offset_of(rpc, repo, upload_id) == 0
+    write(rpc, repo, upload_id, 0, [b"on time"])
+    assert commit(rpc, repo, upload_id, digest_of(b"on time")).size == 7
 
 
 def test_a_repeated_chunk_is_refused(rpc: Registry, repo: str) -> None:
