@@ -1,0 +1,75 @@
+"""Schema migrations of the link database: alembic, driven from Python.
+
+``linkedblob migrate --db URL`` and ``linkedblob serve link --migrate`` call :func:`upgrade`;
+the server checks :func:`schema_status` before it serves and refuses a database that is not at
+head. The alembic environment lives in ``migrations/`` next to ``alembic.ini`` at the repository
+root, so ``alembic -x db=URL upgrade head`` from there does the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+ROOT = Path(__file__).resolve().parent.parent
+ALEMBIC_INI = ROOT / "alembic.ini"
+
+
+# Alembic announces every plugin it loads at INFO; only the migrations themselves are news.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+
+def alembic_config(url: str) -> Config:
+    config = Config(str(ALEMBIC_INI))
+    # Passed as an attribute, not as sqlalchemy.url: ConfigParser would read "%" in a password
+    # as interpolation.
+    config.attributes["db_url"] = url
+    config.attributes["configure_logger"] = False
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Upgrades the database at ``url`` to ``revision`` (creating the schema when empty)."""
+    _ensure_sqlite_directory(url)
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str = "base") -> None:
+    command.downgrade(alembic_config(url), revision)
+
+
+def head_revisions() -> set[str]:
+    return set(ScriptDirectory.from_config(alembic_config("")).get_heads())
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    current: set[str]
+    heads: set[str]
+
+    @property
+    def at_head(self) -> bool:
+        return self.current == self.heads
+
+    def describe(self) -> str:
+        current = ", ".join(sorted(self.current)) or "no schema (empty database)"
+        return f"database is at {current}; this linksvc needs {', '.join(sorted(self.heads))}"
+
+
+def schema_status(connection: sa.Connection) -> SchemaStatus:
+    current = set(MigrationContext.configure(connection).get_current_heads())
+    return SchemaStatus(current, head_revisions())
+
+
+def _ensure_sqlite_directory(url: str) -> None:
+    """SQLite creates the file but not its directory (`linkedblob up` on a fresh ./data)."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,137 @@
+"""The schema: SQLAlchemy Core tables for repositories, blobs, links and upload sessions.
+
+The migrations in ``migrations/versions`` create exactly this schema; a test fails when the two
+disagree (alembic autogenerate finds a difference), so change both together.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+# Constraint and index names are fixed by convention so migrations can refer to them by name
+# (and SQLite's batch migrations can recreate them).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+# Longest digest: "sha512:" + 128 hex characters.
+DIGEST_LENGTH = 135
+NAME_LENGTH = 255
+MEDIA_TYPE_LENGTH = 255
+SESSION_ID_LENGTH = 128
+
+
+def _key(length: int) -> sa.types.TypeEngine[str]:
+    """A string that is compared and ordered bytewise on every database.
+
+    Digests and repository names are ASCII; the "C" collation on PostgreSQL gives the same
+    order as SQLite's BINARY (so paging is identical on both) and the cheapest comparisons.
+    """
+    return sa.String(length).with_variant(sa.String(length, collation="C"), "postgresql")
+
+
+class UtcDateTime(sa.types.TypeDecorator[datetime]):
+    """An aware UTC datetime on both databases.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no time zones, so the value is stored as naive
+    UTC text (which also orders correctly) and read back as aware UTC.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+        return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+
+class BlobState(enum.StrEnum):
+    # Recorded after blobsvc committed the bytes. (Garbage collection adds its own states.)
+    COMMITTED = "committed"
+
+
+class SessionState(enum.StrEnum):
+    ACTIVE = "active"
+    COMMITTED = "committed"
+    CANCELLED = "cancelled"
+
+
+repositories = sa.Table(
+    "repositories",
+    metadata,
+    sa.Column("name", _key(NAME_LENGTH), primary_key=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+)
+
+blobs = sa.Table(
+    "blobs",
+    metadata,
+    sa.Column("digest", _key(DIGEST_LENGTH), primary_key=True),
+    sa.Column("size", sa.BigInteger(), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+    sa.CheckConstraint("size >= 0", name="size_not_negative"),
+    # Garbage collection looks for blobs in a state that are older than a grace period.
+    sa.Index(None, "state", "updated_at"),
+)
+
+links = sa.Table(
+    "links",
+    metadata,
+    sa.Column(
+        "repository",
+        _key(NAME_LENGTH),
+        sa.ForeignKey("repositories.name", ondelete="RESTRICT"),
+        primary_key=True,
+    ),
+    # RESTRICT: the database itself refuses to drop a blob that a repository links.
+    sa.Column(
+        "digest",
+        _key(DIGEST_LENGTH),
+        sa.ForeignKey("blobs.digest", ondelete="RESTRICT"),
+        primary_key=True,
+    ),
+    sa.Column("media_type", sa.String(MEDIA_TYPE_LENGTH), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    # Mount from any repository, and "is this blob referenced at all" (garbage collection).
+    sa.Index(None, "digest"),
+)
+
+upload_sessions = sa.Table(
+    "upload_sessions",
+    metadata,
+    sa.Column("id", sa.String(SESSION_ID_LENGTH), primary_key=True),
+    # No foreign key: a repository comes into being with its first link, after its first upload.
+    sa.Column("repository", _key(NAME_LENGTH), nullable=False),
+    sa.Column("started_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+    sa.Column("size", sa.BigInteger(), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.CheckConstraint("size >= 0", name="size_not_negative"),
+    sa.CheckConstraint("state IN ('active', 'committed', 'cancelled')", name="state_known"),
+    # Stale sessions, oldest first (purging).
+    sa.Index(None, "updated_at"),
+)
