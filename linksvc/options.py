@@ -23,3 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="upgrade the database to the latest schema before serving",
     )
+    add_option(
+        parser,
+        "--db-pool-size",
+        type=int,
+        default=8,
+        help="database connections (and the threads that run SQL on them)",
+    )
+    add_option(
+        parser,
+        "--db-busy-timeout",
+        type=float,
+        default=5.0,
+        help="SQLite: seconds a writer waits for the database lock before answering UNAVAILABLE",
+    )

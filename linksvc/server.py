@@ -1,0 +1,65 @@
+"""`linkedblob serve link`: opens the database, checks (or, with --migrate, upgrades) its schema,
+and runs the LinkService on the shared bootstrap (health, reflection, metrics, graceful
+shutdown)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import grpc
+import sqlalchemy as sa
+
+from linkedblob.link.v1 import link_pb2_grpc
+from linkedblob.server import Service, run
+from linksvc import migrate
+from linksvc.database import Database, safe_url
+from linksvc.servicer import SERVICE_NAME, LinkServicer
+
+log = logging.getLogger(__name__)
+
+
+def serve(args: argparse.Namespace) -> int | None:
+    shown = safe_url(args.db)
+    try:
+        if args.migrate:
+            migrate.upgrade(args.db)
+            log.info("migrated %s to head", shown)
+        db = Database(args.db, pool_size=args.db_pool_size, busy_timeout=args.db_busy_timeout)
+    except (ValueError, sa.exc.ArgumentError, sa.exc.DBAPIError) as exc:
+        print(f"linkedblob link: cannot open {shown}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        with db.engine.connect() as conn:
+            status = migrate.schema_status(conn)
+    except sa.exc.DBAPIError as exc:
+        db.close()
+        print(f"linkedblob link: cannot open {shown}: {exc}", file=sys.stderr)
+        return 1
+    if not status.at_head:
+        db.close()
+        print(
+            f"linkedblob link: refusing to serve {shown}: {status.describe()}.\n"
+            f"Run `linkedblob migrate --db {shown}` first (or serve with --migrate).",
+            file=sys.stderr,
+        )
+        return 1
+
+    servicer = LinkServicer(db)
+
+    def register(server: grpc.aio.Server) -> None:
+        link_pb2_grpc.add_LinkServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+
+    async def on_stop() -> None:
+        await asyncio.to_thread(db.close)
+
+    run(
+        Service("link", [SERVICE_NAME], register, on_stop=on_stop),
+        args.host,
+        args.port,
+        args.grace,
+        args.metrics_port,
+    )
+    return 0

@@ -1,0 +1,222 @@
+"""The gRPC surface of linksvc (linkedblob.link.v1.LinkService): validate, call, map.
+
+Every argument is validated here, on the event loop, before any SQL runs; the store's blocking
+methods then run in the database's thread pool. Errors leave as LinkedBlobError (the
+``grpc_errors`` decorator turns them into a status with an ErrorInfo reason).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from linkedblob.errors import Reason, grpc_errors, invalid_argument
+from linkedblob.link.v1 import link_pb2, link_pb2_grpc
+from linksvc import validation as check
+from linksvc.database import Database
+from linksvc.models import SessionState
+from linksvc.store import Descriptor, LinkStore, SessionRecord
+
+SERVICE_NAME = link_pb2.DESCRIPTOR.services_by_name["LinkService"].full_name
+
+_STATE_TO_PROTO = {
+    SessionState.ACTIVE: link_pb2.Session.ACTIVE,
+    SessionState.COMMITTED: link_pb2.Session.COMMITTED,
+    SessionState.CANCELLED: link_pb2.Session.CANCELLED,
+}
+_FINISH_STATES = {
+    link_pb2.Session.COMMITTED: SessionState.COMMITTED,
+    link_pb2.Session.CANCELLED: SessionState.CANCELLED,
+}
+
+_MAX_AGE_SECONDS = 1000 * 365 * 24 * 3600
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _descriptor(d: Descriptor) -> link_pb2.Descriptor:
+    return link_pb2.Descriptor(digest=d.digest, size=d.size, media_type=d.media_type)
+
+
+def _session(s: SessionRecord) -> link_pb2.Session:
+    return link_pb2.Session(
+        id=s.id,
+        repository=s.repository,
+        size=s.size,
+        state=_STATE_TO_PROTO[s.state],
+        started_at=_timestamp(s.started_at),
+        updated_at=_timestamp(s.updated_at),
+    )
+
+
+class LinkServicer(link_pb2_grpc.LinkServiceServicer):
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.store = LinkStore(db)
+
+    # --- blobs -----------------------------------------------------------------------------
+
+    @grpc_errors
+    async def RecordBlob(
+        self, request: link_pb2.RecordBlobRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.RecordBlobResponse:
+        digest = check.digest(request.digest)
+        size = check.blob_size(digest, request.size)
+        created = await self.db.run(self.store.record_blob, digest, size)
+        return link_pb2.RecordBlobResponse(created=created)
+
+    @grpc_errors
+    async def StatBlob(
+        self, request: link_pb2.StatBlobRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.StatBlobResponse:
+        digest = check.digest(request.digest)
+        blob = await self.db.run(self.store.stat_blob, digest)
+        return link_pb2.StatBlobResponse(
+            digest=blob.digest, size=blob.size, created_at=_timestamp(blob.created_at)
+        )
+
+    # --- links -----------------------------------------------------------------------------
+
+    @grpc_errors
+    async def Link(
+        self, request: link_pb2.LinkRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.LinkResponse:
+        repository = check.repository(request.repository)
+        digest = check.digest(request.digest)
+        media_type = check.media_type(request.media_type)
+        size = check.blob_size(digest, request.size) if request.HasField("size") else None
+        session_id = (
+            check.session_id(request.finish_session_id) if request.finish_session_id else ""
+        )
+        blob, created = await self.db.run(
+            self.store.link, repository, digest, media_type, size, session_id
+        )
+        return link_pb2.LinkResponse(blob=_descriptor(blob), created=created)
+
+    @grpc_errors
+    async def Resolve(
+        self, request: link_pb2.ResolveRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.ResolveResponse:
+        repository = check.repository(request.repository)
+        digest = check.digest(request.digest)
+        blob = await self.db.run(self.store.resolve, repository, digest)
+        return link_pb2.ResolveResponse(blob=_descriptor(blob))
+
+    @grpc_errors
+    async def Unlink(
+        self, request: link_pb2.UnlinkRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.UnlinkResponse:
+        repository = check.repository(request.repository)
+        digest = check.digest(request.digest)
+        await self.db.run(self.store.unlink, repository, digest)
+        return link_pb2.UnlinkResponse()
+
+    @grpc_errors
+    async def Mount(
+        self, request: link_pb2.MountRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.MountResponse:
+        repository = check.repository(request.repository)
+        source = (
+            check.repository(request.from_repository, "from_repository")
+            if request.from_repository
+            else ""
+        )
+        digest = check.digest(request.digest)
+        media_type = check.media_type(request.media_type)
+        blob, created = await self.db.run(self.store.mount, repository, source, digest, media_type)
+        return link_pb2.MountResponse(blob=_descriptor(blob), created=created)
+
+    @grpc_errors
+    async def ListLinks(
+        self, request: link_pb2.ListLinksRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.ListLinksResponse:
+        repository = check.repository(request.repository)
+        limit = check.page_size(request.page_size)
+        after = check.decode_page_token(request.page_token, check.LINKS_TOKEN, repository)
+        page, last = await self.db.run(self.store.list_links, repository, after, limit)
+        token = check.encode_page_token(check.LINKS_TOKEN, repository, last) if last else ""
+        return link_pb2.ListLinksResponse(
+            blobs=[_descriptor(d) for d in page], next_page_token=token
+        )
+
+    @grpc_errors
+    async def ListRepositories(
+        self, request: link_pb2.ListRepositoriesRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.ListRepositoriesResponse:
+        limit = check.page_size(request.page_size)
+        after = check.decode_page_token(request.page_token, check.REPOSITORIES_TOKEN, "")
+        page, last = await self.db.run(self.store.list_repositories, after, limit)
+        token = check.encode_page_token(check.REPOSITORIES_TOKEN, "", last) if last else ""
+        return link_pb2.ListRepositoriesResponse(repositories=page, next_page_token=token)
+
+    # --- upload sessions -------------------------------------------------------------------
+
+    @grpc_errors
+    async def CreateSession(
+        self, request: link_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.Session:
+        repository = check.repository(request.repository)
+        return _session(await self.db.run(self.store.create_session, repository))
+
+    @grpc_errors
+    async def GetSession(
+        self, request: link_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.Session:
+        session_id = check.session_id(request.id)
+        return _session(await self.db.run(self.store.get_session, session_id))
+
+    @grpc_errors
+    async def AdvanceSession(
+        self, request: link_pb2.AdvanceSessionRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.Session:
+        session_id = check.session_id(request.id)
+        from_size = check.size(request.from_size, "from_size")
+        to_size = check.size(request.to_size, "to_size")
+        if to_size < from_size:
+            raise invalid_argument(
+                Reason.SIZE_INVALID, f"to_size {to_size} is below from_size {from_size}"
+            )
+        session = await self.db.run(self.store.advance_session, session_id, from_size, to_size)
+        return _session(session)
+
+    @grpc_errors
+    async def FinishSession(
+        self, request: link_pb2.FinishSessionRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.Session:
+        session_id = check.session_id(request.id)
+        state = _FINISH_STATES.get(request.state)
+        if state is None:
+            raise invalid_argument(
+                Reason.BLOB_UPLOAD_INVALID,
+                f"a session finishes COMMITTED or CANCELLED, not {request.state}",
+            )
+        return _session(await self.db.run(self.store.finish_session, session_id, state))
+
+    @grpc_errors
+    async def ListStaleSessions(
+        self, request: link_pb2.ListStaleSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.ListStaleSessionsResponse:
+        if request.older_than_seconds < 0:
+            raise invalid_argument(
+                Reason.BLOB_UPLOAD_INVALID,
+                f"older_than_seconds must be >= 0, got {request.older_than_seconds}",
+            )
+        limit = check.page_size(request.limit, "limit")
+        # Clamped so the cutoff stays a representable date; nothing is that old anyway.
+        older_than = timedelta(seconds=min(request.older_than_seconds, _MAX_AGE_SECONDS))
+        sessions = await self.db.run(self.store.list_stale_sessions, older_than, limit)
+        return link_pb2.ListStaleSessionsResponse(sessions=[_session(s) for s in sessions])
+
+    @grpc_errors
+    async def PurgeSession(
+        self, request: link_pb2.PurgeSessionRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.PurgeSessionResponse:
+        session_id = check.session_id(request.id)
+        await self.db.run(self.store.purge_session, session_id)
+        return link_pb2.PurgeSessionResponse()

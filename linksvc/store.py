@@ -1,0 +1,341 @@
+"""The domain logic of linksvc: links, the blob index and upload sessions, as SQL.
+
+Plain Python, no gRPC: every method takes values the servicer has already validated (parsed
+digests, valid names, sizes >= 0), runs one short transaction (most of them a single statement)
+and returns plain records or raises :class:`linkedblob.errors.LinkedBlobError`. The methods
+block; the servicer runs them in the database's thread pool (``Database.run``). The SQL itself
+is in :mod:`linksvc.queries`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from linkedblob.errors import Reason, aborted, failed_precondition, not_found, unavailable
+from linksvc.database import Database, map_errors
+from linksvc.models import BlobState, SessionState
+from linksvc.queries import Queries
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """A blob as a repository sees it through its link."""
+
+    digest: str
+    size: int
+    media_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRecord:
+    digest: str
+    size: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    id: str
+    repository: str
+    size: int
+    state: SessionState
+    started_at: datetime
+    updated_at: datetime
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_session_id() -> str:
+    """192 random bits, URL-safe ([A-Za-z0-9_-]{32}): blobsvc names its staging area after it."""
+    return secrets.token_urlsafe(24)
+
+
+def _session(row: Any) -> SessionRecord:
+    return SessionRecord(
+        row.id, row.repository, row.size, SessionState(row.state), row.started_at, row.updated_at
+    )
+
+
+class LinkStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.q = Queries(db.dialect)
+
+    # --- blobs ---------------------------------------------------------------------------
+
+    @map_errors
+    def record_blob(self, digest: str, size: int) -> bool:
+        """Records a committed blob; True when new. A different size than recorded is refused."""
+        now = utcnow()
+        with self.db.connect() as conn:
+            row = {"digest": digest, "size": size, "state": BlobState.COMMITTED.value}
+            inserted = conn.execute(
+                self.q.record_blob, {**row, "created_at": now, "updated_at": now}
+            ).rowcount
+            if inserted:
+                return True
+            recorded = conn.execute(self.q.blob, {"digest": digest}).first()
+        if recorded is None:  # deleted between the two statements
+            raise unavailable(f"blob {digest} changed concurrently; retry")
+        _check_size(digest, recorded.size, size)
+        return False
+
+    @map_errors
+    def stat_blob(self, digest: str) -> BlobRecord:
+        with self.db.connect() as conn:
+            row = conn.execute(self.q.blob, {"digest": digest}).first()
+        if row is None:
+            raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} is not recorded")
+        return BlobRecord(digest, row.size, row.created_at)
+
+    # --- links ---------------------------------------------------------------------------
+
+    @map_errors
+    def link(
+        self,
+        repository: str,
+        digest: str,
+        media_type: str = "",
+        size: int | None = None,
+        finish_session_id: str = "",
+    ) -> tuple[Descriptor, bool]:
+        """Links a blob into a repository; with ``size``, records the blob first. All in one
+        transaction, together with finishing ``finish_session_id`` as committed."""
+        now = utcnow()
+        with self.db.transaction() as conn:
+            recorded_now = False
+            if size is not None:
+                recorded_now = bool(
+                    conn.execute(
+                        self.q.record_blob,
+                        {
+                            "digest": digest,
+                            "size": size,
+                            "state": BlobState.COMMITTED.value,
+                            "created_at": now,
+                            "updated_at": now,
+                        },
+                    ).rowcount
+                )
+            conn.execute(self.q.add_repository, {"name": repository, "created_at": now})
+            created = bool(
+                conn.execute(
+                    self.q.link_recorded,
+                    {
+                        "repository": repository,
+                        "digest": digest,
+                        "media_type": media_type,
+                        "created_at": now,
+                    },
+                ).rowcount
+            )
+            if created and recorded_now:
+                assert size is not None
+                descriptor = Descriptor(digest, size, media_type)
+            else:
+                descriptor = self._existing_link(conn, repository, digest, media_type)
+                if size is not None:
+                    _check_size(digest, descriptor.size, size)
+            if finish_session_id:
+                self._finish(conn, finish_session_id, SessionState.COMMITTED, now, repository)
+        return descriptor, created
+
+    def _existing_link(
+        self, conn: sa.Connection, repository: str, digest: str, media_type: str
+    ) -> Descriptor:
+        """The link as it stands, with its media type replaced when a new one is given."""
+        row = conn.execute(self.q.resolve, {"repository": repository, "digest": digest}).first()
+        if row is None:
+            raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} is not recorded")
+        if media_type and media_type != row.media_type:
+            conn.execute(
+                self.q.set_media_type,
+                {"p_repository": repository, "p_digest": digest, "p_media_type": media_type},
+            )
+            return Descriptor(digest, row.size, media_type)
+        return Descriptor(digest, row.size, row.media_type)
+
+    @map_errors
+    def resolve(self, repository: str, digest: str) -> Descriptor:
+        with self.db.connect() as conn:
+            row = conn.execute(self.q.resolve, {"repository": repository, "digest": digest}).first()
+        if row is None:
+            raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} is not linked in {repository}")
+        return Descriptor(digest, row.size, row.media_type)
+
+    @map_errors
+    def unlink(self, repository: str, digest: str) -> None:
+        with self.db.connect() as conn:
+            deleted = conn.execute(
+                self.q.unlink, {"repository": repository, "digest": digest}
+            ).rowcount
+        if not deleted:
+            raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} is not linked in {repository}")
+
+    @map_errors
+    def mount(
+        self, repository: str, from_repository: str, digest: str, media_type: str = ""
+    ) -> tuple[Descriptor, bool]:
+        """Links into ``repository`` a blob that ``from_repository`` (empty: any) links."""
+        now = utcnow()
+        with self.db.transaction() as conn:
+            if from_repository:
+                source = conn.execute(
+                    self.q.mount_from, {"digest": digest, "from_repository": from_repository}
+                ).first()
+            else:
+                source = conn.execute(self.q.mount_from_any, {"digest": digest}).first()
+            if source is None:
+                where = from_repository or "any repository"
+                raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} is not linked in {where}")
+            conn.execute(self.q.add_repository, {"name": repository, "created_at": now})
+            new_media_type = media_type or source.media_type
+            created = bool(
+                conn.execute(
+                    self.q.add_link,
+                    {
+                        "repository": repository,
+                        "digest": digest,
+                        "media_type": new_media_type,
+                        "created_at": now,
+                    },
+                ).rowcount
+            )
+            if created:
+                return Descriptor(digest, source.size, new_media_type), True
+            # Already linked: the link keeps its media type unless the caller gave one.
+            return self._existing_link(conn, repository, digest, media_type), False
+
+    @map_errors
+    def list_links(
+        self, repository: str, after: str, limit: int
+    ) -> tuple[list[Descriptor], str | None]:
+        """Up to ``limit`` links after the digest ``after``; and the last digest when more
+        follow."""
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                self.q.list_links, {"repository": repository, "after": after, "limit": limit + 1}
+            ).all()
+        page = [Descriptor(r.digest, r.size, r.media_type) for r in rows[:limit]]
+        return page, (page[-1].digest if len(rows) > limit else None)
+
+    @map_errors
+    def list_repositories(self, after: str, limit: int) -> tuple[list[str], str | None]:
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                self.q.list_repositories, {"after": after, "limit": limit + 1}
+            ).all()
+        page = [r.name for r in rows[:limit]]
+        return page, (page[-1] if len(rows) > limit else None)
+
+    # --- upload sessions -------------------------------------------------------------------
+
+    @map_errors
+    def create_session(self, repository: str) -> SessionRecord:
+        now = utcnow()
+        record = SessionRecord(new_session_id(), repository, 0, SessionState.ACTIVE, now, now)
+        with self.db.connect() as conn:
+            conn.execute(
+                self.q.create_session,
+                {
+                    "id": record.id,
+                    "repository": repository,
+                    "size": 0,
+                    "state": record.state.value,
+                    "started_at": now,
+                    "updated_at": now,
+                },
+            )
+        return record
+
+    @map_errors
+    def get_session(self, session_id: str) -> SessionRecord:
+        with self.db.connect() as conn:
+            row = conn.execute(self.q.get_session, {"id": session_id}).first()
+        if row is None:
+            raise _unknown_session(session_id)
+        return _session(row)
+
+    @map_errors
+    def advance_session(self, session_id: str, from_size: int, to_size: int) -> SessionRecord:
+        """Sets the size to ``to_size`` if it still is ``from_size`` (and the session active)."""
+        with self.db.connect() as conn:
+            row = conn.execute(
+                self.q.advance_session,
+                {"p_id": session_id, "from_size": from_size, "to_size": to_size, "now": utcnow()},
+            ).first()
+            if row is not None:
+                return _session(row)
+            current = conn.execute(self.q.get_session, {"id": session_id}).first()
+        if current is None or current.state != SessionState.ACTIVE.value:
+            raise _unknown_session(session_id, current.state if current else None)
+        raise aborted(
+            Reason.BLOB_UPLOAD_INVALID,
+            f"upload session {session_id} is at size {current.size}, not {from_size}",
+            size=current.size,
+        )
+
+    @map_errors
+    def finish_session(self, session_id: str, state: SessionState) -> SessionRecord:
+        with self.db.connect() as conn:
+            return self._finish(conn, session_id, state, utcnow())
+
+    def _finish(
+        self,
+        conn: sa.Connection,
+        session_id: str,
+        state: SessionState,
+        now: datetime,
+        repository: str = "",
+    ) -> SessionRecord:
+        params = {"p_id": session_id, "p_state": state.value, "now": now}
+        if repository:
+            row = conn.execute(self.q.finish_session_of, {**params, "p_repository": repository})
+        else:
+            row = conn.execute(self.q.finish_session, params)
+        finished = row.first()
+        if finished is not None:
+            return _session(finished)
+        current = conn.execute(self.q.get_session, {"id": session_id}).first()
+        if current is None or (repository and current.repository != repository):
+            raise _unknown_session(session_id)
+        if current.state == state.value:  # finishing twice the same way is a no-op
+            return _session(current)
+        raise failed_precondition(
+            Reason.BLOB_UPLOAD_INVALID,
+            f"upload session {session_id} is already {current.state}",
+            state=current.state,
+        )
+
+    @map_errors
+    def list_stale_sessions(self, older_than: timedelta, limit: int) -> list[SessionRecord]:
+        cutoff = utcnow() - older_than
+        with self.db.connect() as conn:
+            rows = conn.execute(self.q.stale_sessions, {"cutoff": cutoff, "limit": limit}).all()
+        return [_session(r) for r in rows]
+
+    @map_errors
+    def purge_session(self, session_id: str) -> None:
+        with self.db.connect() as conn:
+            conn.execute(self.q.purge_session, {"id": session_id})
+
+
+def _check_size(digest: str, recorded: int, given: int) -> None:
+    if recorded != given:
+        raise failed_precondition(
+            Reason.SIZE_INVALID,
+            f"blob {digest} is recorded with size {recorded}, not {given}",
+            size=recorded,
+        )
+
+
+def _unknown_session(session_id: str, state: str | None = None) -> Exception:
+    what = f"is {state}" if state else "is unknown"
+    return not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"upload session {session_id} {what}")

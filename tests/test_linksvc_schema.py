@@ -1,0 +1,188 @@
+"""linksvc's schema: the migrations against the models, up and down, from every entry point, and
+an index behind every lookup the API makes. On SQLite and on PostgreSQL (the db_url fixture)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from linksvc import migrate
+from linksvc.models import metadata
+from linksvc.queries import Queries
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TABLES = {"repositories", "blobs", "links", "upload_sessions"}
+INDEXES = {
+    "blobs": {"ix_blobs_state_updated_at"},
+    "links": {"ix_links_digest"},
+    "upload_sessions": {"ix_upload_sessions_updated_at"},
+}
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    yield engine
+    engine.dispose()
+
+
+def tables(engine: sa.Engine) -> set[str]:
+    return set(sa.inspect(engine).get_table_names()) - {"alembic_version"}
+
+
+def revision(engine: sa.Engine) -> set[str]:
+    with engine.connect() as conn:
+        return migrate.schema_status(conn).current
+
+
+def schema_diff(engine: sa.Engine, target: sa.MetaData) -> list[object]:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return list(compare_metadata(context, target))
+
+
+def test_upgrade_to_head_and_down_to_base(db_url: str, engine: sa.Engine) -> None:
+    assert tables(engine) == set()
+    migrate.upgrade(db_url)
+    assert tables(engine) == TABLES
+    assert revision(engine) == migrate.head_revisions()
+    inspector = sa.inspect(engine)
+    for table, wanted in INDEXES.items():
+        assert wanted <= {ix["name"] for ix in inspector.get_indexes(table)}
+    assert inspector.get_pk_constraint("links")["constrained_columns"] == ["repository", "digest"]
+
+    migrate.upgrade(db_url)  # at head already: nothing to do
+    assert revision(engine) == migrate.head_revisions()
+
+    migrate.downgrade(db_url, "base")
+    assert tables(engine) == set()
+    assert revision(engine) == set()
+    migrate.upgrade(db_url)  # and back up on the downgraded database
+    assert tables(engine) == TABLES
+
+
+def test_models_and_migrations_agree(db_url: str, engine: sa.Engine) -> None:
+    migrate.upgrade(db_url)
+    assert schema_diff(engine, metadata) == []
+
+    # The comparison sees a difference when there is one (else the assertion above is empty).
+    changed = sa.MetaData(naming_convention=metadata.naming_convention)
+    for table in metadata.tables.values():
+        table.to_metadata(changed)
+    changed.tables["blobs"].append_column(sa.Column("extra", sa.Integer(), nullable=True))
+    sa.Index("ix_links_created_at", changed.tables["links"].c.created_at)
+    kinds = {entry[0] for entry in schema_diff(engine, changed) if isinstance(entry, tuple)}
+    assert {"add_column", "add_index"} <= kinds
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(argv),
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_alembic_and_linkedblob_migrate_command_lines(db_url: str, engine: sa.Engine) -> None:
+    env_without_db = {k: v for k, v in os.environ.items() if k != "LINKEDBLOB_DB"}
+    no_db = subprocess.run(
+        [str(BIN / "alembic"), "upgrade", "head"],
+        cwd=ROOT,
+        env=env_without_db,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert no_db.returncode != 0
+    assert "no database given" in no_db.stderr
+    assert tables(engine) == set()
+
+    up = run_cli(str(BIN / "alembic"), "-x", f"db={db_url}", "upgrade", "head")
+    assert up.returncode == 0, up.stderr
+    assert revision(engine) == migrate.head_revisions()
+
+    down = run_cli(str(BIN / "alembic"), "downgrade", "base", env={"LINKEDBLOB_DB": db_url})
+    assert down.returncode == 0, down.stderr
+    assert tables(engine) == set()
+
+    cli = run_cli(str(BIN / "linkedblob"), "migrate", "--db", db_url)
+    assert cli.returncode == 0, cli.stderr
+    assert revision(engine) == migrate.head_revisions()
+    assert tables(engine) == TABLES
+
+
+# --- every lookup is served by a key or an index ------------------------------------------
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+DIGEST = "sha256:" + "a" * 64
+# The statements that find rows, with example parameters (inserts need no plan).
+LOOKUPS: dict[str, dict[str, object]] = {
+    "blob": {"digest": DIGEST},
+    "resolve": {"repository": "r", "digest": DIGEST},
+    "set_media_type": {"p_repository": "r", "p_digest": DIGEST, "p_media_type": "a/b"},
+    "mount_from": {"digest": DIGEST, "from_repository": "r"},
+    "mount_from_any": {"digest": DIGEST},
+    "unlink": {"repository": "r", "digest": DIGEST},
+    "list_links": {"repository": "r", "after": "", "limit": 10},
+    "list_repositories": {"after": "", "limit": 10},
+    "link_recorded": {"repository": "r", "digest": DIGEST, "media_type": "", "created_at": NOW},
+    "get_session": {"id": "s"},
+    "advance_session": {"p_id": "s", "from_size": 0, "to_size": 1, "now": NOW},
+    "finish_session": {"p_id": "s", "p_state": "committed", "now": NOW},
+    "finish_session_of": {"p_id": "s", "p_state": "committed", "now": NOW, "p_repository": "r"},
+    "stale_sessions": {"cutoff": NOW, "limit": 10},
+    "purge_session": {"id": "s"},
+    "unreferenced_blobs": {"cutoff": NOW, "limit": 10},
+}
+
+
+def query_plan(conn: sa.Connection, statement: Any, params: dict[str, object]) -> str:
+    compiled = statement.compile(dialect=conn.dialect)
+    bound = compiled.construct_params(params)
+    if conn.dialect.name == "sqlite":
+        # Stored as naive UTC text (see models.UtcDateTime).
+        bound = {
+            k: v.replace(tzinfo=None).isoformat(" ") if isinstance(v, datetime) else v
+            for k, v in bound.items()
+        }
+        positional = tuple(bound[name] for name in compiled.positiontup or ())
+        rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", positional).all()
+        return "\n".join(str(row[-1]) for row in rows)
+    rows = conn.exec_driver_sql(f"EXPLAIN {compiled}", bound).all()
+    return "\n".join(str(row[0]) for row in rows)
+
+
+def test_every_lookup_uses_a_key_or_an_index(db_url: str, engine: sa.Engine) -> None:
+    migrate.upgrade(db_url)
+    queries = Queries(engine.dialect.name)
+    assert set(LOOKUPS) | {"record_blob", "add_repository", "add_link", "create_session"} == {
+        name for name in vars(queries) if not name.startswith("_")
+    }, "a new statement needs an entry in LOOKUPS"
+    with engine.connect() as conn:
+        for name, params in LOOKUPS.items():
+            if conn.dialect.name == "postgresql":
+                # Empty tables make a sequential scan the cheapest plan; forbid it to see whether
+                # an index can serve the lookup at all. (SET lasts until the rollback below.)
+                conn.exec_driver_sql("SET enable_seqscan = off")
+            plan = query_plan(conn, getattr(queries, name), params)
+            if conn.dialect.name == "sqlite":
+                # SEARCH: a key or index lookup; SCAN: every row of a table (or of an index).
+                scans = [line for line in plan.splitlines() if line.startswith("SCAN")]
+                assert not scans, f"{name} scans a table:\n{plan}"
+            else:
+                assert "Seq Scan" not in plan, f"{name} scans a table:\n{plan}"
+            conn.rollback()
