@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import itertools
 import os
 import threading
 import time
@@ -249,9 +250,13 @@ class Client:
         with _Source(source) as src:
             if resumable:
                 return self._push_resumable(repository, src, media_type, digest, progress)
-            if src.size is not None and src.size <= self.chunk_size:
-                # Small: one unary call.
-                data = src.read_all()
+            if src.size is not None:
+                small = src.read_all() if src.size <= self.chunk_size else None
+            else:
+                small = src.small_content(self.chunk_size)
+            if small is not None:
+                # Small: one unary call (PutBlob: two backend calls instead of a stream's three).
+                data = small
                 expected = digest or _digest_of(data)
                 desc = self.put(repository, data, media_type=media_type, digest=expected)
                 if progress:
@@ -683,6 +688,24 @@ class _Source:
         self.pos = offset
         if self.file is not None:
             self.file.seek(self.base + offset)
+
+    def small_content(self, limit: int) -> bytes | None:
+        """For an iterable source: all of it when it is at most ``limit`` bytes; otherwise
+        None, and chunks() still yields everything (what was looked at is kept, at most
+        ``limit`` bytes and one item more)."""
+        if self._iterable is None:
+            return None
+        rest = iter(self._iterable)
+        taken: list[bytes] = []
+        total = 0
+        for item in rest:
+            taken.append(item)
+            total += memoryview(item).nbytes
+            if total > limit:
+                self._iterable = itertools.chain(taken, rest)
+                return None
+        self._iterable = ()
+        return b"".join(taken)
 
     def read_all(self) -> bytes:
         """Everything (for a small source of known size)."""

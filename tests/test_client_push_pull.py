@@ -200,3 +200,22 @@ def test_default_address_from_the_environment(
     with Client() as c:
         assert c.addr == stack.address
         assert c.push(repo, b"env").digest == digest_of(b"env")
+
+
+def test_the_gateway_relays_in_bounded_memory(
+    stack: Stack, client: Client, repo: str, tmp_path: Path
+) -> None:
+    """A blob much larger than the gateway's memory growth limit passes through it both ways."""
+    size = 160 * MiB
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        for _ in range(size // (16 * MiB)):
+            f.write(os.urandom(16 * MiB))
+    warm = client.push(repo, os.urandom(16 * MiB))  # steady-state buffers first
+    client.pull(repo, warm.digest, io.BytesIO())
+    before = stack.gateway.peak_rss()
+    desc = client.push(repo, path)
+    client.pull(repo, desc.digest, tmp_path / "out.bin")
+    growth = stack.gateway.peak_rss() - before
+    assert growth < 64 * MiB, f"gateway peak RSS grew {growth / MiB:.0f} MiB for a 160 MiB blob"
+    assert (tmp_path / "out.bin").stat().st_size == size
