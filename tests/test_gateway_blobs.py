@@ -168,6 +168,7 @@ def test_push_of_a_stored_blob_with_its_digest_returns_without_reading(
 ) -> None:
     data = os.urandom(2 * MiB)
     first = push(rpc, new_repo(), split(data, MiB))
+
     # The client declares the digest and would then send junk: the gateway must answer from
     # the header alone (had it read the data, the digest would not match).
     def junk() -> Iterator[bytes]:
