@@ -7,8 +7,9 @@ and drives it with the generated synchronous Python gRPC stub, 1 MiB messages:
   and verifies the digest); the blob is deleted after each run so every run stores it;
 - download: one Read stream; the client hashes what it receives and checks the digest.
 
-Prints the median of 3 runs of each in MB/s (10^6 bytes per second). Client and server share
-the machine's cores, so the figures are for the pair. Usage:
+Prints the median of 3 runs of each in MB/s (10^6 bytes per second), and the CPU time the
+server spent per GiB (from /proc; steadier than MB/s on a busy machine). Client and server
+share the machine's cores, so MB/s is for the pair. Usage:
 
     .venv/bin/python bench/blob_throughput.py [--size-mib 256] [--runs 3] [--storage memory]
 """
@@ -39,6 +40,13 @@ def chunks(size_mib: int, block: bytes) -> Iterator[bytes]:
     """``size_mib`` distinct 1 MiB chunks: a random block behind an 8-byte counter."""
     for i in range(size_mib):
         yield i.to_bytes(8, "big") + block[8:]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(data_dir: str, storage: str) -> tuple[subprocess.Popen[str], str]:
@@ -106,11 +114,15 @@ def main() -> None:
             with grpc.insecure_channel(address, options=options) as channel:
                 stub = blob_pb2_grpc.BlobServiceStub(channel)
                 ups = []
+                cpu = cpu_seconds(proc.pid)
                 for run in range(args.runs):
                     ups.append(upload(stub, f"bench-{run}", args.size_mib, block, digest))
                     stub.Delete(pb.DeleteRequest(digest=digest))  # the next run stores it again
+                cpu_up = cpu_seconds(proc.pid) - cpu
                 upload(stub, "bench-keep", args.size_mib, block, digest)
+                cpu = cpu_seconds(proc.pid)
                 downs = [download(stub, size, digest) for _ in range(args.runs)]
+                cpu_down = cpu_seconds(proc.pid) - cpu
         finally:
             proc.terminate()
             proc.wait()
@@ -118,13 +130,19 @@ def main() -> None:
     def mbps(seconds: float) -> float:
         return size / seconds / 1e6
 
-    def line(what: str, times: list[float]) -> str:
+    gib_moved = args.runs * size / (1024 * MiB)
+
+    def line(what: str, times: list[float], cpu: float) -> str:
         runs = ", ".join(f"{mbps(t):.0f}" for t in times)
-        return f"  {what:<44}{mbps(statistics.median(times)):7.0f} MB/s  (runs: {runs})"
+        median = mbps(statistics.median(times))
+        return (
+            f"  {what:<44}{median:7.0f} MB/s  (runs: {runs}; "
+            f"server CPU {cpu / gib_moved:.2f} s/GiB)"
+        )
 
     print(f"blobsvc ({args.storage}), one stream, {args.size_mib} MiB blob, 1 MiB messages")
-    print(line("upload   (Write + commit, sha256 verified):", ups))
-    print(line("download (Read, client verifies sha256):", downs))
+    print(line("upload   (Write + commit, sha256 verified):", ups, cpu_up))
+    print(line("download (Read, client verifies sha256):", downs, cpu_down))
 
 
 if __name__ == "__main__":

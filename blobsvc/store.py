@@ -27,7 +27,7 @@ from prometheus_client import Counter
 
 from blobsvc.storage import StagedUpload, Storage
 from linkedblob.config import STREAM_CHUNK_BYTES
-from linkedblob.digests import Digest, Hasher, new_hasher
+from linkedblob.digests import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
 from linkedblob.errors import (
     LinkedBlobError,
     Reason,
@@ -174,7 +174,7 @@ class BlobStore:
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def put(self, data: bytes, expected: Digest | None) -> Committed:
-        algorithm = expected.algorithm if expected else "sha256"
+        algorithm = expected.algorithm if expected else DEFAULT_ALGORITHM
         actual = await self._run(Digest.of, data, algorithm)
         if expected is not None and actual != expected:
             raise invalid_argument(

@@ -18,16 +18,45 @@ An upload is held exclusively by one open file description: an in-process claim 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
 import secrets
 import tempfile
+from collections.abc import Callable
 
 from blobsvc.storage import Storage, UploadClaims, busy, validate_upload_id
 from linkedblob.digests import ALGORITHMS, Digest
 
 _HEX = frozenset("0123456789abcdef")
+
+# Staged bytes are pushed towards the disk every this many bytes (see _writeback_starter).
+WRITEBACK_BYTES = 8 * 1024 * 1024
+
+
+def _writeback_starter() -> Callable[[int, int, int], None]:
+    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): starts writing a range of a file to
+    disk without waiting for it. Done as an upload streams in, the fsync at commit finds
+    little left to write (it otherwise writes the whole blob then: ~0.1 s per 100 MiB here).
+    A no-op where libc lacks it; errors are ignored (the fsync still decides durability)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        sync_file_range = libc.sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd, offset, length: None
+    sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    sync_file_range.restype = ctypes.c_int
+    write = 2  # SYNC_FILE_RANGE_WRITE
+
+    def start(fd: int, offset: int, length: int) -> None:
+        sync_file_range(fd, offset, length, write)
+
+    return start
+
+
+_start_writeback = _writeback_starter()
 
 
 def _fsync_dir(path: str) -> None:
@@ -95,6 +124,7 @@ class FileStagedUpload:
         self._algorithm = algorithm
         self._generation = generation
         self._size = os.fstat(fd).st_size
+        self._written_back = self._size  # start of the range not yet pushed to disk
 
     @property
     def upload_id(self) -> str:
@@ -119,6 +149,9 @@ class FileStagedUpload:
             self._size = os.fstat(self._fd).st_size  # after a partial write the file is the truth
             raise
         self._size += len(data)
+        if self._size - self._written_back >= WRITEBACK_BYTES:
+            _start_writeback(self._fd, self._written_back, self._size - self._written_back)
+            self._written_back = self._size
 
     def read_at(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
