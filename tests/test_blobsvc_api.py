@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -527,11 +528,14 @@ class HeldStream:
         yield pb.WriteRequest(data=self.rest)
 
 
-def wait_for_size(stub: blob_pb2_grpc.BlobServiceStub, upload_id: str, size: int) -> None:
-    for _ in range(500):
-        if status(stub, upload_id) == size:
+def wait_for_size(
+    stub: blob_pb2_grpc.BlobServiceStub, upload_id: str, size: int, at_least: bool = False
+) -> None:
+    for _ in range(1000):
+        staged = status(stub, upload_id)
+        if staged == size or (at_least and staged is not None and staged >= size):
             return
-        threading.Event().wait(0.01)
+        time.sleep(0.01)
     raise AssertionError(f"upload {upload_id} never reached {size} bytes")
 
 

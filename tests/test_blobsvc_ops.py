@@ -23,7 +23,15 @@ from linkedblob.blob.v1 import blob_pb2 as pb
 from linkedblob.blob.v1 import blob_pb2_grpc
 from linkedblob.errors import Reason
 from tests.services import ServiceProcess, running, spawn
-from tests.test_blobsvc_api import HeldStream, read_all, refused, sha256, status, write_requests
+from tests.test_blobsvc_api import (
+    HeldStream,
+    read_all,
+    refused,
+    sha256,
+    status,
+    wait_for_size,
+    write_requests,
+)
 
 MiB = 1024 * 1024
 Code = grpc.StatusCode
@@ -117,10 +125,7 @@ def test_two_replicas_sharing_a_root(tmp_path: Path) -> None:
             with ThreadPoolExecutor(1) as pool:
                 pending = pool.submit(stub_a.Write, iter(held))
                 assert held.sent_first.wait(10)
-                for _ in range(500):
-                    if status(stub_b, "shared") == MiB:
-                        break
-                    time.sleep(0.01)
+                wait_for_size(stub_b, "shared", MiB)  # a holds it now
                 with refused(Code.ABORTED, Reason.BLOB_UPLOAD_INVALID):
                     stub_b.Write(write_requests("shared", b"intruder", offset=MiB))
                 with refused(Code.ABORTED, Reason.BLOB_UPLOAD_INVALID):
@@ -160,7 +165,7 @@ def test_sigterm_drains_a_slow_write_and_a_slow_read(tmp_path: Path) -> None:
             with ThreadPoolExecutor(1) as pool:
                 writing = pool.submit(stub.Write, slow_write())
                 assert started.wait(10)
-                time.sleep(0.2)
+                wait_for_size(stub, "slow", 64 * 1024, at_least=True)  # the call is in flight
                 svc.proc.send_signal(signal.SIGTERM)
                 time.sleep(0.5)  # the server is draining; both streams still flow
                 rest = b"".join(m.data for m in reader)
