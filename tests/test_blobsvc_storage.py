@@ -291,3 +291,13 @@ def test_filesystem_commit_after_the_holder_replaced_the_file(tmp_path: Path) ->
     fresh = b.open_upload("race", "sha256")
     assert fresh is not None and fresh.size == 0
     fresh.close()
+
+
+def test_filesystem_sweeps_old_temporary_files(tmp_path: Path) -> None:
+    FilesystemStorage(str(tmp_path))
+    old, recent = tmp_path / "tmp" / "put-old", tmp_path / "tmp" / "put-recent"
+    old.write_bytes(b"left by a crash")
+    recent.write_bytes(b"a replica's Put in progress")
+    os.utime(old, (0, 0))
+    FilesystemStorage(str(tmp_path))  # a restart
+    assert not old.exists() and recent.exists()

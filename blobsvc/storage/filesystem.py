@@ -1,6 +1,6 @@
 """The filesystem driver: blobs and staged uploads under one root directory.
 
-    ROOT/blobs/<algorithm>/<first 2 hex>/<hex>   committed blobs, read-only, sharded by prefix
+    ROOT/blobs/<algorithm>/<first 2 hex>/<hex>   committed blobs (never rewritten), sharded
     ROOT/uploads/<upload id>/data                an upload's staged bytes (append-only)
     ROOT/uploads/<upload id>/info                "<algorithm> <generation>" of the upload
     ROOT/tmp/                                    Put's temporary files
@@ -25,6 +25,7 @@ import fcntl
 import os
 import secrets
 import tempfile
+import time
 from collections.abc import Callable
 
 from blobsvc.storage import Storage, UploadClaims, busy, validate_upload_id
@@ -190,6 +191,16 @@ class FilesystemStorage(Storage):
         self.claims = UploadClaims()
         for sub in ("blobs", "uploads", "tmp"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        self._sweep_tmp()
+
+    def _sweep_tmp(self, older_than: float = 3600) -> None:
+        """Removes temporary files a crash left behind (an hour old: not a replica's Put)."""
+        tmp = os.path.join(self.root, "tmp")
+        cutoff = time.time() - older_than
+        for entry in os.scandir(tmp):
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
 
     # --- paths (only from parsed digests and validated ids) ---
 
