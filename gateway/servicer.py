@@ -54,6 +54,9 @@ _WRITE_UPLOAD_DATA = 4  # v1.WriteUploadRequest.data
 _ACTIVE = link_pb2.Session.ACTIVE
 _COMMITTED = link_pb2.Session.COMMITTED
 
+# Seconds after which a failed PushBlob's staging area is aborted a second time.
+_ABORT_AGAIN_AFTER = 2.0
+
 # How often a write retries linksvc's compare-and-set of the session size after losing a race.
 _ADVANCE_ATTEMPTS = 4
 
@@ -95,6 +98,7 @@ class RegistryServicer:
         self._blob = backends.blob
         self._link = backends.link
         self._enable_delete = enable_delete
+        self._cleanups: set[asyncio.Task[None]] = set()  # delayed aborts (kept referenced)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -212,7 +216,7 @@ class RegistryServicer:
                 first_write, messages, _PUSH_BLOB_DATA, _push_data, "PushBlob"
             )
         except BaseException:
-            await self._abort_quietly(upload_id)
+            await self._drop_staging(upload_id)
             raise
         return await self._link_stored(repository, written.blob, media_type)
 
@@ -626,7 +630,23 @@ class RegistryServicer:
             await call
             raise  # it ended without an error but before we were done: report it as ours
 
-    async def _abort_quietly(self, upload_id: str) -> None:
-        """Drops a failed push's staging area; best effort (its ids are never reused)."""
-        with contextlib.suppress(grpc.RpcError):
+    async def _drop_staging(self, upload_id: str) -> None:
+        """Drops the staging area of a PushBlob that failed (nobody can resume it).
+
+        A blobsvc Write this gateway cancelled may still be settling (and re-create the
+        staging area with the bytes it received) when the first Abort arrives, so a second
+        one follows once it has settled. Best effort: a crash in between leaves the staged
+        bytes to blobsvc's purge of stale uploads.
+        """
+        await self._abort_quietly(upload_id)
+        again = asyncio.get_running_loop().create_task(
+            self._abort_quietly(upload_id, after=_ABORT_AGAIN_AFTER)
+        )
+        self._cleanups.add(again)
+        again.add_done_callback(self._cleanups.discard)
+
+    async def _abort_quietly(self, upload_id: str, after: float = 0) -> None:
+        if after:
+            await asyncio.sleep(after)
+        with contextlib.suppress(grpc.RpcError, grpc.aio.UsageError):
             await self._blob.Abort(blob_pb2.AbortRequest(upload_id=upload_id))

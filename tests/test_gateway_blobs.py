@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -544,3 +545,51 @@ def test_a_backend_that_is_down_is_unavailable(tmp_path: Path) -> None:
             push(rpc, "a", [b"x"])
     finally:
         gateway.stop()
+
+
+def test_a_failed_or_abandoned_push_leaves_no_staged_bytes(
+    stack: Stack, rpc: registry_pb2_grpc.RegistryStub, repo: str
+) -> None:
+    """PushBlob stages under an id of its own that nobody can resume: whatever ends it early
+    (bad input, a digest mismatch, the caller going away) must drop what was staged."""
+    import time
+
+    with rpc_error(Code.INVALID_ARGUMENT, "BLOB_UPLOAD_INVALID"):
+        rpc.PushBlob(
+            iter(
+                [
+                    pb.PushBlobRequest(header=pb.PushBlobRequest.Header(repository=repo)),
+                    pb.PushBlobRequest(data=os.urandom(MiB)),
+                    pb.PushBlobRequest(header=pb.PushBlobRequest.Header(repository=repo)),
+                ]
+            )
+        )
+    with rpc_error(Code.INVALID_ARGUMENT, "DIGEST_INVALID"):
+        push(rpc, repo, split(os.urandom(2 * MiB), MiB), digest=digest_of(b"other"))
+    # The caller goes away in the middle of the stream.
+    sent_some = threading.Event()
+    release = threading.Event()
+
+    def messages() -> Iterator[pb.PushBlobRequest]:
+        yield pb.PushBlobRequest(header=pb.PushBlobRequest.Header(repository=repo))
+        for _ in range(3):
+            yield pb.PushBlobRequest(data=os.urandom(MiB))
+        sent_some.set()
+        release.wait(30)
+
+    future = rpc.PushBlob.future(messages())
+    assert sent_some.wait(30)
+    time.sleep(0.2)  # let the chunks reach blobsvc
+    future.cancel()
+    release.set()
+
+    uploads = stack.data / "blobs"
+
+    def staged() -> list[Path]:
+        return [p for p in uploads.rglob("push-*") if p.is_dir()]
+
+    deadline = time.monotonic() + 15
+    while staged() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert staged() == []
+    assert not rpc.ListBlobs(pb.ListBlobsRequest(repository=repo)).blobs
