@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from bench.report import REFERENCE
 from bench.systems import System
 
 TOP = 12
+ATTACH_SECONDS = 0.5
 
 
 class Profiler:
@@ -37,20 +39,20 @@ class Profiler:
         if system.name == REFERENCE:
             yield
             return
-        spies: list[tuple[subprocess.Popen[str], Path]] = []
+        spies: list[tuple[subprocess.Popen[bytes], Path]] = []
         for service, pid in system.services().items():
             name = f"{figure}-{system.name.replace('/', '-')}-{service}.txt"
             out = self.directory / name
             argv = [self.binary, "record", "-p", str(pid), "-f", "raw", "-r", "200"]
-            spy = subprocess.Popen(
-                [*argv, "--nonblocking", "-o", str(out)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            assert spy.stderr is not None
-            spy.stderr.readline()  # "Sampling process ...": it has attached
+            with open(self.directory / "py-spy.log", "ab") as spy_log:
+                spy = subprocess.Popen(
+                    [*argv, "--nonblocking", "-o", str(out)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=spy_log,
+                    stderr=spy_log,
+                )
             spies.append((spy, out))
+        time.sleep(ATTACH_SECONDS)  # py-spy says nothing when it has attached
         try:
             yield
         finally:
@@ -62,8 +64,21 @@ class Profiler:
                     summary.write(summarize(out) + "\n")
 
 
+# Frames of the project's own code, for the inclusive view (the bootstrap frames every sample
+# shares are left out).
+PROJECT = ("gateway/", "blobsvc/", "linksvc/", "linkedblob/")
+BOOTSTRAP = (
+    "linkedblob/cli.py",
+    "linkedblob/server.py",
+    "gateway/server.py: serve",
+    "blobsvc/server.py: serve",
+    "linksvc/server.py: serve",
+)
+
+
 def summarize(path: Path, top: int = TOP) -> str:
-    """The frames where most samples landed (self) and those most often on the stack."""
+    """The frames where most samples landed (self, by line), and the project's functions most
+    often on the stack (inclusive, by function)."""
     own: collections.Counter[str] = collections.Counter()
     on_stack: collections.Counter[str] = collections.Counter()
     total = 0
@@ -76,12 +91,19 @@ def summarize(path: Path, top: int = TOP) -> str:
             n = int(count)
             total += n
             own[frames[-1]] += n
-            for frame in set(frames):
-                on_stack[frame] += n
+            for function in {_function(frame) for frame in frames}:
+                if function.startswith(PROJECT) and not function.startswith(BOOTSTRAP):
+                    on_stack[function] += n
     lines = [f"== {path.name}: {total} samples"]
     if total:
         lines.append("  self:")
         lines += [f"    {n / total:6.1%}  {frame}" for frame, n in own.most_common(top)]
-        lines.append("  on stack:")
-        lines += [f"    {n / total:6.1%}  {frame}" for frame, n in on_stack.most_common(top)]
+        lines.append("  project code on the stack:")
+        lines += [f"    {n / total:6.1%}  {fn}" for fn, n in on_stack.most_common(top)]
     return "\n".join(lines)
+
+
+def _function(frame: str) -> str:
+    """``func (path:line)`` as ``path: func``."""
+    name, _, where = frame.partition(" (")
+    return f"{where.rstrip(')').rpartition(':')[0]}: {name}"
