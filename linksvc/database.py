@@ -23,7 +23,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
@@ -34,6 +34,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from linkedblob.errors import LinkedBlobError, unavailable
+from linksvc.queries import DriverQuery
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,34 @@ class Database:
             except BaseException as exc:
                 self._abandon(conn, exc)
                 raise
+
+    def fetch_one(self, query: DriverQuery, values: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """One row of a DriverQuery, run on the driver's cursor in autocommit mode.
+
+        Driver errors leave as SQLAlchemy's DBAPIError (flagged when the connection is gone),
+        exactly as from ``Connection.execute``, so map_errors treats both paths alike.
+        """
+        with self._connection() as conn:
+            dbapi_connection = conn.connection.dbapi_connection
+            assert dbapi_connection is not None
+            driver_error = conn.dialect.loaded_dbapi.Error
+            try:
+                cursor = dbapi_connection.cursor()
+                try:
+                    cursor.execute(query.sql, query.parameters(values))
+                    row = cursor.fetchone()
+                finally:
+                    cursor.close()
+            except driver_error as exc:
+                gone = conn.dialect.is_disconnect(exc, dbapi_connection, None)
+                if gone:
+                    conn.invalidate(exc)
+                wrapped = sa.exc.DBAPIError.instance(
+                    query.sql, None, exc, driver_error, connection_invalidated=gone
+                )
+                self._abandon(conn, wrapped)
+                raise wrapped from exc
+            return None if row is None else tuple(row)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs blocking database work in the SQL thread pool."""

@@ -66,7 +66,7 @@ def _session(row: Any) -> SessionRecord:
 class LinkStore:
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.q = Queries(db.dialect)
+        self.q = Queries(db.engine.dialect)
 
     # --- blobs ---------------------------------------------------------------------------
 
@@ -108,6 +108,15 @@ class LinkStore:
     ) -> tuple[Descriptor, bool]:
         """Links a blob into a repository; with ``size``, records the blob first. All in one
         transaction, together with finishing ``finish_session_id`` as committed."""
+        if not finish_session_id:
+            # Linked already, just as asked (a blob pushed again): one read, no transaction.
+            row = self.db.fetch_one(
+                self.q.resolve_row, {"repository": repository, "digest": digest}
+            )
+            if row is not None:
+                linked_size, linked_media_type = row
+                if size in (None, linked_size) and media_type in ("", linked_media_type):
+                    return Descriptor(digest, linked_size, linked_media_type), False
         now = utcnow()
         with self.db.transaction() as conn:
             recorded_now = False
@@ -164,11 +173,12 @@ class LinkStore:
 
     @map_errors
     def resolve(self, repository: str, digest: str) -> Descriptor:
-        with self.db.connect() as conn:
-            row = conn.execute(self.q.resolve, {"repository": repository, "digest": digest}).first()
+        # The hottest call (every stat): the lean path, see DriverQuery.
+        row = self.db.fetch_one(self.q.resolve_row, {"repository": repository, "digest": digest})
         if row is None:
             raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} is not linked in {repository}")
-        return Descriptor(digest, row.size, row.media_type)
+        size, media_type = row
+        return Descriptor(digest, size, media_type)
 
     @map_errors
     def unlink(self, repository: str, digest: str) -> None:

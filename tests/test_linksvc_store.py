@@ -336,6 +336,19 @@ def test_concurrent_advances_exactly_one_wins(db_url: str) -> None:
         s.db.close()
 
 
+def terminate_connections(db_url: str) -> None:
+    admin = sa.create_engine(db_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %(name)s AND pid <> pg_backend_pid()",
+                {"name": sa.make_url(db_url).database},
+            )
+    finally:
+        admin.dispose()
+
+
 def test_a_busy_or_lost_database_is_unavailable(db_url: str) -> None:
     """Transient failures answer UNAVAILABLE (retry), change nothing, and the store recovers."""
     migrate.upgrade(db_url)
@@ -359,17 +372,12 @@ def test_a_busy_or_lost_database_is_unavailable(db_url: str) -> None:
                 holder.rollback()
                 holder.close()
         else:
-            # The server drops every connection of this database (a restart, a failover).
-            name = sa.make_url(db_url).database
-            admin = sa.create_engine(db_url, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.exec_driver_sql(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = %(name)s AND pid <> pg_backend_pid()",
-                    {"name": name},
-                )
-            admin.dispose()
-            expect(grpc.StatusCode.UNAVAILABLE, Reason.UNAVAILABLE, lambda: s.link("r/new", d))
+            # The server drops every connection of this database (a restart, a failover): the
+            # next call on each path (the lean read, a transaction) fails, the one after works.
+            for call in (lambda: s.resolve("r", d), lambda: s.link("r/new", d)):
+                terminate_connections(db_url)
+                expect(grpc.StatusCode.UNAVAILABLE, Reason.UNAVAILABLE, call)
+                assert s.resolve("r", d).size == 1
         # The failed calls changed nothing; the next ones work.
         assert [r[0] for r in rows(db_url, "repositories")] == ["r"]
         assert s.link("r/new", d) == (Descriptor(d, 1, ""), True)
