@@ -98,7 +98,7 @@ class RegistryServicer:
         self._blob = backends.blob
         self._link = backends.link
         self._enable_delete = enable_delete
-        self._cleanups: set[asyncio.Task[None]] = set()  # delayed aborts (kept referenced)
+        self._cleanups: set[asyncio.Task[None]] = set()  # aborts in flight (kept referenced)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -216,7 +216,7 @@ class RegistryServicer:
                 first_write, messages, _PUSH_BLOB_DATA, _push_data, "PushBlob"
             )
         except BaseException:
-            await self._drop_staging(upload_id)
+            self._drop_staging(upload_id)
             raise
         return await self._link_stored(repository, written.blob, media_type)
 
@@ -630,20 +630,20 @@ class RegistryServicer:
             await call
             raise  # it ended without an error but before we were done: report it as ours
 
-    async def _drop_staging(self, upload_id: str) -> None:
+    def _drop_staging(self, upload_id: str) -> None:
         """Drops the staging area of a PushBlob that failed (nobody can resume it).
 
-        A blobsvc Write this gateway cancelled may still be settling (and re-create the
-        staging area with the bytes it received) when the first Abort arrives, so a second
+        In tasks of their own, so that a handler being cancelled (its caller went away) cannot
+        stop them. A blobsvc Write this gateway cancelled may still be settling (and re-create
+        the staging area with the bytes it received) when the first Abort arrives, so a second
         one follows once it has settled. Best effort: a crash in between leaves the staged
         bytes to blobsvc's purge of stale uploads.
         """
-        await self._abort_quietly(upload_id)
-        again = asyncio.get_running_loop().create_task(
-            self._abort_quietly(upload_id, after=_ABORT_AGAIN_AFTER)
-        )
-        self._cleanups.add(again)
-        again.add_done_callback(self._cleanups.discard)
+        loop = asyncio.get_running_loop()
+        for after in (0.0, _ABORT_AGAIN_AFTER):
+            task = loop.create_task(self._abort_quietly(upload_id, after))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
 
     async def _abort_quietly(self, upload_id: str, after: float = 0) -> None:
         if after:
