@@ -1,7 +1,7 @@
 """The link database: one engine per process, tuned for the database in use, and the thread pool
 that runs its SQL off the event loop.
 
-Two ways to run SQL, both on the connection the calling SQL thread holds:
+Three ways to run SQL, all on the connection the calling SQL thread holds:
 
 - :meth:`Database.connect`: every statement commits on its own (the driver is in autocommit
   mode). Most calls are one statement, and this makes them one round trip: no BEGIN, no COMMIT.
@@ -9,6 +9,8 @@ Two ways to run SQL, both on the connection the calling SQL thread holds:
   with an explicit BEGIN. On SQLite that is BEGIN IMMEDIATE, so a writer waits for the write
   lock (busy_timeout) up front instead of failing when it upgrades a read snapshot that another
   writer made stale.
+- :meth:`Database.fetch_one`: the lean path of the hottest read, straight on the driver's
+  cursor (see ``linksvc.queries.DriverQuery``).
 
 Database errors that a caller can retry (connection refused or lost, SQLite busy/locked,
 serialization failures and deadlocks) leave here as UNAVAILABLE.
@@ -103,6 +105,8 @@ class Database:
     pool checkout nor a ping. A connection is handed back and checked out afresh (with the
     pool's pre-ping) after it idled for IDLE_PING_SECONDS, after it failed, or after another
     thread saw the database connection drop (the server restarted: every thread reconnects).
+    Any other thread (start-up, tests) borrows a pooled connection for the length of a call;
+    run the store in the SQL threads (``run``, ``call``) so that one is free.
     """
 
     IDLE_PING_SECONDS = 10.0

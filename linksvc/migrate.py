@@ -53,19 +53,28 @@ def head_revisions() -> set[str]:
 class SchemaStatus:
     current: set[str]
     heads: set[str]
+    unknown: set[str]  # revisions this code does not have (a newer linksvc migrated the database)
 
     @property
     def at_head(self) -> bool:
         return self.current == self.heads
 
     def describe(self) -> str:
+        needed = ", ".join(sorted(self.heads))
+        if self.unknown:
+            return (
+                f"database is at revision {', '.join(sorted(self.unknown))}, which this linksvc "
+                f"does not know (a newer linksvc migrated it); this one needs {needed}"
+            )
         current = ", ".join(sorted(self.current)) or "no schema (empty database)"
-        return f"database is at {current}; this linksvc needs {', '.join(sorted(self.heads))}"
+        return f"database is at {current}; this linksvc needs {needed}"
 
 
 def schema_status(connection: sa.Connection) -> SchemaStatus:
     current = set(MigrationContext.configure(connection).get_current_heads())
-    return SchemaStatus(current, head_revisions())
+    script = ScriptDirectory.from_config(alembic_config(""))
+    known = {rev.revision for rev in script.walk_revisions()}
+    return SchemaStatus(current, set(script.get_heads()), current - known)
 
 
 def _ensure_sqlite_directory(url: str) -> None:

@@ -11,6 +11,7 @@ import sys
 
 import grpc
 import sqlalchemy as sa
+from alembic.util.exc import CommandError
 
 from linkedblob.link.v1 import link_pb2_grpc
 from linkedblob.server import Service, run
@@ -28,7 +29,7 @@ def serve(args: argparse.Namespace) -> int | None:
             migrate.upgrade(args.db)
             log.info("migrated %s to head", shown)
         db = Database(args.db, pool_size=args.db_pool_size, busy_timeout=args.db_busy_timeout)
-    except (ValueError, sa.exc.ArgumentError, sa.exc.DBAPIError) as exc:
+    except (ValueError, sa.exc.ArgumentError, sa.exc.DBAPIError, CommandError) as exc:
         print(f"linkedblob link: cannot open {shown}: {exc}", file=sys.stderr)
         return 1
     try:

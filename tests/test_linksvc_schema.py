@@ -72,6 +72,21 @@ def test_upgrade_to_head_and_down_to_base(db_url: str, engine: sa.Engine) -> Non
     assert tables(engine) == TABLES
 
 
+def test_schema_status_tells_empty_current_and_newer(db_url: str, engine: sa.Engine) -> None:
+    with engine.connect() as conn:
+        empty = migrate.schema_status(conn)
+    assert not empty.at_head and "empty database" in empty.describe()
+    migrate.upgrade(db_url)
+    with engine.connect() as conn:
+        assert migrate.schema_status(conn).at_head
+    with engine.begin() as conn:  # as if a newer linksvc had migrated it
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_future'"))
+    with engine.connect() as conn:
+        newer = migrate.schema_status(conn)
+    assert not newer.at_head and newer.unknown == {"9999_future"}
+    assert "newer linksvc" in newer.describe()
+
+
 def test_models_and_migrations_agree(db_url: str, engine: sa.Engine) -> None:
     migrate.upgrade(db_url)
     assert schema_diff(engine, metadata) == []
