@@ -26,12 +26,13 @@ ATTACH_SECONDS = 0.5
 
 
 class Profiler:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, native: bool = False) -> None:
         binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if not Path(binary).exists():
             raise SystemExit("--profile needs py-spy: pip install py-spy")
         self.binary = binary
         self.directory = directory
+        self.native = native  # C frames too (grpc's core, hashlib): slower sampling
         directory.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
@@ -44,6 +45,7 @@ class Profiler:
             name = f"{figure}-{system.name.replace('/', '-')}-{service}.txt"
             out = self.directory / name
             argv = [self.binary, "record", "-p", str(pid), "-f", "raw", "-r", "200"]
+            argv += ["--native"] if self.native else []
             with open(self.directory / "py-spy.log", "ab") as spy_log:
                 spy = subprocess.Popen(
                     [*argv, "--nonblocking", "-o", str(out)],

@@ -19,6 +19,8 @@ class SystemResult:
     values: dict[str, list[float]] = field(default_factory=dict)  # row key -> one per round
     peak_rss: dict[str, int] = field(default_factory=dict)  # service -> bytes, figures 1-6
     rss_growth: dict[str, int] = field(default_factory=dict)  # service -> bytes, blob x8
+    # figure -> service -> bytes: each figure's own peak (max over rounds)
+    peak_rss_by_figure: dict[str, dict[str, int]] = field(default_factory=dict)
     rss_method: str = ""
 
     def add(self, values: dict[str, float]) -> None:

@@ -45,6 +45,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=os.environ.get("LINKEDBLOB_TEST_PG", DEFAULT_PG),
         help="PostgreSQL server URL; the run creates a database there and drops it",
     )
+    parser.add_argument(
+        "--profile-native", action="store_true", help="with --profile: C frames too (py-spy -n)"
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results there")
     parser.add_argument(
         "--profile",
@@ -104,6 +107,11 @@ def start_systems(
     return systems, notes
 
 
+# Figure 8 is the peak RSS over figures 1-6 (the ones moving big blobs); each figure's own peak
+# is kept too (in the JSON and the log), to show which one sets it.
+RSS_FIGURES = ("1-push", "2-chunked", "3-pull", "4-stat", "5-mount", "6-concur")
+
+
 def measure(
     systems: list[System],
     sizes: Sizes,
@@ -137,11 +145,19 @@ def measure(
             figure: str, round_no: int, run: Callable[[Workload, int], dict[str, float]]
         ) -> None:
             for system in systems:
+                tracker, result = trackers[system.name], results[system.name]
+                tracker.reset()
                 with profile(figure, system):
                     values = run(workloads[system.name], round_no)
-                results[system.name].add(values)
+                peaks = tracker.read()
+                result.add(values)
+                by_figure = result.peak_rss_by_figure.setdefault(figure, {})
+                for service, peak in peaks.items():
+                    by_figure[service] = max(peak, by_figure.get(service, 0))
+                    if figure in RSS_FIGURES:
+                        result.peak_rss[service] = max(peak, result.peak_rss.get(service, 0))
                 shown = ", ".join(f"{k} {v:,.2f}" for k, v in values.items())
-                log(f"  {figure:<10} {system.name:<14} {shown}")
+                log(f"  {figure:<10} {system.name:<14} {shown}; peak RSS {_mib(peaks)}")
 
         states: dict[str, RoundState] = {}
 
@@ -151,18 +167,12 @@ def measure(
 
         for r in range(sizes.rounds):
             log(f"round {r + 1}/{sizes.rounds}")
-            for tracker in trackers.values():
-                tracker.reset()
             each("1-push", r, push)
             each("2-chunked", r, lambda w, r: w.chunked(r))
             each("3-pull", r, lambda w, r: w.pull(states[w.system.name]))
             each("4-stat", r, lambda w, r: w.stat(states[w.system.name]))
             each("5-mount", r, lambda w, r: w.mount(r, states[w.system.name]))
             each("6-concur", r, lambda w, r: w.concurrent(r, states[w.system.name]))
-            for name, tracker in trackers.items():
-                result = results[name]
-                for service, peak in tracker.read().items():
-                    result.peak_rss[service] = max(peak, result.peak_rss.get(service, 0))
             each("7-small", r, lambda w, r: w.small(r))
     finally:
         for work in workloads.values():
@@ -190,11 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _stop_on_sigterm()
     started = datetime.datetime.now(datetime.UTC)
+    load_before = os.getloadavg()[0]
     profile: Callable[[str, System], contextlib.AbstractContextManager[None]] = _no_profile
     if args.profile:
         from bench.profile import Profiler
 
-        profile = Profiler(args.profile)
+        profile = Profiler(args.profile, native=args.profile_native)
     with (
         tempfile.TemporaryDirectory(prefix="linkedblob-bench-") as tmp,
         contextlib.ExitStack() as stack,
@@ -211,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     print(
         f"linkedblob bench ({mode}): {started:%Y-%m-%d %H:%M} UTC, {sizes.rounds} round(s), "
-        f"{elapsed:.0f}s\nmachine: {machine()}"
+        f"{elapsed:.0f}s; 1-minute load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after\nmachine: {machine()}"
     )
     for note in notes:
         print(note)
