@@ -32,7 +32,7 @@ class Profiler:
             raise SystemExit("--profile needs py-spy: pip install py-spy")
         self.binary = binary
         self.directory = directory
-        self.native = native  # C frames too (grpc's core, hashlib): slower sampling
+        self.native = native  # C frames too (grpc's core, hashlib); pauses the process
         directory.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
@@ -45,10 +45,11 @@ class Profiler:
             name = f"{figure}-{system.name.replace('/', '-')}-{service}.txt"
             out = self.directory / name
             argv = [self.binary, "record", "-p", str(pid), "-f", "raw", "-r", "200"]
-            argv += ["--native"] if self.native else []
+            # Native stacks need the process paused while sampled; Python ones do not.
+            argv += ["--native"] if self.native else ["--nonblocking"]
             with open(self.directory / "py-spy.log", "ab") as spy_log:
                 spy = subprocess.Popen(
-                    [*argv, "--nonblocking", "-o", str(out)],
+                    [*argv, "-o", str(out)],
                     stdin=subprocess.DEVNULL,
                     stdout=spy_log,
                     stderr=spy_log,
