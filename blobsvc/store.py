@@ -43,6 +43,8 @@ T = TypeVar("T")
 MAX_FIND_MISSING = 1000  # digests per FindMissing call
 # Running hashes kept in memory (a few hundred bytes each); beyond it the oldest are dropped.
 MAX_HASH_STATES = 10_000
+# Chunks of a Write stream queued per lane (write, hash) while the next one is received.
+PIPELINE_DEPTH = 2
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -170,6 +172,22 @@ class BlobStore:
                 await _settle(pending)
             reader.close()
 
+    def _in_order(
+        self,
+        previous: asyncio.Future[None] | None,
+        fn: Callable[[bytes | memoryview], None],
+        data: bytes | memoryview,
+    ) -> asyncio.Future[None]:
+        """Runs fn(data) in a worker thread once ``previous`` (the same lane's last job) is
+        done; if that failed, this fails too without running."""
+
+        async def run() -> None:
+            if previous is not None:
+                await previous
+            await self._run(fn, data)
+
+        return asyncio.ensure_future(run())
+
     def _submit(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -242,8 +260,10 @@ class BlobStore:
         offset 0 creates an unknown upload hashing with ``algorithm``), then commits when
         ``commit`` is given.
 
-        Pipelined: chunk N is written and hashed (in two worker threads, at once) while the
-        caller's iterator receives chunk N+1, so at most two chunks are held per stream."""
+        Pipelined: each chunk goes to two lanes, the file write and the running hash, each
+        run in order in worker threads, beside each other and beside the caller's iterator
+        receiving the next chunks. At most PIPELINE_DEPTH chunks wait per lane (then receiving
+        waits), so a stream holds a few chunks at most, whatever the blob's size."""
         if offset < 0:
             raise invalid_argument(Reason.BLOB_UPLOAD_INVALID, f"negative offset {offset}")
         if offset == 0:
@@ -259,14 +279,20 @@ class BlobStore:
                     size=upload.size,
                 )
             state = self._hash_state(upload)
-            in_flight: list[asyncio.Future[None]] = []  # the previous chunk's write and hash
+            in_flight: list[asyncio.Future[None]] = []  # the lanes' jobs, oldest first
+            most_in_flight = PIPELINE_DEPTH * (1 if state is None else 2)
+            last_write: asyncio.Future[None] | None = None
+            last_hash: asyncio.Future[None] | None = None
             try:
                 async for data in chunks:
-                    await _finish(in_flight)
-                    if data:
-                        in_flight.append(self._submit(upload.append, data))
-                        if state is not None:
-                            in_flight.append(self._submit(state.update, data))
+                    if not data:
+                        continue
+                    last_write = self._in_order(last_write, upload.append, data)
+                    in_flight.append(last_write)
+                    if state is not None:
+                        last_hash = self._in_order(last_hash, state.update, data)
+                        in_flight.append(last_hash)
+                    await _finish(in_flight, keep=most_in_flight)
                 await _finish(in_flight)
             finally:
                 for future in in_flight:
@@ -343,9 +369,10 @@ def _covers(state: _HashState, upload: StagedUpload, algorithm: str) -> bool:
     )
 
 
-async def _finish(futures: list[asyncio.Future[None]]) -> None:
-    """Awaits each future and removes it once it succeeded (the caller settles the rest)."""
-    while futures:
+async def _finish(futures: list[asyncio.Future[None]], keep: int = 0) -> None:
+    """Awaits the oldest futures until at most ``keep`` are left, removing each once it
+    succeeded (on a failure the caller settles the rest)."""
+    while len(futures) > keep:
         await futures[0]
         futures.pop(0)
 
