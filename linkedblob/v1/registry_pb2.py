@@ -26,7 +26,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clinkedblob/v1/registry.proto\x12\rlinkedblob.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\nDescriptor\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x12\n\nmedia_type\x18\x03 \x01(\t\"5\n\x0fStatBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"U\n\x0fReadBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"I\n\x10ReadBlobResponse\x12\'\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x19.linkedblob.v1.Descriptor\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"V\n\x0ePutBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\nmedia_type\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"\xc0\x01\n\x0fPushBlobRequest\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.linkedblob.v1.PushBlobRequest.HeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x1a\\\n\x06Header\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x11\n\x04size\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_sizeB\x06\n\x04part\"(\n\x12StartUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\"h\n\x06Upload\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x12WriteUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"9\n\x10GetUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\"~\n\x13\x43ommitUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x03\"<\n\x13\x43\x61ncelUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\"c\n\x10MountBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_repository\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"7\n\x11\x44\x65leteBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"M\n\x10ListBlobsRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x11ListBlobsResponse\x12(\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x19.linkedblob.v1.Descriptor\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x17ListRepositoriesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"I\n\x18ListRepositoriesResponse\x12\x14\n\x0crepositories\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xe8\x07\n\x08Registry\x12\x45\n\x08StatBlob\x12\x1e.linkedblob.v1.StatBlobRequest\x1a\x19.linkedblob.v1.Descriptor\x12M\n\x08ReadBlob\x12\x1e.linkedblob.v1.ReadBlobRequest\x1a\x1f.linkedblob.v1.ReadBlobResponse0\x01\x12\x43\n\x07PutBlob\x12\x1d.linkedblob.v1.PutBlobRequest\x1a\x19.linkedblob.v1.Descriptor\x12G\n\x08PushBlob\x12\x1e.linkedblob.v1.PushBlobRequest\x1a\x19.linkedblob.v1.Descriptor(\x01\x12G\n\x0bStartUpload\x12!.linkedblob.v1.StartUploadRequest\x1a\x15.linkedblob.v1.Upload\x12I\n\x0bWriteUpload\x12!.linkedblob.v1.WriteUploadRequest\x1a\x15.linkedblob.v1.Upload(\x01\x12\x43\n\tGetUpload\x12\x1f.linkedblob.v1.GetUploadRequest\x1a\x15.linkedblob.v1.Upload\x12M\n\x0c\x43ommitUpload\x12\".linkedblob.v1.CommitUploadRequest\x1a\x19.linkedblob.v1.Descriptor\x12J\n\x0c\x43\x61ncelUpload\x12\".linkedblob.v1.CancelUploadRequest\x1a\x16.google.protobuf.Empty\x12G\n\tMountBlob\x12\x1f.linkedblob.v1.MountBlobRequest\x1a\x19.linkedblob.v1.Descriptor\x12\x46\n\nDeleteBlob\x12 .linkedblob.v1.DeleteBlobRequest\x1a\x16.google.protobuf.Empty\x12N\n\tListBlobs\x12\x1f.linkedblob.v1.ListBlobsRequest\x1a .linkedblob.v1.ListBlobsResponse\x12\x63\n\x10ListRepositories\x12&.linkedblob.v1.ListRepositoriesRequest\x1a\'.linkedblob.v1.ListRepositoriesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clinkedblob/v1/registry.proto\x12\rlinkedblob.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\nDescriptor\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x12\n\nmedia_type\x18\x03 \x01(\t\"5\n\x0fStatBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"U\n\x0fReadBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"I\n\x10ReadBlobResponse\x12\'\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x19.linkedblob.v1.Descriptor\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"7\n\x11LocateBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"^\n\x0c\x44irectAccess\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05grant\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x0c\x42lobLocation\x12\'\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x19.linkedblob.v1.Descriptor\x12+\n\x06\x64irect\x18\x02 \x01(\x0b\x32\x1b.linkedblob.v1.DirectAccess\"V\n\x0ePutBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\nmedia_type\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"\xc0\x01\n\x0fPushBlobRequest\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.linkedblob.v1.PushBlobRequest.HeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x1a\\\n\x06Header\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x11\n\x04size\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_sizeB\x06\n\x04part\"8\n\x12StartUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64irect\x18\x02 \x01(\x08\"\x95\x01\n\x06Upload\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x06\x64irect\x18\x05 \x01(\x0b\x32\x1b.linkedblob.v1.DirectAccess\"Y\n\x12WriteUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"I\n\x10GetUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64irect\x18\x03 \x01(\x08\"~\n\x13\x43ommitUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x03\"<\n\x13\x43\x61ncelUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\"c\n\x10MountBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_repository\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"7\n\x11\x44\x65leteBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"M\n\x10ListBlobsRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x11ListBlobsResponse\x12(\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x19.linkedblob.v1.Descriptor\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x17ListRepositoriesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"I\n\x18ListRepositoriesResponse\x12\x14\n\x0crepositories\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb5\x08\n\x08Registry\x12\x45\n\x08StatBlob\x12\x1e.linkedblob.v1.StatBlobRequest\x1a\x19.linkedblob.v1.Descriptor\x12M\n\x08ReadBlob\x12\x1e.linkedblob.v1.ReadBlobRequest\x1a\x1f.linkedblob.v1.ReadBlobResponse0\x01\x12K\n\nLocateBlob\x12 .linkedblob.v1.LocateBlobRequest\x1a\x1b.linkedblob.v1.BlobLocation\x12\x43\n\x07PutBlob\x12\x1d.linkedblob.v1.PutBlobRequest\x1a\x19.linkedblob.v1.Descriptor\x12G\n\x08PushBlob\x12\x1e.linkedblob.v1.PushBlobRequest\x1a\x19.linkedblob.v1.Descriptor(\x01\x12G\n\x0bStartUpload\x12!.linkedblob.v1.StartUploadRequest\x1a\x15.linkedblob.v1.Upload\x12I\n\x0bWriteUpload\x12!.linkedblob.v1.WriteUploadRequest\x1a\x15.linkedblob.v1.Upload(\x01\x12\x43\n\tGetUpload\x12\x1f.linkedblob.v1.GetUploadRequest\x1a\x15.linkedblob.v1.Upload\x12M\n\x0c\x43ommitUpload\x12\".linkedblob.v1.CommitUploadRequest\x1a\x19.linkedblob.v1.Descriptor\x12J\n\x0c\x43\x61ncelUpload\x12\".linkedblob.v1.CancelUploadRequest\x1a\x16.google.protobuf.Empty\x12G\n\tMountBlob\x12\x1f.linkedblob.v1.MountBlobRequest\x1a\x19.linkedblob.v1.Descriptor\x12\x46\n\nDeleteBlob\x12 .linkedblob.v1.DeleteBlobRequest\x1a\x16.google.protobuf.Empty\x12N\n\tListBlobs\x12\x1f.linkedblob.v1.ListBlobsRequest\x1a .linkedblob.v1.ListBlobsResponse\x12\x63\n\x10ListRepositories\x12&.linkedblob.v1.ListRepositoriesRequest\x1a\'.linkedblob.v1.ListRepositoriesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,36 +41,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_READBLOBREQUEST']._serialized_end=313
   _globals['_READBLOBRESPONSE']._serialized_start=315
   _globals['_READBLOBRESPONSE']._serialized_end=388
-  _globals['_PUTBLOBREQUEST']._serialized_start=390
-  _globals['_PUTBLOBREQUEST']._serialized_end=476
-  _globals['_PUSHBLOBREQUEST']._serialized_start=479
-  _globals['_PUSHBLOBREQUEST']._serialized_end=671
-  _globals['_PUSHBLOBREQUEST_HEADER']._serialized_start=571
-  _globals['_PUSHBLOBREQUEST_HEADER']._serialized_end=663
-  _globals['_STARTUPLOADREQUEST']._serialized_start=673
-  _globals['_STARTUPLOADREQUEST']._serialized_end=713
-  _globals['_UPLOAD']._serialized_start=715
-  _globals['_UPLOAD']._serialized_end=819
-  _globals['_WRITEUPLOADREQUEST']._serialized_start=821
-  _globals['_WRITEUPLOADREQUEST']._serialized_end=910
-  _globals['_GETUPLOADREQUEST']._serialized_start=912
-  _globals['_GETUPLOADREQUEST']._serialized_end=969
-  _globals['_COMMITUPLOADREQUEST']._serialized_start=971
-  _globals['_COMMITUPLOADREQUEST']._serialized_end=1097
-  _globals['_CANCELUPLOADREQUEST']._serialized_start=1099
-  _globals['_CANCELUPLOADREQUEST']._serialized_end=1159
-  _globals['_MOUNTBLOBREQUEST']._serialized_start=1161
-  _globals['_MOUNTBLOBREQUEST']._serialized_end=1260
-  _globals['_DELETEBLOBREQUEST']._serialized_start=1262
-  _globals['_DELETEBLOBREQUEST']._serialized_end=1317
-  _globals['_LISTBLOBSREQUEST']._serialized_start=1319
-  _globals['_LISTBLOBSREQUEST']._serialized_end=1396
-  _globals['_LISTBLOBSRESPONSE']._serialized_start=1398
-  _globals['_LISTBLOBSRESPONSE']._serialized_end=1484
-  _globals['_LISTREPOSITORIESREQUEST']._serialized_start=1486
-  _globals['_LISTREPOSITORIESREQUEST']._serialized_end=1550
-  _globals['_LISTREPOSITORIESRESPONSE']._serialized_start=1552
-  _globals['_LISTREPOSITORIESRESPONSE']._serialized_end=1625
-  _globals['_REGISTRY']._serialized_start=1628
-  _globals['_REGISTRY']._serialized_end=2628
+  _globals['_LOCATEBLOBREQUEST']._serialized_start=390
+  _globals['_LOCATEBLOBREQUEST']._serialized_end=445
+  _globals['_DIRECTACCESS']._serialized_start=447
+  _globals['_DIRECTACCESS']._serialized_end=541
+  _globals['_BLOBLOCATION']._serialized_start=543
+  _globals['_BLOBLOCATION']._serialized_end=643
+  _globals['_PUTBLOBREQUEST']._serialized_start=645
+  _globals['_PUTBLOBREQUEST']._serialized_end=731
+  _globals['_PUSHBLOBREQUEST']._serialized_start=734
+  _globals['_PUSHBLOBREQUEST']._serialized_end=926
+  _globals['_PUSHBLOBREQUEST_HEADER']._serialized_start=826
+  _globals['_PUSHBLOBREQUEST_HEADER']._serialized_end=918
+  _globals['_STARTUPLOADREQUEST']._serialized_start=928
+  _globals['_STARTUPLOADREQUEST']._serialized_end=984
+  _globals['_UPLOAD']._serialized_start=987
+  _globals['_UPLOAD']._serialized_end=1136
+  _globals['_WRITEUPLOADREQUEST']._serialized_start=1138
+  _globals['_WRITEUPLOADREQUEST']._serialized_end=1227
+  _globals['_GETUPLOADREQUEST']._serialized_start=1229
+  _globals['_GETUPLOADREQUEST']._serialized_end=1302
+  _globals['_COMMITUPLOADREQUEST']._serialized_start=1304
+  _globals['_COMMITUPLOADREQUEST']._serialized_end=1430
+  _globals['_CANCELUPLOADREQUEST']._serialized_start=1432
+  _globals['_CANCELUPLOADREQUEST']._serialized_end=1492
+  _globals['_MOUNTBLOBREQUEST']._serialized_start=1494
+  _globals['_MOUNTBLOBREQUEST']._serialized_end=1593
+  _globals['_DELETEBLOBREQUEST']._serialized_start=1595
+  _globals['_DELETEBLOBREQUEST']._serialized_end=1650
+  _globals['_LISTBLOBSREQUEST']._serialized_start=1652
+  _globals['_LISTBLOBSREQUEST']._serialized_end=1729
+  _globals['_LISTBLOBSRESPONSE']._serialized_start=1731
+  _globals['_LISTBLOBSRESPONSE']._serialized_end=1817
+  _globals['_LISTREPOSITORIESREQUEST']._serialized_start=1819
+  _globals['_LISTREPOSITORIESREQUEST']._serialized_end=1883
+  _globals['_LISTREPOSITORIESRESPONSE']._serialized_start=1885
+  _globals['_LISTREPOSITORIESRESPONSE']._serialized_end=1958
+  _globals['_REGISTRY']._serialized_start=1961
+  _globals['_REGISTRY']._serialized_end=3038
 # @@protoc_insertion_point(module_scope)

@@ -142,6 +142,82 @@ class ReadBlobResponse(_message.Message):
 Global___ReadBlobResponse: _TypeAlias = ReadBlobResponse  # noqa: Y015
 
 @_typing.final
+class LocateBlobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPOSITORY_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    repository: _builtins.str
+    digest: _builtins.str
+    def __init__(
+        self,
+        *,
+        repository: _builtins.str = ...,
+        digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "repository", b"repository"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocateBlobRequest: _TypeAlias = LocateBlobRequest  # noqa: Y015
+
+@_typing.final
+class DirectAccess(_message.Message):
+    """Direct access to the data plane, granted by the gateway."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """blobsvc's address as clients reach it ("host:port")."""
+    grant: _builtins.str
+    """Send as the "linkedblob-grant" call metadata to blobsvc. Checked when a call starts."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        grant: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "expires_at", b"expires_at", "grant", b"grant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DirectAccess: _TypeAlias = DirectAccess  # noqa: Y015
+
+@_typing.final
+class BlobLocation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOB_FIELD_NUMBER: _builtins.int
+    DIRECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def blob(self) -> Global___Descriptor: ...
+    @_builtins.property
+    def direct(self) -> Global___DirectAccess: ...
+    def __init__(
+        self,
+        *,
+        blob: Global___Descriptor | None = ...,
+        direct: Global___DirectAccess | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "direct", b"direct"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "direct", b"direct"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlobLocation: _TypeAlias = BlobLocation  # noqa: Y015
+
+@_typing.final
 class PutBlobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -236,15 +312,23 @@ class StartUploadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
+    DIRECT_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    direct: _builtins.bool
+    """Ask for direct access: the returned Upload carries blobsvc's address and a grant to write
+    this upload there (BlobService/Write with upload_id = Upload.id), so bytes cross one hop.
+    Commit through CommitUpload as usual. FAILED_PRECONDITION / UNSUPPORTED when the gateway
+    does not offer direct access.
+    """
     def __init__(
         self,
         *,
         repository: _builtins.str = ...,
+        direct: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["repository", b"repository"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct", b"direct", "repository", b"repository"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -258,6 +342,7 @@ class Upload(_message.Message):
     REPOSITORY_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
+    DIRECT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque, unguessable; valid only through the repository that started it."""
     repository: _builtins.str
@@ -265,6 +350,10 @@ class Upload(_message.Message):
     """Bytes received so far: where the next write must start."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def direct(self) -> Global___DirectAccess:
+        """Set when direct access was asked for (StartUpload / GetUpload with direct)."""
+
     def __init__(
         self,
         *,
@@ -272,10 +361,11 @@ class Upload(_message.Message):
         repository: _builtins.str = ...,
         offset: _builtins.int = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
+        direct: Global___DirectAccess | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["direct", b"direct", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "offset", b"offset", "repository", b"repository", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct", b"direct", "id", b"id", "offset", b"offset", "repository", b"repository", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -319,17 +409,21 @@ class GetUploadRequest(_message.Message):
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    DIRECT_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
     upload_id: _builtins.str
+    direct: _builtins.bool
+    """Also return a fresh grant for direct writes (to resume after the previous one expired)."""
     def __init__(
         self,
         *,
         repository: _builtins.str = ...,
         upload_id: _builtins.str = ...,
+        direct: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["repository", b"repository", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct", b"direct", "repository", b"repository", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -45,6 +45,11 @@ class RegistryStub:
                 request_serializer=linkedblob_dot_v1_dot_registry__pb2.ReadBlobRequest.SerializeToString,
                 response_deserializer=linkedblob_dot_v1_dot_registry__pb2.ReadBlobResponse.FromString,
                 _registered_method=True)
+        self.LocateBlob = channel.unary_unary(
+                '/linkedblob.v1.Registry/LocateBlob',
+                request_serializer=linkedblob_dot_v1_dot_registry__pb2.LocateBlobRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_v1_dot_registry__pb2.BlobLocation.FromString,
+                _registered_method=True)
         self.PutBlob = channel.unary_unary(
                 '/linkedblob.v1.Registry/PutBlob',
                 request_serializer=linkedblob_dot_v1_dot_registry__pb2.PutBlobRequest.SerializeToString,
@@ -114,6 +119,17 @@ class RegistryServicer:
 
     def ReadBlob(self, request, context):
         """Streams a blob, or a range of it. The first message carries the descriptor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LocateBlob(self, request, context):
+        """Where to read a blob the repository links directly from the data plane, one hop instead of
+        two: the descriptor, blobsvc's address and a short-lived grant to read that digest there
+        (call linkedblob.blob.v1.BlobService/Read with the grant in the "linkedblob-grant"
+        metadata). FAILED_PRECONDITION / UNSUPPORTED when the gateway does not offer direct access;
+        NOT_FOUND / BLOB_UNKNOWN when the repository does not link the blob.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,6 +231,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.ReadBlob,
                     request_deserializer=linkedblob_dot_v1_dot_registry__pb2.ReadBlobRequest.FromString,
                     response_serializer=linkedblob_dot_v1_dot_registry__pb2.ReadBlobResponse.SerializeToString,
+            ),
+            'LocateBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.LocateBlob,
+                    request_deserializer=linkedblob_dot_v1_dot_registry__pb2.LocateBlobRequest.FromString,
+                    response_serializer=linkedblob_dot_v1_dot_registry__pb2.BlobLocation.SerializeToString,
             ),
             'PutBlob': grpc.unary_unary_rpc_method_handler(
                     servicer.PutBlob,
@@ -326,6 +347,33 @@ class Registry:
             '/linkedblob.v1.Registry/ReadBlob',
             linkedblob_dot_v1_dot_registry__pb2.ReadBlobRequest.SerializeToString,
             linkedblob_dot_v1_dot_registry__pb2.ReadBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LocateBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.v1.Registry/LocateBlob',
+            linkedblob_dot_v1_dot_registry__pb2.LocateBlobRequest.SerializeToString,
+            linkedblob_dot_v1_dot_registry__pb2.BlobLocation.FromString,
             options,
             channel_credentials,
             insecure,

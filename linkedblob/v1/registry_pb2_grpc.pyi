@@ -50,6 +50,13 @@ class RegistryStub:
     """The descriptor of a blob the repository links. NOT_FOUND / BLOB_UNKNOWN otherwise."""
     ReadBlob: _grpc.UnaryStreamMultiCallable[_registry_pb2.ReadBlobRequest, _registry_pb2.ReadBlobResponse]
     """Streams a blob, or a range of it. The first message carries the descriptor."""
+    LocateBlob: _grpc.UnaryUnaryMultiCallable[_registry_pb2.LocateBlobRequest, _registry_pb2.BlobLocation]
+    """Where to read a blob the repository links directly from the data plane, one hop instead of
+    two: the descriptor, blobsvc's address and a short-lived grant to read that digest there
+    (call linkedblob.blob.v1.BlobService/Read with the grant in the "linkedblob-grant"
+    metadata). FAILED_PRECONDITION / UNSUPPORTED when the gateway does not offer direct access;
+    NOT_FOUND / BLOB_UNKNOWN when the repository does not link the blob.
+    """
     PutBlob: _grpc.UnaryUnaryMultiCallable[_registry_pb2.PutBlobRequest, _registry_pb2.Descriptor]
     """Stores a small blob (at most the gateway's message size, 4 MiB by default) and links it."""
     PushBlob: _grpc.StreamUnaryMultiCallable[_registry_pb2.PushBlobRequest, _registry_pb2.Descriptor]
@@ -92,6 +99,13 @@ class RegistryAsyncStub(RegistryStub):
     """The descriptor of a blob the repository links. NOT_FOUND / BLOB_UNKNOWN otherwise."""
     ReadBlob: _aio.UnaryStreamMultiCallable[_registry_pb2.ReadBlobRequest, _registry_pb2.ReadBlobResponse]  # type: ignore[assignment]
     """Streams a blob, or a range of it. The first message carries the descriptor."""
+    LocateBlob: _aio.UnaryUnaryMultiCallable[_registry_pb2.LocateBlobRequest, _registry_pb2.BlobLocation]  # type: ignore[assignment]
+    """Where to read a blob the repository links directly from the data plane, one hop instead of
+    two: the descriptor, blobsvc's address and a short-lived grant to read that digest there
+    (call linkedblob.blob.v1.BlobService/Read with the grant in the "linkedblob-grant"
+    metadata). FAILED_PRECONDITION / UNSUPPORTED when the gateway does not offer direct access;
+    NOT_FOUND / BLOB_UNKNOWN when the repository does not link the blob.
+    """
     PutBlob: _aio.UnaryUnaryMultiCallable[_registry_pb2.PutBlobRequest, _registry_pb2.Descriptor]  # type: ignore[assignment]
     """Stores a small blob (at most the gateway's message size, 4 MiB by default) and links it."""
     PushBlob: _aio.StreamUnaryMultiCallable[_registry_pb2.PushBlobRequest, _registry_pb2.Descriptor]  # type: ignore[assignment]
@@ -143,6 +157,19 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.ReadBlobResponse], _abc.AsyncIterator[_registry_pb2.ReadBlobResponse]]:
         """Streams a blob, or a range of it. The first message carries the descriptor."""
+
+    @_abc_1.abstractmethod
+    def LocateBlob(
+        self,
+        request: _registry_pb2.LocateBlobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.BlobLocation, _abc.Awaitable[_registry_pb2.BlobLocation]]:
+        """Where to read a blob the repository links directly from the data plane, one hop instead of
+        two: the descriptor, blobsvc's address and a short-lived grant to read that digest there
+        (call linkedblob.blob.v1.BlobService/Read with the grant in the "linkedblob-grant"
+        metadata). FAILED_PRECONDITION / UNSUPPORTED when the gateway does not offer direct access;
+        NOT_FOUND / BLOB_UNKNOWN when the repository does not link the blob.
+        """
 
     @_abc_1.abstractmethod
     def PutBlob(

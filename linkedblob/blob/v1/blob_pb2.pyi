@@ -6,6 +6,12 @@ The data plane: content-addressed bytes, nothing of repositories.
 Errors: every failure carries a google.rpc.ErrorInfo detail (domain "linkedblob.dev") whose
 `reason` is one of the codes in DESIGN.md (DIGEST_INVALID, SIZE_INVALID, BLOB_UNKNOWN,
 BLOB_UPLOAD_UNKNOWN, BLOB_UPLOAD_INVALID, RANGE_INVALID, ...).
+
+Grants: a blobsvc started with a grant secret requires, on every call, a grant signed with it
+in the "linkedblob-grant" call metadata (see linkedblob/grants.py): "read" of a digest allows
+Stat and Read of that digest, "write" of an upload id allows Write and UploadStatus of that
+upload, "internal" (the gateway's own) allows everything. Missing, forged or expired:
+UNAUTHENTICATED / UNAUTHORIZED; valid but for something else: PERMISSION_DENIED / DENIED.
 """
 
 from collections import abc as _abc
@@ -194,7 +200,8 @@ class WriteRequest(_message.Message):
     ALGORITHM_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
     """First message only: the upload's id, chosen by the caller, 1-128 characters of
-    [A-Za-z0-9_-]. A new id starts an empty staging area.
+    [A-Za-z0-9_-]. A new id starts an empty staging area when written at offset 0; at any
+    other offset it is NOT_FOUND / BLOB_UPLOAD_UNKNOWN.
     """
     offset: _builtins.int
     """First message only: where this stream's first byte goes; must equal the bytes already

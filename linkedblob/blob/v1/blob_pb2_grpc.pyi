@@ -6,6 +6,12 @@ The data plane: content-addressed bytes, nothing of repositories.
 Errors: every failure carries a google.rpc.ErrorInfo detail (domain "linkedblob.dev") whose
 `reason` is one of the codes in DESIGN.md (DIGEST_INVALID, SIZE_INVALID, BLOB_UNKNOWN,
 BLOB_UPLOAD_UNKNOWN, BLOB_UPLOAD_INVALID, RANGE_INVALID, ...).
+
+Grants: a blobsvc started with a grant secret requires, on every call, a grant signed with it
+in the "linkedblob-grant" call metadata (see linkedblob/grants.py): "read" of a digest allows
+Stat and Read of that digest, "write" of an upload id allows Write and UploadStatus of that
+upload, "internal" (the gateway's own) allows everything. Missing, forged or expired:
+UNAUTHENTICATED / UNAUTHORIZED; valid but for something else: PERMISSION_DENIED / DENIED.
 """
 
 from collections import abc as _abc
