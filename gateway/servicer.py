@@ -163,6 +163,18 @@ class RegistryServicer:
         if head:
             yield head
 
+    @grpc_errors
+    async def LocateBlob(
+        self, request: registry_pb2.LocateBlobRequest, context: Context
+    ) -> registry_pb2.BlobLocation:
+        repository = validation.repository(request.repository)
+        digest = validation.digest(request.digest)
+        raise failed_precondition(
+            Reason.UNSUPPORTED,
+            f"this gateway does not offer direct access to blobsvc (asked for {digest} in "
+            f"{repository}); use ReadBlob",
+        )
+
     # --- storing in one call --------------------------------------------------------------------
 
     @grpc_errors
