@@ -18,9 +18,9 @@ import base64
 import binascii
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 from prometheus_client import Counter
@@ -39,6 +39,13 @@ from linkedblob.errors import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+_Held = TypeVar("_Held", bound=_Closable | None)
 
 MAX_FIND_MISSING = 1000  # digests per FindMissing call
 # Running hashes kept in memory (a few hundred bytes each); beyond it the oldest are dropped.
@@ -109,7 +116,23 @@ class BlobStore:
         self.storage.close()
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """fn(*args) in a worker thread. Cancelling the caller does not stop a job that has
+        started: see _outcome."""
+        return await _outcome(self._executor.submit(fn, *args))
+
+    async def _open(self, fn: Callable[..., _Held], *args: object) -> _Held:
+        """Like _run, for a job that returns something to close (an upload, which holds its
+        claim and lock until closed; a blob reader): if the caller is cancelled while the
+        worker opens it, nobody else would ever close it, so it is closed here."""
+        job = self._executor.submit(fn, *args)
+        try:
+            return await _outcome(job)
+        except asyncio.CancelledError:
+            if not job.cancelled() and job.exception() is None:
+                held = job.result()
+                if held is not None:
+                    held.close()
+            raise
 
     # --- blobs ---
 
@@ -132,14 +155,14 @@ class BlobStore:
         STREAM_CHUNK_BYTES. The next chunk is read while the current one is sent."""
         if offset < 0 or limit < 0:
             raise invalid_argument(Reason.RANGE_INVALID, "offset and limit must not be negative")
-        reader = await self._run(self.storage.open_blob, digest)
+        reader = await self._open(self.storage.open_blob, digest)
         if reader is None:
             if digest.is_empty:
                 if offset > 0:
                     raise out_of_range(Reason.RANGE_INVALID, f"offset {offset} is beyond size 0")
                 return
             raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} not found")
-        pending: asyncio.Future[bytes] | None = None
+        pending: Future[bytes] | None = None
         try:
             size = reader.size
             if offset > size:
@@ -153,7 +176,7 @@ class BlobStore:
                     reader.read_at, position, min(STREAM_CHUNK_BYTES, end - position)
                 )
             while pending is not None:
-                chunk = await pending
+                chunk = await _outcome(pending)
                 pending = None
                 if not chunk:  # stored blobs are immutable: this is damage, not a race
                     raise LinkedBlobError(
@@ -168,8 +191,8 @@ class BlobStore:
                     )
                 yield chunk
         finally:
-            if pending is not None:
-                await _settle(pending)
+            if pending is not None:  # the generator was closed early: the read still uses fd
+                await _finished(pending)
             reader.close()
 
     def _in_order(
@@ -188,8 +211,8 @@ class BlobStore:
 
         return asyncio.ensure_future(run())
 
-    def _submit(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def _submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        return self._executor.submit(fn, *args)
 
     async def put(self, data: bytes, expected: Digest | None) -> Committed:
         algorithm = expected.algorithm if expected else DEFAULT_ALGORITHM
@@ -232,7 +255,7 @@ class BlobStore:
 
     async def abort(self, upload_id: str) -> None:
         """Drops the upload's staged bytes; an unknown upload is fine (idempotent)."""
-        upload = await self._run(self.storage.open_upload, upload_id)
+        upload = await self._open(self.storage.open_upload, upload_id)
         self._hashes.pop(upload_id, None)
         if upload is None:
             return
@@ -267,7 +290,7 @@ class BlobStore:
         if offset < 0:
             raise invalid_argument(Reason.BLOB_UPLOAD_INVALID, f"negative offset {offset}")
         if offset == 0:
-            upload = await self._run(self.storage.open_upload, upload_id, algorithm)
+            upload = await self._open(self.storage.open_upload, upload_id, algorithm)
             assert upload is not None
         else:
             upload = await self._open_existing(upload_id)
@@ -304,7 +327,7 @@ class BlobStore:
             upload.close()
 
     async def _open_existing(self, upload_id: str) -> StagedUpload:
-        upload = await self._run(self.storage.open_upload, upload_id)
+        upload = await self._open(self.storage.open_upload, upload_id)
         if upload is None:
             raise not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} not found")
         return upload
@@ -387,6 +410,26 @@ def _hash_staged(upload: StagedUpload, algorithm: str) -> str:
         hasher.update(chunk)
         position += len(chunk)
     return hasher.hexdigest()
+
+
+async def _outcome(job: Future[T]) -> T:
+    """The worker job's result. When the awaiting task is cancelled, a job that has not
+    started is dropped; one that has is waited for before CancelledError goes on, because a
+    thread cannot be stopped and the job may use what the caller's finally blocks are about to
+    release (an upload's file and claim: closing them under a running append or commit lets
+    a second stream in while the first one's bytes still land)."""
+    try:
+        return await asyncio.wrap_future(job)
+    except asyncio.CancelledError:
+        await _finished(job)
+        raise
+
+
+async def _finished(job: Future[T]) -> None:
+    """Drops the job if it has not started, else waits for it to end (through cancellation:
+    CancelledError is raised after it has)."""
+    if not job.cancel():
+        await _settle(asyncio.wrap_future(job))
 
 
 async def _settle(future: asyncio.Future[T]) -> None:
