@@ -21,3 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["filesystem", "memory"],
         help="storage driver",
     )
+    add_option(
+        parser,
+        "--grant-secret",
+        default="",
+        help="secret shared with the gateway (at least 16 bytes; pass it in the environment, not "
+        "on the command line); set, every call needs a grant signed with it (see "
+        "linkedblob.grants); empty, none is needed",
+    )

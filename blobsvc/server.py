@@ -4,6 +4,7 @@ them on the shared bootstrap (health, reflection, metrics, graceful shutdown).""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import grpc
@@ -13,6 +14,7 @@ from blobsvc.servicer import RAW_REQUESTS, RAW_RESPONSES, SERVICE_NAME, BlobServ
 from blobsvc.storage import open_storage
 from blobsvc.store import BlobStore
 from linkedblob.blob.v1 import blob_pb2
+from linkedblob.grants import Signer
 from linkedblob.server import Service, run
 
 _HANDLER_FACTORIES: dict[tuple[bool, bool], Any] = {
@@ -43,8 +45,13 @@ def method_handlers(servicer: BlobServicer) -> dict[str, grpc.RpcMethodHandler]:
 
 
 def serve(args: argparse.Namespace) -> int | None:
+    try:
+        signer = Signer(args.grant_secret) if args.grant_secret else None
+    except ValueError as exc:
+        print(f"linkedblob blob: --grant-secret: {exc}", file=sys.stderr)
+        return 2
     store = BlobStore(open_storage(args.storage, args.data))
-    handlers = method_handlers(BlobServicer(store))
+    handlers = method_handlers(BlobServicer(store, signer))
 
     def register(server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers(

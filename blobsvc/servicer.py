@@ -2,6 +2,13 @@
 edge, calls the domain (blobsvc.store), maps the results. Errors become statuses in
 linkedblob.errors.grpc_errors.
 
+Grants: given a Signer (``--grant-secret``), every call must carry a grant (linkedblob.grants)
+that allows it, checked before the request touches storage: "read" of a digest for Stat/Read of
+it, "write" of an upload id for Write/UploadStatus of it, "internal" for everything (and the
+only one for Commit, Abort, Put, Delete, List and FindMissing). The token is verified when the
+call starts (UNAUTHENTICATED / UNAUTHORIZED), its scope once the request names its subject
+(PERMISSION_DENIED / DENIED); for Write, after the first message and before any byte is written.
+
 The byte streams skip protobuf for their data messages (see linkedblob.wire and
 blobsvc.server.method_handlers): Write receives raw serialized WriteRequests and takes a
 zero-copy view of each data-only message's payload; Read sends ReadResponses it serializes
@@ -22,7 +29,14 @@ from linkedblob import metrics, wire
 from linkedblob.blob.v1 import blob_pb2 as pb
 from linkedblob.config import MAX_CHUNK_BYTES
 from linkedblob.digests import Digest, parse_algorithm
-from linkedblob.errors import Reason, grpc_errors, invalid_argument, resource_exhausted
+from linkedblob.errors import (
+    LinkedBlobError,
+    Reason,
+    grpc_errors,
+    invalid_argument,
+    resource_exhausted,
+)
+from linkedblob.grants import INTERNAL, READ, WRITE, Grant, Signer, token_from
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlobService"].full_name
 
@@ -80,16 +94,38 @@ async def _write_data(
         yield data
 
 
+def _require(grant: Grant | None, action: str, subject: str = "") -> None:
+    """PERMISSION_DENIED / DENIED unless the grant (None: none are required) allows it."""
+    if grant is not None and not grant.allows(action, subject):
+        what = f"{action} of {subject[:200]!r}" if subject else "this call"
+        raise LinkedBlobError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            Reason.DENIED,
+            f"the grant ({grant.action}) does not allow {what}",
+        )
+
+
 class BlobServicer:
     """Implements every method of BlobService (registered by blobsvc.server.method_handlers)."""
 
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: BlobStore, signer: Signer | None = None) -> None:
         self.store = store
+        self.signer = signer  # None: no grants required
+
+    def _grant(self, context: grpc.aio.ServicerContext) -> Grant | None:
+        """The call's verified grant (None when grants are not required)."""
+        if self.signer is None:
+            return None
+        return self.signer.verify(token_from(context))
+
+    def _allow(self, context: grpc.aio.ServicerContext, action: str, subject: str = "") -> None:
+        _require(self._grant(context), action, subject)
 
     @grpc_errors
     async def Stat(
         self, request: pb.StatRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatResponse:
+        self._allow(context, READ, request.digest)
         digest = Digest.parse(request.digest)
         size = await self.store.stat(digest)
         return pb.StatResponse(blob=pb.Descriptor(digest=str(digest), size=size))
@@ -98,6 +134,7 @@ class BlobServicer:
     async def FindMissing(
         self, request: pb.FindMissingRequest, context: grpc.aio.ServicerContext
     ) -> pb.FindMissingResponse:
+        self._allow(context, INTERNAL)
         if len(request.digests) > MAX_FIND_MISSING:  # before parsing a huge list
             raise invalid_argument(
                 Reason.PAGINATION_INVALID,
@@ -112,6 +149,7 @@ class BlobServicer:
         self, request: pb.ReadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         """Yields serialized ReadResponses (RAW_RESPONSES)."""
+        self._allow(context, READ, request.digest)
         digest = Digest.parse(request.digest)
         async for chunk in self.store.read(digest, request.offset, request.limit):
             _bytes_out_read.inc(len(chunk))
@@ -122,6 +160,7 @@ class BlobServicer:
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.WriteResponse:
         """Takes serialized WriteRequests (RAW_REQUESTS)."""
+        grant = self._grant(context)
         messages = aiter(request_iterator)
         first_raw = await anext(messages, None)
         if first_raw is None:
@@ -129,6 +168,7 @@ class BlobServicer:
                 Reason.BLOB_UPLOAD_INVALID, "empty stream: the first message names the upload"
             )
         first = _parse_write_request(first_raw)
+        _require(grant, WRITE, first.upload_id)
         upload_id = validate_upload_id(first.upload_id)
         algorithm = parse_algorithm(first.algorithm)
         commit = None
@@ -148,6 +188,7 @@ class BlobServicer:
     async def UploadStatus(
         self, request: pb.UploadStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.UploadStatusResponse:
+        self._allow(context, WRITE, request.upload_id)
         size = await self.store.upload_size(validate_upload_id(request.upload_id))
         return pb.UploadStatusResponse(size=size)
 
@@ -155,6 +196,7 @@ class BlobServicer:
     async def Commit(
         self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
     ) -> pb.CommitResponse:
+        self._allow(context, INTERNAL)
         upload_id = validate_upload_id(request.upload_id)
         size = request.size if request.HasField("size") else None
         spec = CommitSpec(_optional_digest(request.digest), size)
@@ -167,6 +209,7 @@ class BlobServicer:
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
+        self._allow(context, INTERNAL)
         await self.store.abort(validate_upload_id(request.upload_id))
         return pb.AbortResponse()
 
@@ -174,6 +217,7 @@ class BlobServicer:
     async def Put(
         self, request: pb.PutRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutResponse:
+        self._allow(context, INTERNAL)
         data = _check_chunk(request.data)
         expected = _optional_digest(request.digest)
         _bytes_in_put.inc(len(data))
@@ -186,6 +230,7 @@ class BlobServicer:
     async def Delete(
         self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteResponse:
+        self._allow(context, INTERNAL)
         deleted = await self.store.delete(Digest.parse(request.digest))
         return pb.DeleteResponse(deleted=deleted)
 
@@ -193,6 +238,7 @@ class BlobServicer:
     async def List(
         self, request: pb.ListRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListResponse:
+        self._allow(context, INTERNAL)
         page, next_token = await self.store.list(request.page_size, request.page_token)
         return pb.ListResponse(
             blobs=[pb.Descriptor(digest=str(d), size=size) for d, size in page],
