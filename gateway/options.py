@@ -9,6 +9,12 @@ from linkedblob.config import BLOB_PORT, GATEWAY_PORT, LINK_PORT, add_option
 HELP = "the public API (linkedblob.v1.Registry)"
 DEFAULT_PORT = GATEWAY_PORT
 
+# How long a (repository, digest) resolution is served from the gateway's memory: the longest a
+# link deleted through ANOTHER gateway stays visible here (a delete through this one is seen at
+# once).
+DEFAULT_LINK_CACHE_TTL = 5.0
+DEFAULT_LINK_CACHE_SIZE = 10_000
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--blob-addr", default=f"127.0.0.1:{BLOB_PORT}", help="blobsvc address")
@@ -18,4 +24,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--enable-delete",
         action="store_true",
         help="allow DeleteBlob (off by default: FAILED_PRECONDITION / UNSUPPORTED)",
+    )
+    add_option(
+        parser,
+        "--grant-secret",
+        default="",
+        help="secret shared with blobsvc to sign grants (at least 16 bytes; pass it in the "
+        "environment, not on the command line); set, the gateway offers clients direct access "
+        "to blobsvc (LocateBlob, direct uploads) and signs its own calls to blobsvc",
+    )
+    add_option(
+        parser,
+        "--blob-public-addr",
+        default="",
+        help="blobsvc's address as clients reach it, handed out with grants (default: --blob-addr)",
+    )
+    add_option(
+        parser,
+        "--grant-ttl",
+        type=float,
+        default=300.0,
+        help="seconds a grant handed to a client is valid (checked when a call starts)",
+    )
+    add_option(
+        parser,
+        "--link-cache-ttl",
+        type=float,
+        default=DEFAULT_LINK_CACHE_TTL,
+        help="seconds a resolved link is served from memory (bounds how long a delete through "
+        "another gateway goes unseen here); 0 turns the cache off",
+    )
+    add_option(
+        parser,
+        "--link-cache-size",
+        type=int,
+        default=DEFAULT_LINK_CACHE_SIZE,
+        help="most resolved links kept (least recently used dropped first)",
     )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import grpc
 from google.protobuf import message_factory
 
 from gateway.backends import Backends
+from gateway.direct import DirectAccess
+from gateway.linkcache import LinkCache
 from gateway.servicer import RegistryServicer
 from linkedblob.server import Service, run
 from linkedblob.v1 import registry_pb2
@@ -54,13 +57,24 @@ def add_registry(servicer: RegistryServicer, server: grpc.aio.Server) -> None:
 
 
 def serve(args: argparse.Namespace) -> int | None:
+    try:
+        direct = DirectAccess(
+            args.grant_secret, args.blob_public_addr or args.blob_addr, args.grant_ttl
+        )
+    except ValueError as exc:
+        print(f"linkedblob gateway: --grant-secret: {exc}", file=sys.stderr)
+        return 2
+    cache: LinkCache[registry_pb2.Descriptor] = LinkCache(args.link_cache_ttl, args.link_cache_size)
     opened: list[Backends] = []
 
     def register(server: grpc.aio.Server) -> None:
         # Runs inside the server's event loop, where aio channels must be created.
         backends = Backends.connect(args.blob_addr, args.link_addr)
         opened.append(backends)
-        add_registry(RegistryServicer(backends, enable_delete=args.enable_delete), server)
+        servicer = RegistryServicer(
+            backends, enable_delete=args.enable_delete, direct=direct, cache=cache
+        )
+        add_registry(servicer, server)
 
     async def on_stop() -> None:
         for backends in opened:

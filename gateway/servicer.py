@@ -8,6 +8,12 @@ with their code and reason by @grpc_errors; an unreachable backend becomes UNAVA
 
 Access goes through links: a blob is stat'ed or read only after linksvc resolved the
 repository's link, and an upload is used only through the repository that started it.
+Resolved links are kept for a few seconds (gateway.linkcache), so a stat or a read of a blob
+just seen costs no linksvc call.
+
+Direct access (gateway.direct): with a grant secret, LocateBlob and direct uploads hand the
+client blobsvc's address and a grant for one digest or one upload, after the same checks, so
+bytes cross one hop; the gateway's own blobsvc calls then carry its internal grant.
 
 The byte streams (ReadBlob, PushBlob, WriteUpload) handle data messages as raw bytes and re-tag
 them for the next hop without parsing (linkedblob.wire); see gateway.server for the handlers.
@@ -25,6 +31,8 @@ from google.protobuf import empty_pb2
 
 from gateway import validation
 from gateway.backends import Backends
+from gateway.direct import DirectAccess
+from gateway.linkcache import LinkCache
 from linkedblob import metrics, wire
 from linkedblob.blob.v1 import blob_pb2
 from linkedblob.digests import Digest
@@ -38,6 +46,7 @@ from linkedblob.errors import (
     invalid_argument,
     not_found,
     out_of_range,
+    unavailable,
 )
 from linkedblob.link.v1 import link_pb2
 from linkedblob.v1 import registry_pb2
@@ -63,6 +72,10 @@ _ADVANCE_ATTEMPTS = 4
 
 def _descriptor(blob: link_pb2.Descriptor) -> registry_pb2.Descriptor:
     return registry_pb2.Descriptor(digest=blob.digest, size=blob.size, media_type=blob.media_type)
+
+
+def _code(err: grpc.RpcError) -> grpc.StatusCode:
+    return err.code()  # type: ignore[attr-defined,no-any-return]
 
 
 def _reason(err: grpc.RpcError) -> str | None:
@@ -93,12 +106,25 @@ def _write_upload_data(raw: bytes) -> bytes:
 
 
 class RegistryServicer:
-    def __init__(self, backends: Backends, *, enable_delete: bool = False) -> None:
+    def __init__(
+        self,
+        backends: Backends,
+        *,
+        enable_delete: bool = False,
+        direct: DirectAccess | None = None,
+        cache: LinkCache[registry_pb2.Descriptor] | None = None,
+    ) -> None:
         self._backends = backends
         self._blob = backends.blob
         self._link = backends.link
         self._enable_delete = enable_delete
+        self._direct = direct or DirectAccess("", "", 0)
+        self._cache: LinkCache[registry_pb2.Descriptor] = cache or LinkCache(0, 0)
         self._cleanups: set[asyncio.Task[None]] = set()  # aborts in flight (kept referenced)
+
+    def _md(self) -> tuple[tuple[str, str], ...] | None:
+        """Metadata of every blobsvc call: the gateway's internal grant, if it has a secret."""
+        return self._direct.internal_metadata()
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -106,9 +132,12 @@ class RegistryServicer:
     async def StatBlob(
         self, request: registry_pb2.StatBlobRequest, context: Context
     ) -> registry_pb2.Descriptor:
+        cached = self._cache.get(request.repository, request.digest)  # only valid keys are kept
+        if cached is not None:
+            return cached
         repository = validation.repository(request.repository)
         digest = validation.digest(request.digest)
-        return _descriptor(await self._resolve(repository, digest))
+        return await self._resolve(repository, str(digest))
 
     @grpc_errors
     async def ReadBlob(
@@ -116,10 +145,8 @@ class RegistryServicer:
     ) -> AsyncIterator[bytes]:
         """Yields serialized ReadBlobResponse messages: the descriptor (with the first chunk),
         then blobsvc's chunks re-tagged as they come."""
-        repository = validation.repository(request.repository)
-        digest = validation.digest(request.digest)
         validation.read_range(request.offset, request.length)
-        blob = await self._resolve(repository, digest)
+        blob = await self._resolve_request(request.repository, request.digest)
         if request.offset > blob.size:
             raise out_of_range(
                 Reason.RANGE_INVALID,
@@ -128,13 +155,14 @@ class RegistryServicer:
             )
         available = blob.size - request.offset
         want = available if request.length == 0 else min(request.length, available)
-        head = registry_pb2.ReadBlobResponse(blob=_descriptor(blob)).SerializeToString()
+        head = registry_pb2.ReadBlobResponse(blob=blob).SerializeToString()
         if want == 0:
             yield head
             return
 
         call = self._backends.read_raw(
-            blob_pb2.ReadRequest(digest=blob.digest, offset=request.offset, limit=want)
+            blob_pb2.ReadRequest(digest=blob.digest, offset=request.offset, limit=want),
+            metadata=self._md(),
         )
         sent = 0
         try:
@@ -151,6 +179,10 @@ class RegistryServicer:
                     out, head = head + out, b""
                 if out:
                     yield out
+        except grpc.RpcError as err:
+            if _code(err) == grpc.StatusCode.NOT_FOUND:  # linked, but gone from the store
+                self._cache.invalidate(request.repository, blob.digest)
+            raise
         finally:
             metrics.BYTES_OUT.labels("ReadBlob").inc(sent)
         if sent != want:
@@ -167,13 +199,8 @@ class RegistryServicer:
     async def LocateBlob(
         self, request: registry_pb2.LocateBlobRequest, context: Context
     ) -> registry_pb2.BlobLocation:
-        repository = validation.repository(request.repository)
-        digest = validation.digest(request.digest)
-        raise failed_precondition(
-            Reason.UNSUPPORTED,
-            f"this gateway does not offer direct access to blobsvc (asked for {digest} in "
-            f"{repository}); use ReadBlob",
-        )
+        blob = await self._resolve_request(request.repository, request.digest)
+        return registry_pb2.BlobLocation(blob=blob, direct=self._direct.read(blob.digest))
 
     # --- storing in one call --------------------------------------------------------------------
 
@@ -186,7 +213,8 @@ class RegistryServicer:
         digest = validation.optional_digest(request.digest)
         validation.data_size(len(request.data))
         stored = await self._blob.Put(
-            blob_pb2.PutRequest(data=request.data, digest=str(digest) if digest else "")
+            blob_pb2.PutRequest(data=request.data, digest=str(digest) if digest else ""),
+            metadata=self._md(),
         )
         metrics.BYTES_IN.labels("PutBlob").inc(stored.blob.size)
         return await self._link_stored(repository, stored.blob, media_type)
@@ -239,12 +267,17 @@ class RegistryServicer:
         self, request: registry_pb2.StartUploadRequest, context: Context
     ) -> registry_pb2.Upload:
         repository = validation.repository(request.repository)
+        if request.direct and not self._direct.offered:
+            self._direct.write("")  # raises FAILED_PRECONDITION / UNSUPPORTED, before a session
         session = await self._link.CreateSession(
             link_pb2.CreateSessionRequest(repository=repository)
         )
-        return registry_pb2.Upload(
+        upload = registry_pb2.Upload(
             id=session.id, repository=session.repository, offset=0, started_at=session.started_at
         )
+        if request.direct:
+            upload.direct.CopyFrom(self._direct.write(session.id))
+        return upload
 
     @grpc_errors
     async def WriteUpload(
@@ -278,6 +311,8 @@ class RegistryServicer:
     ) -> registry_pb2.Upload:
         repository = validation.repository(request.repository)
         upload_id = validation.upload_id(request.upload_id)
+        if request.direct and not self._direct.offered:
+            self._direct.write(upload_id)  # raises FAILED_PRECONDITION / UNSUPPORTED
         # Both at once: the session (ownership, state) and the staged size (the truth).
         session_result, staged_result = await asyncio.gather(
             self._active_session(repository, upload_id),
@@ -288,12 +323,15 @@ class RegistryServicer:
             raise session_result
         if isinstance(staged_result, BaseException):
             raise staged_result
-        return registry_pb2.Upload(
+        upload = registry_pb2.Upload(
             id=upload_id,
             repository=repository,
             offset=staged_result,
             started_at=session_result.started_at,
         )
+        if request.direct:
+            upload.direct.CopyFrom(self._direct.write(upload_id))
+        return upload
 
     @grpc_errors
     async def CommitUpload(
@@ -310,15 +348,18 @@ class RegistryServicer:
         if session.state == _COMMITTED:
             # A retried commit (its answer was lost): answer from the link it made.
             try:
-                return _descriptor(await self._resolve(repository, digest))
+                return await self._resolve(repository, str(digest))
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                if _code(err) == grpc.StatusCode.NOT_FOUND:
                     raise _unknown_upload(upload_id) from None
                 raise
         if session.state != _ACTIVE:
             raise _unknown_upload(upload_id)
+        if session.size == 0 and not request.data:
+            await self._record_direct_writes(session)
 
         stored = await self._commit_staged(session, digest, request.data, request.offset)
+        generation = self._cache.generation
         linked = await self._link.Link(
             link_pb2.LinkRequest(
                 repository=repository,
@@ -328,7 +369,7 @@ class RegistryServicer:
                 finish_session_id=upload_id,
             )
         )
-        return _descriptor(linked.blob)
+        return self._linked(repository, linked.blob, generation)
 
     @grpc_errors
     async def CancelUpload(
@@ -341,7 +382,7 @@ class RegistryServicer:
         await self._link.FinishSession(
             link_pb2.FinishSessionRequest(id=upload_id, state=link_pb2.Session.CANCELLED)
         )
-        await self._blob.Abort(blob_pb2.AbortRequest(upload_id=upload_id))
+        await self._blob.Abort(blob_pb2.AbortRequest(upload_id=upload_id), metadata=self._md())
         return empty_pb2.Empty()
 
     # --- links ----------------------------------------------------------------------------------
@@ -358,8 +399,18 @@ class RegistryServicer:
         )
         digest = validation.digest(request.digest)
         media_type = validation.media_type(request.media_type)
+        # Already linked here, from a source that links it (as far as this gateway saw within
+        # the cache's TTL): nothing to change, no call to make.
+        linked = self._cache.get(repository, request.digest)
+        if (
+            linked is not None
+            and media_type in ("", linked.media_type)
+            and (not source or self._cache.get(source, request.digest) is not None)
+        ):
+            return linked
         # With no source, any repository that links the blob will do. This is where
         # authorization will restrict the candidates to the repositories the caller may read.
+        generation = self._cache.generation
         mounted = await self._link.Mount(
             link_pb2.MountRequest(
                 repository=repository,
@@ -368,7 +419,7 @@ class RegistryServicer:
                 media_type=media_type,
             )
         )
-        return _descriptor(mounted.blob)
+        return self._linked(repository, mounted.blob, generation)
 
     @grpc_errors
     async def DeleteBlob(
@@ -380,7 +431,14 @@ class RegistryServicer:
             )
         repository = validation.repository(request.repository)
         digest = validation.digest(request.digest)
-        await self._link.Unlink(link_pb2.UnlinkRequest(repository=repository, digest=str(digest)))
+        try:
+            await self._link.Unlink(
+                link_pb2.UnlinkRequest(repository=repository, digest=str(digest))
+            )
+        finally:
+            # After the unlink (and whatever its outcome): an answer fetched before it is not
+            # cached any more (see LinkCache.put).
+            self._cache.invalidate(repository, str(digest))
         return empty_pb2.Empty()
 
     @grpc_errors
@@ -414,22 +472,43 @@ class RegistryServicer:
 
     # --- steps ----------------------------------------------------------------------------------
 
-    async def _resolve(self, repository: str, digest: Digest) -> link_pb2.Descriptor:
+    async def _resolve_request(self, repository: str, digest: str) -> registry_pb2.Descriptor:
+        """The descriptor through a request's link: from the cache (a hit means the strings
+        were validated before), else validated and resolved."""
+        cached = self._cache.get(repository, digest)
+        if cached is not None:
+            return cached
+        validation.repository(repository)
+        validation.digest(digest)
+        return await self._resolve(repository, digest)
+
+    async def _resolve(self, repository: str, digest: str) -> registry_pb2.Descriptor:
+        """Resolves a validated (repository, digest) through linksvc, and caches the answer."""
+        generation = self._cache.generation
         resolved = await self._link.Resolve(
-            link_pb2.ResolveRequest(repository=repository, digest=str(digest))
+            link_pb2.ResolveRequest(repository=repository, digest=digest)
         )
-        return resolved.blob
+        return self._linked(repository, resolved.blob, generation)
+
+    def _linked(
+        self, repository: str, blob: link_pb2.Descriptor, generation: int
+    ) -> registry_pb2.Descriptor:
+        """The public descriptor of a link linksvc just confirmed, cached for later reads."""
+        desc = _descriptor(blob)
+        self._cache.put(repository, desc.digest, desc, generation)
+        return desc
 
     async def _link_stored(
         self, repository: str, blob: blob_pb2.Descriptor, media_type: str
     ) -> registry_pb2.Descriptor:
         """Records (with its size) and links a blob blobsvc holds, in one linksvc transaction."""
+        generation = self._cache.generation
         linked = await self._link.Link(
             link_pb2.LinkRequest(
                 repository=repository, digest=blob.digest, media_type=media_type, size=blob.size
             )
         )
-        return _descriptor(linked.blob)
+        return self._linked(repository, linked.blob, generation)
 
     async def _link_if_recorded(
         self, repository: str, digest: Digest, size: int | None, media_type: str
@@ -447,6 +526,7 @@ class RegistryServicer:
                 f"{digest} is {recorded.size} bytes, not the declared {size}",
                 size=recorded.size,
             )
+        generation = self._cache.generation
         try:
             linked = await self._link.Link(
                 link_pb2.LinkRequest(
@@ -455,10 +535,10 @@ class RegistryServicer:
             )
         except grpc.RpcError as err:
             # Collected between the two calls: upload it after all.
-            if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+            if _code(err) == grpc.StatusCode.NOT_FOUND:
                 return None
             raise
-        return _descriptor(linked.blob)
+        return self._linked(repository, linked.blob, generation)
 
     async def _session(self, repository: str, upload_id: str) -> link_pb2.Session:
         """The session, if it belongs to ``repository`` (otherwise it is unknown here)."""
@@ -477,13 +557,22 @@ class RegistryServicer:
         """The bytes blobsvc holds for an upload; 0 for one never written."""
         try:
             status = await self._blob.UploadStatus(
-                blob_pb2.UploadStatusRequest(upload_id=upload_id)
+                blob_pb2.UploadStatusRequest(upload_id=upload_id), metadata=self._md()
             )
         except grpc.RpcError as err:
             if _reason(err) == Reason.BLOB_UPLOAD_UNKNOWN:
                 return 0
             raise
         return status.size
+
+    async def _record_direct_writes(self, session: link_pb2.Session) -> None:
+        """Records in the session the bytes a client wrote to blobsvc directly, before the
+        commit moves them: a commit retried after the staged bytes became a blob (and before
+        the link was made) is finished from the size the session recorded."""
+        staged = await self._staged_size(session.id)
+        if staged > session.size:
+            await self._advance_session(session, staged)
+            session.size = staged
 
     async def _advance_session(self, session: link_pb2.Session, size: int) -> None:
         """Moves the session's recorded size up to ``size`` (a compare-and-set in linksvc).
@@ -531,7 +620,8 @@ class RegistryServicer:
             return written.blob
         try:
             committed = await self._blob.Commit(
-                blob_pb2.CommitRequest(upload_id=session.id, digest=str(digest))
+                blob_pb2.CommitRequest(upload_id=session.id, digest=str(digest)),
+                metadata=self._md(),
             )
             return committed.blob
         except grpc.RpcError as err:
@@ -559,7 +649,9 @@ class RegistryServicer:
         # into the store and stopped before linking. Finish that job when the store holds the
         # digest at exactly the size this session wrote; otherwise the upload is unknown.
         try:
-            stat = await self._blob.Stat(blob_pb2.StatRequest(digest=str(digest)))
+            stat = await self._blob.Stat(
+                blob_pb2.StatRequest(digest=str(digest)), metadata=self._md()
+            )
         except grpc.RpcError:
             raise from_rpc_error(missing) from None
         if stat.blob.size != session.size:
@@ -606,7 +698,7 @@ class RegistryServicer:
         flow control paces the caller to blobsvc). A failure of blobsvc mid-stream (a wrong
         offset, a digest mismatch at commit) is raised with its code and reason.
         """
-        call = self._backends.write_raw()  # type: ignore[call-arg]  # written with .write()
+        call = self._backends.write_raw(metadata=self._md())  # type: ignore[call-arg]
         received = len(first.data)
         try:
             await self._send(call, first.SerializeToString())
@@ -641,6 +733,12 @@ class RegistryServicer:
             # blobsvc already ended the call (it refused the stream): raise its status.
             await call
             raise  # it ended without an error but before we were done: report it as ours
+        except grpc.RpcError as err:
+            # A send that failed in grpc core (the connection to blobsvc broke mid-stream) is
+            # a bare INTERNAL: for the caller, blobsvc went away, which is worth a retry.
+            if _code(err) == grpc.StatusCode.INTERNAL and error_info(err) is None:
+                raise unavailable(f"blobsvc stream broken: {err.details()}") from err  # type: ignore[attr-defined]
+            raise
 
     def _drop_staging(self, upload_id: str) -> None:
         """Drops the staging area of a PushBlob that failed (nobody can resume it).
@@ -661,4 +759,4 @@ class RegistryServicer:
         if after:
             await asyncio.sleep(after)
         with contextlib.suppress(grpc.RpcError, grpc.aio.UsageError):
-            await self._blob.Abort(blob_pb2.AbortRequest(upload_id=upload_id))
+            await self._blob.Abort(blob_pb2.AbortRequest(upload_id=upload_id), metadata=self._md())

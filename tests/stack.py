@@ -2,6 +2,9 @@
 
 `database(kind)` makes a fresh SQLite file or PostgreSQL database for a module-scoped stack (the
 `db_url` fixture of conftest.py is per test); `Stack.start` runs the three services on it.
+
+As `linkedblob up` runs them, blobsvc and the gateway share a grant secret (in their environment)
+so the gateway offers direct access to blobsvc; `direct=False` runs both without one.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from linkedblob.config import TRANSPORT_LIMIT_BYTES
+from linkedblob import grants
+from linkedblob.config import TRANSPORT_LIMIT_BYTES, env_name
 from linkedblob.v1 import registry_pb2_grpc
 from tests import conftest
 from tests.services import ServiceProcess, spawn
 
 DB_KINDS = ["sqlite", "postgresql"]
+GRANT_SECRET_ENV = env_name("--grant-secret")
 
 
 @contextmanager
@@ -62,14 +67,30 @@ class Stack:
     blob: ServiceProcess
     link: ServiceProcess
     gateway: ServiceProcess
+    grant_secret: str = ""  # shared by blobsvc and the gateways; "" without direct access
     extra: list[ServiceProcess] = field(default_factory=list)
 
     @classmethod
-    def start(cls, data: Path, db_url: str, *, enable_delete: bool = True) -> Stack:
+    def start(
+        cls,
+        data: Path,
+        db_url: str,
+        *,
+        enable_delete: bool = True,
+        direct: bool = True,
+        gateway_args: tuple[str, ...] = (),
+    ) -> Stack:
+        secret = secrets.token_urlsafe(32) if direct else ""
         # The two backends start side by side (each takes a second or so to import and bind).
         with ThreadPoolExecutor(2) as pool:
             blob_future = pool.submit(
-                spawn, "blob", "--data", str(data / "blobs"), "--log-level", "WARNING"
+                spawn,
+                "blob",
+                "--data",
+                str(data / "blobs"),
+                "--log-level",
+                "WARNING",
+                env={GRANT_SECRET_ENV: secret},
             )
             link_future = pool.submit(
                 spawn, "link", "--db", db_url, "--migrate", "--log-level", "WARNING"
@@ -81,22 +102,42 @@ class Stack:
                 raise (blob_future.exception() or link_future.exception())  # type: ignore[misc]
         blob, link = started
         try:
-            gateway = spawn_gateway(blob.address, link.address, enable_delete=enable_delete)
+            gateway = spawn_gateway(
+                blob.address,
+                link.address,
+                enable_delete=enable_delete,
+                grant_secret=secret,
+                args=gateway_args,
+            )
         except BaseException:
             link.stop()
             blob.stop()
             raise
-        return cls(data, db_url, blob, link, gateway)
+        return cls(data, db_url, blob, link, gateway, secret)
 
     @property
     def address(self) -> str:
         return self.gateway.address
 
-    def another_gateway(self, *, enable_delete: bool) -> ServiceProcess:
+    def another_gateway(self, *, enable_delete: bool, args: tuple[str, ...] = ()) -> ServiceProcess:
         """A second gateway on the same backends (stopped with the stack)."""
-        gateway = spawn_gateway(self.blob.address, self.link.address, enable_delete=enable_delete)
+        gateway = spawn_gateway(
+            self.blob.address,
+            self.link.address,
+            enable_delete=enable_delete,
+            grant_secret=self.grant_secret,
+            args=args,
+        )
         self.extra.append(gateway)
         return gateway
+
+    def blob_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Call metadata for a test talking to blobsvc itself: an internal grant, as the
+        gateway sends (None when the stack has no secret)."""
+        if not self.grant_secret:
+            return None
+        token = grants.Signer(self.grant_secret).sign(grants.INTERNAL)
+        return ((grants.METADATA_KEY, token),)
 
     def stop(self) -> None:
         for svc in (*self.extra, self.gateway, self.link, self.blob):
@@ -104,18 +145,33 @@ class Stack:
 
 
 def spawn_gateway(
-    blob_addr: str, link_addr: str, *, enable_delete: bool = True, port: int = 0
+    blob_addr: str,
+    link_addr: str,
+    *,
+    enable_delete: bool = True,
+    port: int = 0,
+    grant_secret: str = "",
+    args: tuple[str, ...] = (),
 ) -> ServiceProcess:
-    args = ["--blob-addr", blob_addr, "--link-addr", link_addr, "--port", str(port)]
+    argv = ["--blob-addr", blob_addr, "--link-addr", link_addr, "--port", str(port), *args]
     if enable_delete:
-        args.append("--enable-delete")
-    return spawn("gateway", *args, "--log-level", "WARNING")
+        argv.append("--enable-delete")
+    return spawn("gateway", *argv, "--log-level", "WARNING", env={GRANT_SECRET_ENV: grant_secret})
 
 
 @contextmanager
-def running_stack(kind: str, directory: Path, *, enable_delete: bool = True) -> Iterator[Stack]:
+def running_stack(
+    kind: str,
+    directory: Path,
+    *,
+    enable_delete: bool = True,
+    direct: bool = True,
+    gateway_args: tuple[str, ...] = (),
+) -> Iterator[Stack]:
     with database(kind, directory) as url:
-        stack = Stack.start(directory, url, enable_delete=enable_delete)
+        stack = Stack.start(
+            directory, url, enable_delete=enable_delete, direct=direct, gateway_args=gateway_args
+        )
         try:
             yield stack
         finally:

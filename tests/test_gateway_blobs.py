@@ -547,16 +547,11 @@ def test_a_backend_that_is_down_is_unavailable(tmp_path: Path) -> None:
         gateway.stop()
 
 
-# blobsvc bug (found through the gateway): a Write stream that its client cancels after sending
-# data sometimes keeps its upload locked for good (every Abort is ABORTED "being written or
-# committed by another stream"), so a failed PushBlob's staged bytes cannot be dropped. The
-# first test shows it on blobsvc alone; the gateway test below fails whenever it strikes.
-_CANCELLED_WRITE_BUG = (
-    "blobsvc: a Write cancelled by its client can keep its upload locked indefinitely"
-)
+# A blobsvc bug found through the gateway (fixed in a8ca0cb): a Write stream that its client
+# cancelled after sending data sometimes kept its upload locked for good, so a failed
+# PushBlob's staged bytes could not be dropped. The first test shows it on blobsvc alone.
 
 
-@pytest.mark.xfail(reason=_CANCELLED_WRITE_BUG, strict=True)
 def test_blobsvc_releases_an_upload_whose_write_was_cancelled(stack: Stack) -> None:
     """The gateway cancels its blobsvc Write when its own caller goes away or sends bad input,
     then aborts the staging area: blobsvc must let go of the upload soon after the cancel."""
@@ -571,14 +566,17 @@ def test_blobsvc_releases_an_upload_whose_write_was_cancelled(stack: Stack) -> N
             blob = blob_pb2_grpc.BlobServiceStub(channel)
             for i in range(30):
                 upload_id = f"cancelled-{secrets.token_hex(6)}"
-                call = blob.Write()
+                call = blob.Write(metadata=stack.blob_metadata())
                 await call.write(blob_pb2.WriteRequest(upload_id=upload_id, commit=True))
                 await call.write(blob_pb2.WriteRequest(data=os.urandom(MiB if i % 2 else 3)))
                 call.cancel()
                 deadline = time.monotonic() + 5
                 while True:
                     try:
-                        await blob.Abort(blob_pb2.AbortRequest(upload_id=upload_id))
+                        await blob.Abort(
+                            blob_pb2.AbortRequest(upload_id=upload_id),
+                            metadata=stack.blob_metadata(),
+                        )
                         break
                     except grpc.aio.AioRpcError as err:
                         if err.code() != Code.ABORTED or time.monotonic() > deadline:
@@ -592,7 +590,6 @@ def test_blobsvc_releases_an_upload_whose_write_was_cancelled(stack: Stack) -> N
     assert asyncio.run(attempts()) == []
 
 
-@pytest.mark.xfail(reason=_CANCELLED_WRITE_BUG, strict=False)
 def test_a_failed_or_abandoned_push_leaves_no_staged_bytes(
     stack: Stack, rpc: registry_pb2_grpc.RegistryStub, repo: str
 ) -> None:
