@@ -18,11 +18,21 @@ grpc.RpcError is its ``__cause__``. A pull whose bytes do not hash to the digest
 Pushes stream from a path, bytes, a binary file or an iterable of bytes in ~1 MiB messages,
 hashing as they send. ``resumable=True`` uses the upload API and survives a broken connection:
 on UNAVAILABLE it backs off, asks the gateway for the upload's offset and continues from there.
+
+Direct access: when the gateway offers it (it shares a grant secret with blobsvc, as
+``linkedblob up`` sets it up), bytes go straight between the client and blobsvc, one hop instead
+of two. A pull asks the gateway where the blob is (LocateBlob: the access check through the link,
+blobsvc's address and a short-lived grant) and reads it from blobsvc, verifying the digest as
+always; a push of more than one message starts an upload with direct access, writes it to
+blobsvc and commits it through the gateway. When the gateway does not offer it, or blobsvc
+cannot be reached from here, the same calls go through the gateway. ``Client(direct=False)``
+never tries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import itertools
@@ -36,7 +46,8 @@ from typing import IO, Any
 
 import grpc
 
-from linkedblob import wire
+from linkedblob import grants, wire
+from linkedblob.blob.v1 import blob_pb2
 from linkedblob.config import (
     GATEWAY_PORT,
     MAX_CHUNK_BYTES,
@@ -53,6 +64,17 @@ DEFAULT_ADDR = f"127.0.0.1:{GATEWAY_PORT}"
 _PUSH_BLOB_DATA = 2
 _WRITE_UPLOAD_DATA = 4
 _READ_BLOB_DATA = 2
+_BLOB_READ_DATA = 1  # blob.v1.ReadResponse.data
+_BLOB_WRITE_DATA = 3  # blob.v1.WriteRequest.data
+
+# After a gateway said it offers no direct access, ask again only after this many seconds.
+_DIRECT_RECHECK_SECONDS = 60.0
+# After blobsvc could not be reached at an address, go through the gateway this long.
+_UNREACHABLE_SECONDS = 30.0
+# How long to wait for a connection to blobsvc before going through the gateway.
+_CONNECT_TIMEOUT_SECONDS = 5.0
+# Received messages a verified read buffers between receiving and hashing (1 MiB each).
+_READ_AHEAD = 4
 
 # Errors after which a resumable push re-reads the offset and goes on.
 _RETRYABLE = frozenset(
@@ -77,16 +99,38 @@ class Descriptor:
 
 
 @dataclass(frozen=True)
+class DirectAccess:
+    """Where and with what grant to reach blobsvc directly (see linkedblob.grants)."""
+
+    address: str
+    grant: str
+    expires_at: datetime.datetime
+
+    @classmethod
+    def from_proto(cls, msg: registry_pb2.DirectAccess) -> DirectAccess | None:
+        if not msg.address or not msg.grant:
+            return None
+        return cls(msg.address, msg.grant, msg.expires_at.ToDatetime(tzinfo=datetime.UTC))
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str]]:
+        return ((grants.METADATA_KEY, self.grant),)
+
+
+@dataclass(frozen=True)
 class Upload:
     id: str
     repository: str
     offset: int
     started_at: datetime.datetime
+    # Set when the upload was started or looked up with direct access.
+    direct: DirectAccess | None = None
 
     @classmethod
     def from_proto(cls, msg: registry_pb2.Upload) -> Upload:
         started = msg.started_at.ToDatetime(tzinfo=datetime.UTC)
-        return cls(msg.id, msg.repository, msg.offset, started)
+        direct = DirectAccess.from_proto(msg.direct) if msg.HasField("direct") else None
+        return cls(msg.id, msg.repository, msg.offset, started, direct)
 
 
 class ClientError(Exception):
@@ -151,7 +195,8 @@ class Client:
 
     ``addr`` defaults to $LINKEDBLOB_ADDR, then 127.0.0.1:50051. ``timeout`` (seconds) bounds
     each unary call; ``retry_timeout`` is how long a resumable push keeps retrying without
-    progress before it gives up.
+    progress before it gives up. ``direct`` moves bytes straight to and from blobsvc when the
+    gateway offers it (one channel per blobsvc address, kept with the client).
     """
 
     def __init__(
@@ -161,6 +206,7 @@ class Client:
         timeout: float | None = 30.0,
         retry_timeout: float = 60.0,
         chunk_size: int = STREAM_CHUNK_BYTES,
+        direct: bool = True,
     ) -> None:
         if not 0 < chunk_size <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_size must be 1-{MAX_CHUNK_BYTES}")
@@ -168,6 +214,11 @@ class Client:
         self.timeout = timeout
         self.retry_timeout = retry_timeout
         self.chunk_size = chunk_size
+        self.direct = direct
+        # Until when not to ask for direct access (the gateway said it offers none).
+        self._direct_off_until = 0.0
+        self._blobsvcs: dict[str, _Blobsvc] = {}
+        self._blobsvcs_lock = threading.Lock()
         self._channel = grpc.insecure_channel(self.addr, options=channel_options())
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
         # The byte streams, with their data messages built and read without protobuf objects.
@@ -188,6 +239,10 @@ class Client:
         )
 
     def close(self) -> None:
+        with self._blobsvcs_lock:
+            blobsvcs, self._blobsvcs = list(self._blobsvcs.values()), {}
+        for blobsvc in blobsvcs:
+            blobsvc.close()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -262,6 +317,10 @@ class Client:
                 if progress:
                     progress(len(data))
                 return desc
+            if self._wants_direct():
+                pushed = self._push_direct(repository, src, media_type, digest, progress)
+                if pushed is not None:
+                    return pushed
             return self._push_stream(repository, src, media_type, digest, progress)
 
     def get(self, repository: str, digest: str, *, offset: int = 0, length: int = 0) -> bytes:
@@ -364,20 +423,51 @@ class Client:
 
     # --- resumable uploads, step by step ----------------------------------------------------------
 
-    def start_upload(self, repository: str) -> Upload:
+    def start_upload(self, repository: str, *, direct: bool = False) -> Upload:
+        """Starts a resumable upload. With ``direct``, asks for direct access too: the Upload
+        then carries it (see :meth:`append`), unless the gateway does not offer it."""
+        if direct and self._wants_direct():
+            upload = self._start_direct(repository)
+            if upload is not None:
+                return upload
         with _errors():
             msg = self._stub.StartUpload(
                 registry_pb2.StartUploadRequest(repository=repository), timeout=self.timeout
             )
         return Upload.from_proto(msg)
 
-    def get_upload(self, repository: str, upload_id: str) -> Upload:
+    def get_upload(self, repository: str, upload_id: str, *, direct: bool = False) -> Upload:
+        """An upload's offset (the bytes staged); with ``direct``, a fresh grant to write it
+        directly too, when the gateway offers that."""
+        if direct and self._wants_direct():
+            try:
+                return self._get_upload(repository, upload_id, True)
+            except ClientError as e:
+                if not self._not_offered(e):
+                    raise
+        return self._get_upload(repository, upload_id, False)
+
+    def _get_upload(self, repository: str, upload_id: str, direct: bool) -> Upload:
         with _errors():
             msg = self._stub.GetUpload(
-                registry_pb2.GetUploadRequest(repository=repository, upload_id=upload_id),
+                registry_pb2.GetUploadRequest(
+                    repository=repository, upload_id=upload_id, direct=direct
+                ),
                 timeout=self.timeout,
             )
         return Upload.from_proto(msg)
+
+    def append(self, upload: Upload, offset: int, chunks: Iterable[bytes | memoryview]) -> Upload:
+        """Appends ``chunks`` (each at most 4 MiB) to an upload at ``offset`` in one stream:
+        straight to blobsvc when the upload carries direct access and blobsvc is reachable,
+        else through the gateway (:meth:`write_upload`). The upload at its new offset."""
+        if upload.direct is not None:
+            blobsvc = self._blobsvc(upload.direct.address)
+            if blobsvc.reachable():
+                size = self._write_direct(blobsvc, upload.direct, upload.id, offset, chunks)
+                return dataclasses.replace(upload, offset=size)
+        written = self.write_upload(upload.repository, upload.id, offset, chunks)
+        return dataclasses.replace(upload, offset=written.offset)
 
     def write_upload(
         self, repository: str, upload_id: str, offset: int, chunks: Iterable[bytes | memoryview]
@@ -483,7 +573,8 @@ class Client:
         if not src.seekable:
             raise ValueError("a resumable push needs a path, bytes or a seekable file")
         retry = _Retry(self.retry_timeout)
-        upload = retry.call(lambda: self.start_upload(repository))
+        direct = self._wants_direct()
+        upload: Upload = retry.call(lambda: self.start_upload(repository, direct=direct))
         hasher = _RewindableHash(src) if not digest else None
         position = 0  # where the source was last rewound to / the confirmed offset
         sent = 0  # bytes handed to gRPC in the current attempt, from position
@@ -505,14 +596,19 @@ class Client:
                         progress(len(chunk))
 
             try:
-                done = self.write_upload(repository, upload.id, position, chunks())
-                position = done.offset
+                position = self.append(upload, position, chunks()).offset
                 break
             except ClientError as e:
-                if not _resumable_error(e):
+                # An expired grant (a long outage) is renewed by GetUpload like the offset.
+                expired = upload.direct is not None and e.code == grpc.StatusCode.UNAUTHENTICATED
+                if not (_resumable_error(e) or expired):
                     raise
                 retry.wait(e)
-                offset = retry.call(lambda: self.get_upload(repository, upload.id)).offset
+                wants_grant = upload.direct is not None
+                upload = retry.call(
+                    lambda: self.get_upload(repository, upload.id, direct=wants_grant)  # noqa: B023
+                )
+                offset = upload.offset
                 if progress and offset != position + sent:
                     progress(offset - (position + sent))  # rewind the progress shown
                 if offset > position:
@@ -528,11 +624,225 @@ class Client:
             assert hasher is not None
             digest = hasher.hexdigest()
         final = digest
-        return retry.call(
+        return retry.call(  # type: ignore[no-any-return]
             lambda: self.commit_upload(repository, upload.id, final, media_type=media_type)
         )
 
+    # --- direct access to blobsvc -------------------------------------------------------------
+
+    def locate(self, repository: str, digest: str) -> tuple[Descriptor, DirectAccess]:
+        """Where to read a blob the repository links straight from blobsvc: its descriptor
+        and direct access (address and a read grant). FAILED_PRECONDITION / UNSUPPORTED when
+        the gateway does not offer direct access."""
+        with _errors():
+            msg = self._stub.LocateBlob(
+                registry_pb2.LocateBlobRequest(repository=repository, digest=digest),
+                timeout=self.timeout,
+            )
+        access = DirectAccess.from_proto(msg.direct)
+        if access is None:
+            raise ClientError(
+                grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED", "no direct access offered"
+            )
+        return Descriptor.from_proto(msg.blob), access
+
+    def _wants_direct(self) -> bool:
+        return self.direct and time.monotonic() >= self._direct_off_until
+
+    def _not_offered(self, e: ClientError) -> bool:
+        """Whether the gateway's answer says it offers no direct access; if so, it is not
+        asked again for a while."""
+        if (
+            e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "UNSUPPORTED"
+        ) or e.code == grpc.StatusCode.UNIMPLEMENTED:  # a gateway older than direct access
+            self._direct_off_until = time.monotonic() + _DIRECT_RECHECK_SECONDS
+            return True
+        return False
+
+    def _blobsvc(self, address: str) -> _Blobsvc:
+        with self._blobsvcs_lock:
+            blobsvc = self._blobsvcs.get(address)
+            if blobsvc is None:
+                blobsvc = self._blobsvcs[address] = _Blobsvc(address)
+            return blobsvc
+
+    def _start_direct(self, repository: str) -> Upload | None:
+        """StartUpload with direct access; None (and no upload started) when not offered."""
+        try:
+            with _errors():
+                msg = self._stub.StartUpload(
+                    registry_pb2.StartUploadRequest(repository=repository, direct=True),
+                    timeout=self.timeout,
+                )
+        except ClientError as e:
+            if self._not_offered(e):
+                return None
+            raise
+        return Upload.from_proto(msg)
+
+    def _cancel_quietly(self, repository: str, upload_id: str) -> None:
+        with contextlib.suppress(ClientError):
+            self.cancel_upload(repository, upload_id)
+
+    def _push_direct(
+        self,
+        repository: str,
+        src: _Source,
+        media_type: str,
+        digest: str,
+        progress: Progress | None,
+    ) -> Descriptor | None:
+        """Pushes through an upload written straight to blobsvc and committed through the
+        gateway. None, with nothing of the source read, when the gateway offers no direct
+        access or blobsvc cannot be reached: then the caller goes through the gateway."""
+        if digest:
+            # A blob some repository links already is linked without sending it (as PushBlob
+            # does from its header).
+            try:
+                linked = self.mount(repository, digest, media_type=media_type)
+            except ClientError as e:
+                if e.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+            else:
+                if src.size is not None and src.size != linked.size:
+                    raise ClientError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "SIZE_INVALID",
+                        f"{digest} is {linked.size} bytes, not the {src.size} given",
+                    )
+                if progress and src.size:
+                    progress(src.size)
+                return linked
+        upload = self._start_direct(repository)
+        if upload is None:
+            return None
+        assert upload.direct is not None
+        blobsvc = self._blobsvc(upload.direct.address)
+        if not blobsvc.reachable():
+            self._cancel_quietly(repository, upload.id)
+            return None
+        # Without a declared digest, commit under the one the bytes sent hash to (blobsvc
+        # hashes them as they arrive and checks it).
+        hasher = None if digest else hashlib.sha256()
+
+        def chunks() -> Iterator[bytes | memoryview]:
+            for chunk in src.chunks(self.chunk_size):
+                if hasher is not None:
+                    hasher.update(chunk)
+                yield chunk
+                if progress:
+                    progress(len(chunk))
+
+        try:
+            self._write_direct(blobsvc, upload.direct, upload.id, 0, chunks())
+            final = digest or f"sha256:{hasher.hexdigest() if hasher else ''}"
+            # The bytes are staged: a gateway restarting meanwhile only delays the commit.
+            return _Retry(self.retry_timeout).call(  # type: ignore[no-any-return]
+                lambda: self.commit_upload(repository, upload.id, final, media_type=media_type)
+            )
+        except BaseException:
+            self._cancel_quietly(repository, upload.id)  # drops the staged bytes
+            raise
+
+    def _write_direct(
+        self,
+        blobsvc: _Blobsvc,
+        access: DirectAccess,
+        upload_id: str,
+        offset: int,
+        chunks: Iterable[bytes | memoryview],
+    ) -> int:
+        """One blobsvc Write stream appending ``chunks`` at ``offset``; the staged size after."""
+        failure: list[BaseException] = []
+
+        def messages() -> Iterator[bytes]:
+            yield blob_pb2.WriteRequest(upload_id=upload_id, offset=offset).SerializeToString()
+            try:
+                for chunk in chunks:
+                    if chunk:
+                        yield wire.data_message(_BLOB_WRITE_DATA, chunk)
+            except Exception as exc:  # grpc would only report "exception iterating requests"
+                failure.append(exc)
+                raise
+
+        try:
+            with _errors():
+                written: blob_pb2.WriteResponse = blobsvc.write(
+                    messages(), metadata=access.metadata
+                )
+        except ClientError as e:
+            if failure:
+                raise failure[0] from None
+            if offset > 0 and e.reason == "BLOB_UPLOAD_UNKNOWN":
+                # Never written: the upload is at 0 (as GetUpload says), as the gateway reports it.
+                raise ClientError(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    "BLOB_UPLOAD_INVALID",
+                    f"upload {upload_id} has 0 bytes; cannot write at {offset}",
+                    {"size": "0"},
+                ) from e.__cause__
+            raise
+        return written.size
+
     def _read(
+        self, repository: str, digest: str, offset: int, length: int
+    ) -> tuple[Descriptor, Iterator[memoryview]]:
+        """Opens a read: the descriptor, then the data as views into the received messages
+        (no copies). Straight from blobsvc when the gateway offers it, else through it."""
+        if self._wants_direct():
+            try:
+                desc, access = self.locate(repository, digest)
+            except ClientError as e:
+                if not self._not_offered(e):
+                    raise
+            else:
+                chunks = self._read_direct(desc, access, offset, length)
+                if chunks is not None:
+                    return desc, chunks
+        return self._read_gateway(repository, digest, offset, length)
+
+    def _read_direct(
+        self, desc: Descriptor, access: DirectAccess, offset: int, length: int
+    ) -> Iterator[memoryview] | None:
+        """blobsvc Read of the range; None when blobsvc cannot be reached (or the range is
+        not valid: the gateway's ReadBlob then answers with its error)."""
+        if offset < 0 or length < 0 or offset > desc.size:
+            return None
+        blobsvc = self._blobsvc(access.address)
+        if not blobsvc.reachable():
+            return None
+        available = desc.size - offset
+        want = available if length == 0 else min(length, available)
+        if want == 0:
+            return iter(())
+        stream = blobsvc.read(
+            blob_pb2.ReadRequest(digest=desc.digest, offset=offset, limit=want),
+            metadata=access.metadata,
+        )
+        try:
+            first: bytes | None = next(stream, None)  # type: ignore[call-overload]
+        except grpc.RpcError as err:
+            stream.cancel()
+            if err.code() == grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                blobsvc.mark_unreachable()
+                return None
+            raise ClientError.from_rpc_error(err) from err
+
+        def data() -> Iterator[memoryview]:
+            try:
+                raw = first
+                while raw is not None:
+                    view = wire.data_payload(raw, _BLOB_READ_DATA)
+                    if view is None:
+                        view = memoryview(blob_pb2.ReadResponse.FromString(raw).data)
+                    yield view
+                    raw = next(stream, None)  # type: ignore[call-overload]
+            finally:
+                stream.cancel()  # a no-op when complete; stops the transfer when abandoned
+
+        return data()
+
+    def _read_gateway(
         self, repository: str, digest: str, offset: int, length: int
     ) -> tuple[Descriptor, Iterator[memoryview]]:
         """Opens ReadBlob: the descriptor (from the first message), then the data as views
@@ -754,3 +1064,70 @@ class _RewindableHash:
 
     def hexdigest(self) -> str:
         return f"sha256:{self.hasher.hexdigest()}"
+
+
+class _Blobsvc:
+    """A channel to one blobsvc address for direct transfers, and whether it answers.
+
+    The connection state is followed as gRPC reports it, so a transfer learns whether blobsvc
+    can be reached before it reads anything of its source: an address that refuses or does not
+    answer within a few seconds is passed over (transfers go through the gateway) for a while.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.read = self.channel.unary_stream(
+            "/linkedblob.blob.v1.BlobService/Read",
+            request_serializer=blob_pb2.ReadRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self.write = self.channel.stream_unary(
+            "/linkedblob.blob.v1.BlobService/Write",
+            request_serializer=None,
+            response_deserializer=blob_pb2.WriteResponse.FromString,
+        )
+        self._state: grpc.ChannelConnectivity | None = None
+        self._changed = threading.Condition()
+        self._unreachable_until = 0.0
+        self.channel.subscribe(self._on_state)
+
+    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+        with self._changed:
+            self._state = state
+            self._changed.notify_all()
+
+    def reachable(self, timeout: float = _CONNECT_TIMEOUT_SECONDS) -> bool:
+        """Connected, or connects within ``timeout``; False when it fails or was found
+        unreachable lately."""
+        if time.monotonic() < self._unreachable_until:
+            return False
+        if self._state == grpc.ChannelConnectivity.READY:
+            return True
+        ready = grpc.channel_ready_future(self.channel)  # asks the channel to connect
+        try:
+            with self._changed:
+                settled = self._changed.wait_for(
+                    lambda: (
+                        self._state
+                        in (
+                            grpc.ChannelConnectivity.READY,
+                            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                            grpc.ChannelConnectivity.SHUTDOWN,
+                        )
+                    ),
+                    timeout,
+                )
+                ok = settled and self._state == grpc.ChannelConnectivity.READY
+        finally:
+            ready.cancel()
+        if not ok:
+            self.mark_unreachable()
+        return ok
+
+    def mark_unreachable(self) -> None:
+        self._unreachable_until = time.monotonic() + _UNREACHABLE_SECONDS
+
+    def close(self) -> None:
+        self.channel.unsubscribe(self._on_state)
+        self.channel.close()

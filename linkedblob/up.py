@@ -3,6 +3,9 @@
 Each service runs as its own process (its own gRPC server and its own core's worth of Python),
 exactly as ``linkedblob serve ...`` would run it: blobsvc on the filesystem under DATA/blobs,
 linksvc on the SQLite file DATA/linkedblob.db (migrated on start), and the gateway in front.
+blobsvc and the gateway share a grant secret made for the run (handed over in the environment,
+never on a command line, where ps would show it), so the gateway offers clients direct access to
+blobsvc (linkedblob.grants) at blobsvc's address.
 Ctrl-C or SIGTERM stops all three cleanly; if one dies, the others are stopped too.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from linkedblob.config import BLOB_PORT, GATEWAY_PORT, LINK_PORT, add_option
+from linkedblob.config import BLOB_PORT, GATEWAY_PORT, LINK_PORT, add_option, env_name
 
 _READY = re.compile(r"^linkedblob (\w+) listening on (\S+)$")
+# The variable both `serve blob` and `serve gateway` read their --grant-secret from.
+GRANT_SECRET_ENV = env_name("--grant-secret")
 
 
 def register(commands: Any) -> None:
@@ -39,10 +45,16 @@ def register(commands: Any) -> None:
 class Child:
     """One service process, started with `linkedblob serve ...`, and its ready address."""
 
-    def __init__(self, kind: str, argv: list[str]) -> None:
+    def __init__(self, kind: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.kind = kind
         cmd = [sys.executable, "-m", "linkedblob.cli", "serve", kind, *argv]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env={**os.environ, **env} if env else None,
+        )
         self.address = self._wait_ready()
         # Keep draining stdout so the child can never block on a full pipe.
         threading.Thread(target=self._drain, daemon=True).start()
@@ -67,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     data = Path(args.data).resolve()
     data.mkdir(parents=True, exist_ok=True)
     common = ["--host", args.host, "--log-format", args.log_format]
+    granting = {GRANT_SECRET_ENV: secrets.token_urlsafe(32)}
     children: list[Child] = []
 
     def stop_all(sig: int = signal.SIGTERM) -> None:
@@ -79,7 +92,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop_all())
     try:
         children.append(
-            Child("blob", [*common, "--port", str(args.blob_port), "--data", str(data / "blobs")])
+            Child(
+                "blob",
+                [*common, "--port", str(args.blob_port), "--data", str(data / "blobs")],
+                granting,
+            )
         )
         db_url = f"sqlite:///{data / 'linkedblob.db'}"
         children.append(
@@ -93,10 +110,12 @@ def run(args: argparse.Namespace) -> int:
             children[0].address,
             "--link-addr",
             children[1].address,
+            "--blob-public-addr",
+            children[0].address,
         ]
         if args.enable_delete:
             gateway_argv.append("--enable-delete")
-        children.append(Child("gateway", gateway_argv))
+        children.append(Child("gateway", gateway_argv, granting))
         gateway = children[-1].address
         print(
             f"linkedblob is up: gateway {gateway} (blobsvc {children[0].address}, "
