@@ -118,8 +118,10 @@ class RegistryServicer:
         self._blob = backends.blob
         self._link = backends.link
         self._enable_delete = enable_delete
-        self._direct = direct or DirectAccess("", "", 0)
-        self._cache: LinkCache[registry_pb2.Descriptor] = cache or LinkCache(0, 0)
+        self._direct = direct if direct is not None else DirectAccess("", "", 0)
+        self._cache: LinkCache[registry_pb2.Descriptor] = (
+            cache if cache is not None else LinkCache(0, 0)  # (an empty cache is falsy)
+        )
         self._cleanups: set[asyncio.Task[None]] = set()  # aborts in flight (kept referenced)
 
     def _md(self) -> tuple[tuple[str, str], ...] | None:

@@ -1,5 +1,6 @@
-"""Unit tests of the gateway's pure pieces: request validation, and the raw handling of
-data-only messages (linkedblob.wire) checked against real protobuf serialization."""
+"""Unit tests of the gateway's pure pieces: request validation, the raw handling of
+data-only messages (linkedblob.wire) checked against real protobuf serialization, the link
+cache and the grants it hands out."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import grpc
 import pytest
 
 from gateway import validation
+from gateway.direct import DirectAccess
+from gateway.linkcache import LinkCache
 from gateway.server import method_handlers
 from gateway.servicer import RegistryServicer
-from linkedblob import wire
+from linkedblob import grants, wire
 from linkedblob.blob.v1 import blob_pb2
 from linkedblob.config import MAX_CHUNK_BYTES
 from linkedblob.errors import LinkedBlobError
@@ -123,3 +126,95 @@ def test_sizes_ranges_and_pages() -> None:
     validation.page(1000, "t" * 1024)
     for size, token in ((-1, ""), (1001, ""), (1, "t" * 1025)):
         assert reason_of(validation.page, size, token) == (INVALID, "PAGINATION_INVALID")
+
+
+# --- link cache ----------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_link_cache_entries_expire_after_the_ttl() -> None:
+    clock = Clock()
+    cache: LinkCache[str] = LinkCache(5.0, 10, clock)
+    cache.put("repo", "d1", "one", cache.generation)
+    clock.now += 4.9
+    assert cache.get("repo", "d1") == "one"
+    clock.now += 0.1
+    assert cache.get("repo", "d1") is None
+    assert len(cache) == 0  # dropped, not kept around
+
+
+def test_link_cache_drops_the_least_recently_used() -> None:
+    cache: LinkCache[str] = LinkCache(60.0, 2, Clock())
+    cache.put("r", "a", "A")
+    cache.put("r", "b", "B")
+    assert cache.get("r", "a") == "A"  # a is now the most recently used
+    cache.put("r", "c", "C")
+    assert (cache.get("r", "a"), cache.get("r", "b"), cache.get("r", "c")) == ("A", None, "C")
+    assert len(cache) == 2
+
+
+def test_link_cache_invalidation_beats_an_answer_fetched_before_it() -> None:
+    cache: LinkCache[str] = LinkCache(60.0, 10, Clock())
+    cache.put("r", "d", "old")
+    fetched_at = cache.generation  # a Resolve starts ...
+    cache.invalidate("r", "d")  # ... a delete through this gateway lands ...
+    cache.put("r", "d", "stale", fetched_at)  # ... and the Resolve's answer arrives
+    assert cache.get("r", "d") is None
+    cache.put("r", "d", "fresh", cache.generation)
+    assert cache.get("r", "d") == "fresh"
+    assert cache.get("other", "d") is None  # keys are (repository, digest)
+
+
+@pytest.mark.parametrize(("ttl", "size"), [(0.0, 10), (5.0, 0)])
+def test_link_cache_off(ttl: float, size: int) -> None:
+    cache: LinkCache[str] = LinkCache(ttl, size, Clock())
+    assert not cache.enabled
+    cache.put("r", "d", "x")
+    assert cache.get("r", "d") is None
+
+
+# --- direct access -------------------------------------------------------------------------------
+
+
+def test_direct_access_grants() -> None:
+    secret = "s" * 32
+    direct = DirectAccess(secret, "blobsvc:50052", 60.0)
+    assert direct.offered
+    signer = grants.Signer(secret)
+    read = direct.read("sha256:" + "a" * 64)
+    assert read.address == "blobsvc:50052"
+    assert signer.check(read.grant, grants.READ, "sha256:" + "a" * 64).expires == (
+        read.expires_at.seconds
+    )
+    write = direct.write("upload-1")
+    assert signer.check(write.grant, grants.WRITE, "upload-1")
+    with pytest.raises(LinkedBlobError):
+        signer.check(write.grant, grants.WRITE, "upload-2")
+    internal = direct.internal_metadata()
+    assert internal is not None and internal == direct.internal_metadata()  # reused
+    ((key, token),) = internal
+    assert key == grants.METADATA_KEY
+    assert signer.verify(token).action == grants.INTERNAL
+
+
+def test_no_secret_no_direct_access() -> None:
+    direct = DirectAccess("", "blobsvc:50052", 60.0)
+    assert not direct.offered
+    assert direct.internal_metadata() is None
+    assert reason_of(direct.read, "sha256:" + "a" * 64) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "UNSUPPORTED",
+    )
+    assert reason_of(direct.write, "upload-1") == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "UNSUPPORTED",
+    )
+    with pytest.raises(ValueError):
+        DirectAccess("short", "blobsvc:50052", 60.0)
