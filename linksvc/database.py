@@ -1,7 +1,16 @@
-"""The link database: one engine per process, tuned for the database in use, and the thread pool
-that runs its SQL off the event loop.
+"""The link database: one engine per process, tuned for the database in use, and where its SQL
+runs: on the event loop (SQLite's short calls) or in a pool of SQL threads.
 
-Three ways to run SQL, all on the connection the calling SQL thread holds:
+Where (``Database.run_hot`` for the short calls, ``Database.run`` for the rest):
+
+- SQLite answers a short call in tens of microseconds (plus the commit's fsync), less than the
+  hop to a thread and back; and it takes one writer at a time whatever the threads. So its short
+  calls run on the event loop, on a connection of the loop's own that never waits for the lock:
+  a call that finds another process (or a SQL thread) holding it goes to the SQL threads, which
+  wait for it (busy_timeout). ``--sqlite-threads-only`` turns this off.
+- PostgreSQL is a round trip away: its calls always run in the SQL threads.
+
+How, all on the connection the calling thread holds:
 
 - :meth:`Database.connect`: every statement commits on its own (the driver is in autocommit
   mode). Most calls are one statement, and this makes them one round trip: no BEGIN, no COMMIT.
@@ -9,8 +18,8 @@ Three ways to run SQL, all on the connection the calling SQL thread holds:
   with an explicit BEGIN. On SQLite that is BEGIN IMMEDIATE, so a writer waits for the write
   lock (busy_timeout) up front instead of failing when it upgrades a read snapshot that another
   writer made stale.
-- :meth:`Database.fetch_one`: the lean path of the hottest read, straight on the driver's
-  cursor (see ``linksvc.queries.DriverQuery``).
+- :meth:`Database.fetch_one` and :meth:`Database.execute`: the lean path of the hot calls,
+  straight on the driver's cursor (see ``linksvc.queries.DriverQuery``).
 
 Database errors that a caller can retry (connection refused or lost, SQLite busy/locked,
 serialization failures and deadlocks) leave here as UNAVAILABLE.
@@ -30,13 +39,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
 
+import grpc
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from linkedblob.errors import LinkedBlobError, unavailable
-from linksvc.queries import DriverQuery
+from linkedblob.errors import LinkedBlobError, Reason, unavailable
+from linksvc.queries import DriverQuery, DriverResult
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +84,17 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+class DatabaseBusy(LinkedBlobError):
+    """SQLite's lock was taken when a call ran on the event loop, which never waits for it:
+    the call goes to the SQL threads instead (see Database.run_hot)."""
+
+    def __init__(self) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, Reason.UNAVAILABLE, "database busy")
+
+
+_on_event_loop = threading.local()
+
+
 def map_errors(fn: Callable[P, T]) -> Callable[P, T]:
     """Turns a transient database error into UNAVAILABLE; other errors pass unchanged (the
     servicer's error mapping logs them and answers INTERNAL)."""
@@ -85,12 +106,20 @@ def map_errors(fn: Callable[P, T]) -> Callable[P, T]:
         except LinkedBlobError:
             raise
         except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+            if getattr(_on_event_loop, "active", False) and _is_sqlite_busy(exc):
+                raise DatabaseBusy() from exc
             if is_transient(exc):
                 log.warning("transient database error: %s", exc.__class__.__name__, exc_info=exc)
                 raise unavailable(f"database unavailable, retry: {_first_line(exc)}") from exc
             raise
 
     return wrapper
+
+
+def _is_sqlite_busy(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in _SQLITE_TRANSIENT_CODES
 
 
 def _first_line(exc: BaseException) -> str:
@@ -101,8 +130,8 @@ def _first_line(exc: BaseException) -> str:
 class Database:
     """The engine, and a thread pool of the same size as its connection pool that runs the SQL.
 
-    Each SQL thread keeps one connection for as long as it is healthy, so a call pays neither a
-    pool checkout nor a ping. A connection is handed back and checked out afresh (with the
+    Each SQL thread (and the event loop, see run_hot) keeps one connection for as long as it is
+    healthy, so a call pays neither a pool checkout nor a ping. A connection is handed back and checked out afresh (with the
     pool's pre-ping) after it idled for IDLE_PING_SECONDS, after it failed, or after another
     thread saw the database connection drop (the server restarted: every thread reconnects).
     Any other thread (start-up, tests) borrows a pooled connection for the length of a call;
@@ -111,12 +140,15 @@ class Database:
 
     IDLE_PING_SECONDS = 10.0
 
-    def __init__(self, url: str, pool_size: int = 8, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str, pool_size: int = 8, busy_timeout: float = 5.0, sqlite_on_loop: bool = True
+    ) -> None:
         self.url = sa.make_url(url)
         self.dialect = self.url.get_backend_name()
         self.pool_size = pool_size
         if self.dialect == "sqlite":
-            self.engine = _sqlite_engine(self.url, pool_size, busy_timeout)
+            # One connection more than SQL threads: the event loop's (see run_hot).
+            self.engine = _sqlite_engine(self.url, pool_size + 1, busy_timeout)
             # The driver runs in autocommit mode (see _sqlite_engine); IMMEDIATE takes the
             # write lock up front, waiting up to busy_timeout for it.
             self._begin = "BEGIN IMMEDIATE"
@@ -125,6 +157,9 @@ class Database:
             self._begin = "BEGIN ISOLATION LEVEL READ COMMITTED"
         else:
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
+        self._begin_query = DriverQuery(self._begin, None)
+        # SQLite's short calls run on the event loop (see run_hot).
+        self.inline = self.dialect == "sqlite" and sqlite_on_loop
         self._local = threading.local()
         self.executor = ThreadPoolExecutor(
             max_workers=pool_size, thread_name_prefix="sql", initializer=self._sql_thread_started
@@ -146,43 +181,86 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sa.Connection]:
-        """A connection in one transaction: committed on success, rolled back on any error."""
+        """A connection in one transaction: committed on success, rolled back on any error.
+
+        Statements may go through SQLAlchemy (``conn.execute``) or the driver
+        (:meth:`execute`); BEGIN and COMMIT go straight to the driver.
+        """
         with self._connection() as conn:
             try:
-                conn.exec_driver_sql(self._begin)
+                self.execute(conn, self._begin_query, {})
                 yield conn
-                conn.commit()
+                if conn.in_transaction():
+                    conn.commit()  # the driver's COMMIT, and the end of SQLAlchemy's bookkeeping
+                else:
+                    self._driver_connection(conn).commit()
             except BaseException as exc:
                 self._abandon(conn, exc)
                 raise
 
-    def fetch_one(self, query: DriverQuery, values: Mapping[str, Any]) -> tuple[Any, ...] | None:
-        """One row of a DriverQuery, run on the driver's cursor in autocommit mode.
+    def execute(
+        self, conn: sa.Connection, query: DriverQuery, values: Mapping[str, Any]
+    ) -> DriverResult:
+        """Runs a DriverQuery on the driver's cursor of ``conn`` (one of :meth:`connect` or
+        :meth:`transaction`); returns its rows and its row count.
 
         Driver errors leave as SQLAlchemy's DBAPIError (flagged when the connection is gone),
         exactly as from ``Connection.execute``, so map_errors treats both paths alike.
         """
-        with self._connection() as conn:
-            dbapi_connection = conn.connection.dbapi_connection
-            assert dbapi_connection is not None
-            driver_error = conn.dialect.loaded_dbapi.Error
+        dbapi_connection = self._driver_connection(conn)
+        driver_error = conn.dialect.loaded_dbapi.Error
+        try:
+            cursor = dbapi_connection.cursor()
             try:
-                cursor = dbapi_connection.cursor()
-                try:
-                    cursor.execute(query.sql, query.parameters(values))
-                    row = cursor.fetchone()
-                finally:
-                    cursor.close()
-            except driver_error as exc:
-                gone = conn.dialect.is_disconnect(exc, dbapi_connection, None)
-                if gone:
-                    conn.invalidate(exc)
-                wrapped = sa.exc.DBAPIError.instance(
-                    query.sql, None, exc, driver_error, connection_invalidated=gone
-                )
-                self._abandon(conn, wrapped)
-                raise wrapped from exc
-            return None if row is None else tuple(row)
+                cursor.execute(query.sql, query.parameters(values))
+                rows = cursor.fetchall() if cursor.description is not None else []
+                return DriverResult([tuple(r) for r in rows], cursor.rowcount)
+            finally:
+                cursor.close()
+        except driver_error as exc:
+            gone = conn.dialect.is_disconnect(exc, dbapi_connection, None)
+            if gone:
+                conn.invalidate(exc)
+            raise sa.exc.DBAPIError.instance(
+                query.sql, None, exc, driver_error, connection_invalidated=gone
+            ) from exc
+
+    def fetch_one(self, query: DriverQuery, values: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """One row of a DriverQuery, run on the driver's cursor in autocommit mode."""
+        with self._connection() as conn:
+            try:
+                rows = self.execute(conn, query, values).rows
+            except sa.exc.DBAPIError as exc:
+                self._abandon(conn, exc)
+                raise
+            return rows[0] if rows else None
+
+    @staticmethod
+    def _driver_connection(conn: sa.Connection) -> Any:
+        dbapi_connection = conn.connection.dbapi_connection
+        assert dbapi_connection is not None
+        return dbapi_connection
+
+    async def run_hot(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs a short call (resolve, link, mount) on the event loop itself where that is
+        cheaper than the hop to a SQL thread (SQLite: the statements take microseconds, the
+        hop tens of them), else in the SQL thread pool. On the loop SQLite never waits for its
+        lock: a call that finds it taken goes to the pool, where it waits (busy_timeout)."""
+        if self.inline:
+            _on_event_loop.active = True
+            try:
+                return self._call_on_loop(fn, *args)
+            except DatabaseBusy:
+                pass
+            finally:
+                _on_event_loop.active = False
+        return await self.run(fn, *args)
+
+    def _call_on_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        local = self._local
+        if not getattr(local, "holds", False):
+            local.holds, local.conn, local.on_loop = True, None, True
+        return fn(*args)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs blocking database work in the SQL thread pool."""
@@ -231,6 +309,12 @@ class Database:
             conn = None
         if conn is None:
             conn = self.engine.connect()  # pool checkout, with pre-ping where configured
+            if getattr(local, "on_loop", False):
+                # The event loop's own connection: out of the pool (which stays the SQL threads'),
+                # and never waiting for SQLite's lock.
+                conn.detach()
+                conn.exec_driver_sql("PRAGMA busy_timeout=0")
+                conn.commit()
             with self._held_lock:
                 self._held.add(conn)
             local.conn, local.generation = conn, self._generation
@@ -249,7 +333,12 @@ class Database:
         if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
             self._generation += 1  # the server went away: every thread reconnects
         try:
-            conn.rollback()
+            if conn.in_transaction():
+                conn.rollback()
+            elif not conn.invalidated:
+                # A transaction begun on the driver (see transaction()): SQLAlchemy knows nothing
+                # of it, so its rollback would not reach the driver.
+                self._driver_connection(conn).rollback()
         except Exception:
             if conn is getattr(self._local, "conn", None):
                 self._release(conn)

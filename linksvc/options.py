@@ -37,3 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=5.0,
         help="SQLite: seconds a writer waits for the database lock before answering UNAVAILABLE",
     )
+    add_option(
+        parser,
+        "--sqlite-threads-only",
+        action="store_true",
+        help="SQLite: run every call in the SQL threads; by default the short ones run on the "
+        "event loop, which is cheaper than the hop to a thread",
+    )

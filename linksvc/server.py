@@ -28,7 +28,12 @@ def serve(args: argparse.Namespace) -> int | None:
         if args.migrate:
             migrate.upgrade(args.db)
             log.info("migrated %s to head", shown)
-        db = Database(args.db, pool_size=args.db_pool_size, busy_timeout=args.db_busy_timeout)
+        db = Database(
+            args.db,
+            pool_size=args.db_pool_size,
+            busy_timeout=args.db_busy_timeout,
+            sqlite_on_loop=not args.sqlite_threads_only,
+        )
     except (ValueError, sa.exc.ArgumentError, sa.exc.DBAPIError, CommandError) as exc:
         print(f"linkedblob link: cannot open {shown}: {exc}", file=sys.stderr)
         return 1

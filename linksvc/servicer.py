@@ -1,7 +1,8 @@
 """The gRPC surface of linksvc (linkedblob.link.v1.LinkService): validate, call, map.
 
 Every argument is validated here, on the event loop, before any SQL runs; the store's blocking
-methods then run in the database's thread pool. Errors leave as LinkedBlobError (the
+methods then run through the database: the short ones on the event loop where that is cheaper
+(SQLite), the rest in its SQL threads (see linksvc.database). Errors leave as LinkedBlobError (the
 ``grpc_errors`` decorator turns them into a status with an ErrorInfo reason).
 """
 
@@ -68,7 +69,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
     ) -> link_pb2.RecordBlobResponse:
         digest = check.digest(request.digest)
         size = check.blob_size(digest, request.size)
-        created = await self.db.run(self.store.record_blob, digest, size)
+        created = await self.db.run_hot(self.store.record_blob, digest, size)
         return link_pb2.RecordBlobResponse(created=created)
 
     @grpc_errors
@@ -76,7 +77,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         self, request: link_pb2.StatBlobRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.StatBlobResponse:
         digest = check.digest(request.digest)
-        blob = await self.db.run(self.store.stat_blob, digest)
+        blob = await self.db.run_hot(self.store.stat_blob, digest)
         return link_pb2.StatBlobResponse(
             digest=blob.digest, size=blob.size, created_at=_timestamp(blob.created_at)
         )
@@ -94,7 +95,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         session_id = (
             check.session_id(request.finish_session_id) if request.finish_session_id else ""
         )
-        blob, created = await self.db.run(
+        blob, created = await self.db.run_hot(
             self.store.link, repository, digest, media_type, size, session_id
         )
         return link_pb2.LinkResponse(blob=_descriptor(blob), created=created)
@@ -105,7 +106,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
     ) -> link_pb2.ResolveResponse:
         repository = check.repository(request.repository)
         digest = check.digest(request.digest)
-        blob = await self.db.run(self.store.resolve, repository, digest)
+        blob = await self.db.run_hot(self.store.resolve, repository, digest)
         return link_pb2.ResolveResponse(blob=_descriptor(blob))
 
     @grpc_errors
@@ -114,7 +115,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
     ) -> link_pb2.UnlinkResponse:
         repository = check.repository(request.repository)
         digest = check.digest(request.digest)
-        await self.db.run(self.store.unlink, repository, digest)
+        await self.db.run_hot(self.store.unlink, repository, digest)
         return link_pb2.UnlinkResponse()
 
     @grpc_errors
@@ -129,7 +130,9 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         )
         digest = check.digest(request.digest)
         media_type = check.media_type(request.media_type)
-        blob, created = await self.db.run(self.store.mount, repository, source, digest, media_type)
+        blob, created = await self.db.run_hot(
+            self.store.mount, repository, source, digest, media_type
+        )
         return link_pb2.MountResponse(blob=_descriptor(blob), created=created)
 
     @grpc_errors
@@ -162,14 +165,14 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         self, request: link_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.Session:
         repository = check.repository(request.repository)
-        return _session(await self.db.run(self.store.create_session, repository))
+        return _session(await self.db.run_hot(self.store.create_session, repository))
 
     @grpc_errors
     async def GetSession(
         self, request: link_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.Session:
         session_id = check.session_id(request.id)
-        return _session(await self.db.run(self.store.get_session, session_id))
+        return _session(await self.db.run_hot(self.store.get_session, session_id))
 
     @grpc_errors
     async def AdvanceSession(
@@ -182,7 +185,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
             raise invalid_argument(
                 Reason.SIZE_INVALID, f"to_size {to_size} is below from_size {from_size}"
             )
-        session = await self.db.run(self.store.advance_session, session_id, from_size, to_size)
+        session = await self.db.run_hot(self.store.advance_session, session_id, from_size, to_size)
         return _session(session)
 
     @grpc_errors
@@ -196,7 +199,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
                 Reason.BLOB_UPLOAD_INVALID,
                 f"a session finishes COMMITTED or CANCELLED, not {request.state}",
             )
-        return _session(await self.db.run(self.store.finish_session, session_id, state))
+        return _session(await self.db.run_hot(self.store.finish_session, session_id, state))
 
     @grpc_errors
     async def ListStaleSessions(
@@ -218,5 +221,5 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         self, request: link_pb2.PurgeSessionRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.PurgeSessionResponse:
         session_id = check.session_id(request.id)
-        await self.db.run(self.store.purge_session, session_id)
+        await self.db.run_hot(self.store.purge_session, session_id)
         return link_pb2.PurgeSessionResponse()

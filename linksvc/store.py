@@ -3,8 +3,10 @@
 Plain Python, no gRPC: every method takes values the servicer has already validated (parsed
 digests, valid names, sizes >= 0), runs one short transaction (most of them a single statement)
 and returns plain records or raises :class:`linkedblob.errors.LinkedBlobError`. The methods
-block; the servicer runs them in the database's thread pool (``Database.run``). The SQL itself
-is in :mod:`linksvc.queries`.
+block; the servicer runs them through the database (``Database.run_hot`` / ``Database.run``:
+on the event loop or in the SQL threads). The SQL itself is in :mod:`linksvc.queries`; the hot
+calls run it on the driver's cursor, and on PostgreSQL a push's link and a mount are one
+statement each (one round trip) in the common case, with the general transaction behind them.
 """
 
 from __future__ import annotations
@@ -108,22 +110,47 @@ class LinkStore:
     ) -> tuple[Descriptor, bool]:
         """Links a blob into a repository; with ``size``, records the blob first. All in one
         transaction, together with finishing ``finish_session_id`` as committed."""
+        d = self.q.driver
+        values = {"repository": repository, "digest": digest}
         if not finish_session_id:
-            # Linked already, just as asked (a blob pushed again): one read, no transaction.
-            row = self.db.fetch_one(
-                self.q.resolve_row, {"repository": repository, "digest": digest}
-            )
-            if row is not None:
-                linked_size, linked_media_type = row
-                if size in (None, linked_size) and media_type in ("", linked_media_type):
-                    return Descriptor(digest, linked_size, linked_media_type), False
+            if size is not None and d.link_new is not None:
+                # A push's commit (new blob, new link) in one statement, which also reads the
+                # link as it stood before.
+                row = self.db.fetch_one(
+                    d.link_new,
+                    {
+                        **values,
+                        "size": size,
+                        "media_type": media_type,
+                        "state": BlobState.COMMITTED.value,
+                        "now": utcnow(),
+                    },
+                )
+                assert row is not None  # the statement always answers one row
+                created, linked_size, linked_media_type = row
+                if created:
+                    return Descriptor(digest, size, media_type), True
+            else:
+                linked_size, linked_media_type = self.db.fetch_one(d.resolve, values) or (
+                    None,
+                    None,
+                )
+            # Linked already, just as asked (a blob pushed again): nothing to write.
+            if (
+                linked_size is not None
+                and size in (None, linked_size)
+                and media_type in ("", linked_media_type)
+            ):
+                return Descriptor(digest, linked_size, linked_media_type), False
         now = utcnow()
-        with self.db.transaction() as conn:
+        db = self.db
+        with db.transaction() as conn:
             recorded_now = False
             if size is not None:
                 recorded_now = bool(
-                    conn.execute(
-                        self.q.record_blob,
+                    db.execute(
+                        conn,
+                        d.record_blob,
                         {
                             "digest": digest,
                             "size": size,
@@ -133,16 +160,12 @@ class LinkStore:
                         },
                     ).rowcount
                 )
-            conn.execute(self.q.add_repository, {"name": repository, "created_at": now})
+            db.execute(conn, d.add_repository, {"name": repository, "created_at": now})
             created = bool(
-                conn.execute(
-                    self.q.link_recorded,
-                    {
-                        "repository": repository,
-                        "digest": digest,
-                        "media_type": media_type,
-                        "created_at": now,
-                    },
+                db.execute(
+                    conn,
+                    d.link_recorded,
+                    {**values, "media_type": media_type, "created_at": now},
                 ).rowcount
             )
             if created and recorded_now:
@@ -160,21 +183,24 @@ class LinkStore:
         self, conn: sa.Connection, repository: str, digest: str, media_type: str
     ) -> Descriptor:
         """The link as it stands, with its media type replaced when a new one is given."""
-        row = conn.execute(self.q.resolve, {"repository": repository, "digest": digest}).first()
-        if row is None:
+        d = self.q.driver
+        rows = self.db.execute(conn, d.resolve, {"repository": repository, "digest": digest}).rows
+        if not rows:
             raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} is not recorded")
-        if media_type and media_type != row.media_type:
-            conn.execute(
-                self.q.set_media_type,
+        size, linked_media_type = rows[0]
+        if media_type and media_type != linked_media_type:
+            self.db.execute(
+                conn,
+                d.set_media_type,
                 {"p_repository": repository, "p_digest": digest, "p_media_type": media_type},
             )
-            return Descriptor(digest, row.size, media_type)
-        return Descriptor(digest, row.size, row.media_type)
+            return Descriptor(digest, size, media_type)
+        return Descriptor(digest, size, linked_media_type)
 
     @map_errors
     def resolve(self, repository: str, digest: str) -> Descriptor:
         # The hottest call (every stat): the lean path, see DriverQuery.
-        row = self.db.fetch_one(self.q.resolve_row, {"repository": repository, "digest": digest})
+        row = self.db.fetch_one(self.q.driver.resolve, {"repository": repository, "digest": digest})
         if row is None:
             raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} is not linked in {repository}")
         size, media_type = row
@@ -194,22 +220,35 @@ class LinkStore:
         self, repository: str, from_repository: str, digest: str, media_type: str = ""
     ) -> tuple[Descriptor, bool]:
         """Links into ``repository`` a blob that ``from_repository`` (empty: any) links."""
+        d = self.q.driver
         now = utcnow()
-        with self.db.transaction() as conn:
-            if from_repository:
-                source = conn.execute(
-                    self.q.mount_from, {"digest": digest, "from_repository": from_repository}
-                ).first()
-            else:
-                source = conn.execute(self.q.mount_from_any, {"digest": digest}).first()
-            if source is None:
-                where = from_repository or "any repository"
-                raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} is not linked in {where}")
-            conn.execute(self.q.add_repository, {"name": repository, "created_at": now})
-            new_media_type = media_type or source.media_type
+        values = {"repository": repository, "digest": digest, "media_type": media_type}
+        if from_repository:
+            values["from_repository"] = from_repository
+        one_statement = d.mount_one_from if from_repository else d.mount_one_from_any
+        if one_statement is not None:
+            row = self.db.fetch_one(one_statement, {**values, "now": now})
+            if row is None:
+                raise _not_mountable(digest, from_repository)
+            size, new_media_type, existing_media_type = row
+            if new_media_type is not None:
+                return Descriptor(digest, size, new_media_type), True
+            if existing_media_type is not None and media_type in ("", existing_media_type):
+                return Descriptor(digest, size, existing_media_type), False
+            # Linked meanwhile, or the link's media type changes: the general path.
+        db = self.db
+        with db.transaction() as conn:
+            source = d.mount_from if from_repository else d.mount_from_any
+            rows = db.execute(conn, source, values).rows
+            if not rows:
+                raise _not_mountable(digest, from_repository)
+            size, source_media_type = rows[0]
+            db.execute(conn, d.add_repository, {"name": repository, "created_at": now})
+            new_media_type = media_type or source_media_type
             created = bool(
-                conn.execute(
-                    self.q.add_link,
+                db.execute(
+                    conn,
+                    d.add_link,
                     {
                         "repository": repository,
                         "digest": digest,
@@ -219,7 +258,7 @@ class LinkStore:
                 ).rowcount
             )
             if created:
-                return Descriptor(digest, source.size, new_media_type), True
+                return Descriptor(digest, size, new_media_type), True
             # Already linked: the link keeps its media type unless the caller gave one.
             return self._existing_link(conn, repository, digest, media_type), False
 
@@ -344,6 +383,11 @@ def _check_size(digest: str, recorded: int, given: int) -> None:
             f"blob {digest} is recorded with size {recorded}, not {given}",
             size=recorded,
         )
+
+
+def _not_mountable(digest: str, from_repository: str) -> Exception:
+    where = from_repository or "any repository"
+    return not_found(Reason.BLOB_UNKNOWN, f"blob {digest} is not linked in {where}")
 
 
 def _unknown_session(session_id: str, state: str | None = None) -> Exception:

@@ -42,6 +42,11 @@ def linksvc(db_url: str) -> Iterator[ServiceProcess]:
 
 
 @pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'link.db'}"
+
+
+@pytest.fixture
 def stub(linksvc: ServiceProcess) -> Iterator[link_pb2_grpc.LinkServiceStub]:
     with linksvc.channel() as channel:
         yield link_pb2_grpc.LinkServiceStub(channel)
@@ -506,6 +511,42 @@ def test_transient_database_failure_is_unavailable(db_url: str) -> None:
             ):
                 refused(call, Code.UNAVAILABLE, Reason.UNAVAILABLE)
         assert svc.proc.poll() is None  # still serving
+
+
+@pytest.mark.parametrize("mode", [[], ["--sqlite-threads-only"]], ids=["on-loop", "threads"])
+def test_sqlite_writes_wait_for_the_lock_while_reads_go_on(
+    sqlite_url: str, mode: list[str]
+) -> None:
+    """SQLite's short calls run on the event loop (or, with --sqlite-threads-only, in the SQL
+    threads). A write that finds the lock taken waits for it in a SQL thread and then succeeds;
+    meanwhile the event loop serves other calls."""
+    d = digest_of("locked")
+    args = ["--db", sqlite_url, "--migrate", "--db-busy-timeout", "60", *mode]
+    with running("link", *args) as svc, svc.channel() as channel:
+        stub = link_pb2_grpc.LinkServiceStub(channel)
+        stub.Link(pb.LinkRequest(repository="src", digest=d, size=5, media_type="a/b"))
+        holder = sqlite3.connect(sa.make_url(sqlite_url).database or "", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process's write lock
+        try:
+            link = stub.Link.future(  # type: ignore[misc]
+                pb.LinkRequest(repository="dst/link", digest=digest_of("new"), size=3)
+            )
+            mount = stub.Mount.future(  # type: ignore[misc]
+                pb.MountRequest(repository="dst/mount", from_repository="src", digest=d)
+            )
+            session = stub.CreateSession.future(  # type: ignore[misc]
+                pb.CreateSessionRequest(repository="dst/session")
+            )
+            for _ in range(20):  # reads are served while the writes wait
+                assert stub.Resolve(pb.ResolveRequest(repository="src", digest=d)).blob.size == 5
+            assert not (link.done() or mount.done() or session.done())
+        finally:
+            holder.rollback()
+            holder.close()
+        assert link.result().created
+        assert mount.result().created and mount.result().blob.media_type == "a/b"
+        assert session.result().state == pb.Session.ACTIVE
+        assert stub.Resolve(pb.ResolveRequest(repository="dst/link", digest=digest_of("new")))
 
 
 def test_serve_refuses_an_unmigrated_database(db_url: str) -> None:

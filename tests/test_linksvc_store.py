@@ -180,6 +180,30 @@ def test_mount_unlink(store: Store) -> None:
     assert store.mount("x", "", d)[1] is True  # dst/* still link it
 
 
+def test_repeated_link_and_mount_with_a_new_media_type(store: Store) -> None:
+    """The repeated calls: answered from the link as it stands, or updating its media type (on
+    PostgreSQL the one-statement paths hand these over to the general one)."""
+    d = digest_of("repeated")
+    assert store.link("r", d, "a/one", 9) == (Descriptor(d, 9, "a/one"), True)
+    assert store.link("r", d, "", 9) == (Descriptor(d, 9, "a/one"), False)
+    assert store.link("r", d, "a/one", 9) == (Descriptor(d, 9, "a/one"), False)
+    assert store.link("r", d, "a/two", 9) == (Descriptor(d, 9, "a/two"), False)
+    assert store.resolve("r", d) == Descriptor(d, 9, "a/two")
+    expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        Reason.SIZE_INVALID,
+        lambda: store.link("r", d, "a/three", 10),
+    )
+    assert store.resolve("r", d) == Descriptor(d, 9, "a/two")
+
+    assert store.mount("m", "r", d) == (Descriptor(d, 9, "a/two"), True)
+    assert store.mount("m", "", d) == (Descriptor(d, 9, "a/two"), False)
+    assert store.mount("m", "r", d, "a/two") == (Descriptor(d, 9, "a/two"), False)
+    assert store.mount("m", "r", d, "a/mine") == (Descriptor(d, 9, "a/mine"), False)
+    assert store.resolve("m", d) == Descriptor(d, 9, "a/mine")
+    assert store.resolve("r", d) == Descriptor(d, 9, "a/two")  # the source keeps its own
+
+
 def test_list_pages_in_bytewise_order(store: Store) -> None:
     digests = sorted(digest_of(f"blob-{i}") for i in range(25))
     for i, d in enumerate(digests):
@@ -303,6 +327,28 @@ def test_concurrent_links_of_one_pair_leave_one_row(db_url: str) -> None:
         assert len(rows(db_url, "links")) == 1
         assert len(rows(db_url, "blobs")) == 1
         assert len(rows(db_url, "repositories")) == 1
+    finally:
+        s.db.close()
+
+
+def test_concurrent_links_of_one_new_blob_and_mounts_of_one_pair(db_url: str) -> None:
+    migrate.upgrade(db_url)
+    s = open_store(db_url, pool_size=16)
+    try:
+        # One new blob pushed into sixteen repositories at once: one blob row, sixteen links.
+        d = digest_of("pushed everywhere")
+        results = race(s.db, lambda i: s.store.link(f"race/{i}", d, "a/b", 42))
+        assert results == [(Descriptor(d, 42, "a/b"), True)] * 16
+        assert len(rows(db_url, "blobs")) == 1
+        assert len(rows(db_url, "links")) == 16
+
+        # Sixteen mounts of that blob into one new repository: one of them creates the link.
+        results = race(s.db, lambda i: s.store.mount("race/target", f"race/{i}", d))
+        assert all(isinstance(r, tuple) for r in results), results
+        assert sum(1 for r in results if isinstance(r, tuple) and r[1]) == 1
+        assert {r[0] for r in results if isinstance(r, tuple)} == {Descriptor(d, 42, "a/b")}
+        assert len(rows(db_url, "links")) == 17
+        assert len(rows(db_url, "repositories")) == 17
     finally:
         s.db.close()
 
