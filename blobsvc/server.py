@@ -4,6 +4,8 @@ them on the shared bootstrap (health, reflection, metrics, graceful shutdown).""
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import sys
 from typing import Any
 
@@ -16,6 +18,34 @@ from blobsvc.store import BlobStore
 from linkedblob.blob.v1 import blob_pb2
 from linkedblob.grants import Signer
 from linkedblob.server import Service, run
+
+# gRPC's BDP probing grows each stream's HTTP/2 receive window towards the link's bandwidth-delay
+# product: when a client sends faster than we hash and write (the usual case), grpc buffers a
+# window's worth of data per stream, which on loopback reached tens of MiB per stream (peak RSS
+# 150 -> 340 MiB over rounds of 8 concurrent 32 MiB Writes). Without it a stream's window
+# admits the message being read plus a little: a stream holds ~1 MiB in the transport, whatever
+# the blob size, at no cost in throughput measured on loopback (a link whose round trip is much
+# longer than a message's time would want a larger window).
+GRPC_OPTIONS = [("grpc.http2.bdp_probe", 0)]
+
+# glibc gives each thread that contends for malloc an arena of its own (up to 8 per core), and
+# each arena grows to its own peak: with grpc's threads allocating message buffers that the event
+# loop frees, the process's footprint becomes a sum of peaks. Two arenas measured 15-30 MiB
+# lower peaks during 8 concurrent Writes, with the same throughput.
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # glibc <malloc.h>
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """mallopt(M_ARENA_MAX): applies to arenas created from now on. No-op off glibc."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(_M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
 
 _HANDLER_FACTORIES: dict[tuple[bool, bool], Any] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -50,6 +80,7 @@ def serve(args: argparse.Namespace) -> int | None:
     except ValueError as exc:
         print(f"linkedblob blob: --grant-secret: {exc}", file=sys.stderr)
         return 2
+    limit_malloc_arenas()
     store = BlobStore(open_storage(args.storage, args.data))
     handlers = method_handlers(BlobServicer(store, signer))
 
@@ -60,7 +91,7 @@ def serve(args: argparse.Namespace) -> int | None:
         server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 
     run(
-        Service("blob", [SERVICE_NAME], register, on_stop=store.close),
+        Service("blob", [SERVICE_NAME], register, on_stop=store.close, extra_options=GRPC_OPTIONS),
         args.host,
         args.port,
         args.grace,
