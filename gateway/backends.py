@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
-from linkedblob.config import TRANSPORT_LIMIT_BYTES
+from linkedblob.config import STREAM_CHUNK_BYTES, TRANSPORT_LIMIT_BYTES
 from linkedblob.link.v1 import link_pb2_grpc
 
 
@@ -26,6 +26,24 @@ def channel_options() -> list[tuple[str, int | str]]:
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2_000),
+        *bounded_windows(),
+    ]
+
+
+def bounded_windows() -> list[tuple[str, int]]:
+    """HTTP/2 flow control for a relay: a fixed 1 MiB window per stream, both on the gateway's
+    server (client -> gateway) and on its backend channels (blobsvc -> gateway).
+
+    With grpc's default BDP probing each stream's receive window grows to at least 4 MiB, and a
+    relayed stream whose sender is faster than the next hop fills it: the gateway grew ~22 MiB
+    per concurrent relayed push (peak ~250-290 MiB under 8 concurrent 32 MiB pushes, kept by the
+    1 GiB trim threshold). With a fixed 1 MiB window it stays at ~115-140 MiB, and relayed
+    throughput is unchanged within this machine's noise (gRPC still opens the window to a whole
+    message while one is being read).
+    """
+    return [
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", STREAM_CHUNK_BYTES),
     ]
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 
-from gateway.backends import Backends
+from gateway.backends import Backends, bounded_windows
 from gateway.direct import DirectAccess
 from gateway.linkcache import LinkCache
 from gateway.servicer import RegistryServicer
@@ -17,6 +17,7 @@ from linkedblob.server import Service, run
 from linkedblob.v1 import registry_pb2
 
 SERVICE_NAME = "linkedblob.v1.Registry"
+
 
 # The byte streams take or give raw serialized messages (see linkedblob.wire): their requests
 # reach the servicer unparsed, or their responses leave it already serialized.
@@ -81,7 +82,7 @@ def serve(args: argparse.Namespace) -> int | None:
             await backends.close()
 
     run(
-        Service("gateway", [SERVICE_NAME], register, on_stop),
+        Service("gateway", [SERVICE_NAME], register, on_stop, bounded_windows()),
         args.host,
         args.port,
         args.grace,

@@ -10,6 +10,8 @@ so the gateway offers direct access to blobsvc; `direct=False` runs both without
 from __future__ import annotations
 
 import secrets
+import socket
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -176,6 +178,25 @@ def running_stack(
             yield stack
         finally:
             stack.stop()
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (for a server flag that cannot take 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A server's Prometheus metrics: sample line (name with labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def registry(address: str) -> registry_pb2_grpc.RegistryStub:
