@@ -17,9 +17,10 @@ from pathlib import Path
 
 import psutil
 
+from linkedblob.client import Client
 from linkedblob.config import MiB
 
-_UP = re.compile(r"^linkedblob is up: gateway (\S+) ")
+_UP = re.compile(r"^linkedblob is up: gateway (\S+) \(blobsvc (\S+),")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -55,9 +56,20 @@ def test_up_push_ls_pull_and_ctrl_c(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "not up in 60 s"
             with contextlib.suppress(queue.Empty):
                 m = _UP.match(lines.get(timeout=0.2))
-                address = m.group(1) if m else ""
+                address, blob_address = (m.group(1), m.group(2)) if m else ("", "")
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) == 3
+        # blobsvc and the gateway share a grant secret made for the run, in their environment
+        # and never on a command line (ps shows those).
+        kinds = {c.cmdline()[c.cmdline().index("serve") + 1]: c for c in children}
+        secret = kinds["blob"].environ().get("LINKEDBLOB_GRANT_SECRET", "")
+        assert len(secret) >= 32
+        assert kinds["gateway"].environ().get("LINKEDBLOB_GRANT_SECRET") == secret
+        assert not any(secret in " ".join(c.cmdline()) for c in children)
+        with Client(address) as client:  # direct access offered, at blobsvc's address
+            located = client.push("demo/direct", os.urandom(2 * MiB))
+            _desc, access = client.locate("demo/direct", located.digest)
+            assert access.address == blob_address
 
         payload = os.urandom(3 * MiB + 1)
         src = tmp_path / "in.bin"
@@ -67,7 +79,7 @@ def test_up_push_ls_pull_and_ctrl_c(tmp_path: Path) -> None:
         digest = pushed.stdout.strip()
         listed = cli("ls", "demo/app", "--addr", address)
         assert listed.returncode == 0 and listed.stdout.split("\t")[0] == digest
-        assert cli("ls", "--addr", address).stdout.split() == ["demo/app"]
+        assert cli("ls", "--addr", address).stdout.split() == ["demo/app", "demo/direct"]
         out = tmp_path / "out.bin"
         pulled = cli("pull", "demo/app", digest, "-o", str(out), "--addr", address)
         assert pulled.returncode == 0, pulled.stderr
