@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -96,10 +97,17 @@ async def serve_until_signalled(
         log.info("metrics on http://%s:%d/metrics", host, mport)
     display_host = f"[{host}]" if ":" in host else host
     print(f"linkedblob {service.name} listening on {display_host}:{running.port}", flush=True)
-    log.info("serving", extra={"service": service.name, "port": running.port})
+    loop = asyncio.get_running_loop()
+    log.info(
+        "serving",
+        extra={
+            "service": service.name,
+            "port": running.port,
+            "event_loop": f"{type(loop).__module__}.{type(loop).__name__}",
+        },
+    )
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
@@ -108,10 +116,23 @@ async def serve_until_signalled(
     log.info("stopped")
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop the servers run on: uvloop when installed, unless
+    LINKEDBLOB_EVENT_LOOP=asyncio asks for the standard library's."""
+    if os.environ.get("LINKEDBLOB_EVENT_LOOP", "uvloop") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
 def run(service: Service, host: str, port: int, grace: float, metrics_port: int = -1) -> None:
     """Runs the service until SIGTERM/SIGINT (the process's main entry for `serve`)."""
     try:
-        asyncio.run(serve_until_signalled(service, host, port, grace, metrics_port))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(serve_until_signalled(service, host, port, grace, metrics_port))
     except OSError as exc:
         print(f"linkedblob {service.name}: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc

@@ -24,6 +24,7 @@ from linkedblob.errors import Reason, error_info
 from linkedblob.link.v1 import link_pb2 as pb
 from linkedblob.link.v1 import link_pb2_grpc
 from tests.services import ServiceProcess, running
+from tests.stack import free_port, scrape
 
 BIN = Path(sys.executable).parent
 SERVICE = "linkedblob.link.v1.LinkService"
@@ -547,6 +548,37 @@ def test_sqlite_writes_wait_for_the_lock_while_reads_go_on(
         assert mount.result().created and mount.result().blob.media_type == "a/b"
         assert session.result().state == pb.Session.ACTIVE
         assert stub.Resolve(pb.ResolveRequest(repository="dst/link", digest=digest_of("new")))
+
+
+def test_calls_are_counted_by_method_and_code(sqlite_url: str) -> None:
+    """The servicer wrapper's metrics (linkedblob.errors.grpc_errors), scraped from the server:
+    calls by method and code, and their latency histogram by method."""
+    port = free_port()
+    args = ["--db", sqlite_url, "--migrate", "--metrics-port", str(port)]
+    with running("link", *args) as svc, svc.channel() as channel:
+        stub = link_pb2_grpc.LinkServiceStub(channel)
+        d = digest_of("counted")
+        stub.Link(pb.LinkRequest(repository="r", digest=d, size=1))
+        for _ in range(3):
+            stub.Resolve(pb.ResolveRequest(repository="r", digest=d))
+        for _ in range(2):
+            refused(
+                lambda: stub.Resolve(pb.ResolveRequest(repository="r/none", digest=d)),
+                Code.NOT_FOUND,
+                Reason.BLOB_UNKNOWN,
+            )
+        refused(
+            lambda: stub.Resolve(pb.ResolveRequest(repository="R", digest=d)),
+            Code.INVALID_ARGUMENT,
+            Reason.NAME_INVALID,
+        )
+        samples = scrape(port)
+    assert samples['linkedblob_rpcs_total{code="OK",method="Resolve"}'] == 3
+    assert samples['linkedblob_rpcs_total{code="NOT_FOUND",method="Resolve"}'] == 2
+    assert samples['linkedblob_rpcs_total{code="INVALID_ARGUMENT",method="Resolve"}'] == 1
+    assert samples['linkedblob_rpcs_total{code="OK",method="Link"}'] == 1
+    assert samples['linkedblob_rpc_seconds_count{method="Resolve"}'] == 6
+    assert samples['linkedblob_rpc_seconds_count{method="Link"}'] == 1
 
 
 def test_serve_refuses_an_unmigrated_database(db_url: str) -> None:
