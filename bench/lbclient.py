@@ -3,8 +3,12 @@
 Pushes hand it the blob as an iterable of memoryviews (no copies; it frames them as data
 messages itself) with the digest declared, as the registry client declares it; pulls go to a
 sink that discards the bytes after the client has verified them; the resumable push uses its
-step-by-step upload calls, one WriteUpload stream per chunk, as the registry gets one PATCH per
-chunk.
+step-by-step upload calls, one write stream per chunk, as the registry gets one PATCH per chunk.
+
+The client takes the direct path that ``linkedblob up`` offers (as the registry's clients follow
+its redirects to storage): pulls read from blobsvc after LocateBlob, pushes and the resumable
+upload's chunks are written to blobsvc under the gateway's grant and committed through the
+gateway. Stat, mount and small pushes are gateway calls.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from linkedblob.config import STREAM_CHUNK_BYTES
 
 
 def client_note() -> str:
-    return "linkedblob.client.Client (sync grpc, one channel each), 1 MiB data messages"
+    return (
+        "linkedblob.client.Client (sync grpc, one channel each), 1 MiB data messages, "
+        "direct to blobsvc when offered"
+    )
 
 
 class _Discard(io.RawIOBase):
@@ -47,13 +54,13 @@ class LinkedblobClient:
         _check(self.client.push(repository, pieces, digest=blob.digest), blob)
 
     def push_chunked(self, repository: str, blob: Blob, chunk_bytes: int) -> None:
-        upload = self.client.start_upload(repository)
+        upload = self.client.start_upload(repository, direct=True)
         for start in range(0, blob.size, chunk_bytes):
             stop = min(start + chunk_bytes, blob.size)
             pieces = blob.views(STREAM_CHUNK_BYTES, start, stop)
-            written = self.client.write_upload(repository, upload.id, start, pieces)
-            if written.offset != stop:
-                raise BenchError(f"linkedblob WriteUpload: offset {written.offset}, want {stop}")
+            upload = self.client.append(upload, start, pieces)
+            if upload.offset != stop:
+                raise BenchError(f"linkedblob upload write: offset {upload.offset}, want {stop}")
         _check(self.client.commit_upload(repository, upload.id, blob.digest), blob)
 
     def pull_verified(self, repository: str, digest: str, size: int) -> None:

@@ -2,8 +2,10 @@
 
 ``up`` is run exactly as a user would run it (``linkedblob up --data DIR --port 0 ...``); the
 PostgreSQL variant runs ``linkedblob serve blob|link|gateway`` itself, against a database it
-creates for the run and drops afterwards. Services log at WARNING (the registry logs at warn
-with its access log off): both sides measure the data path, not their logging.
+creates for the run and drops afterwards, with a grant secret shared by blobsvc and the gateway
+as ``up`` gives them (so both variants offer the client direct access to blobsvc). Services log
+at WARNING (the registry logs at warn with its access log off): both sides measure the data
+path, not their logging.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import psutil
 
 from bench.lbclient import LinkedblobClient, client_note
 from bench.procs import Process
+from linkedblob.up import GRANT_SECRET_ENV
 
 QUIET = {"LINKEDBLOB_LOG_LEVEL": "WARNING", "LINKEDBLOB_LOG_FORMAT": "text"}
 UP_READY = re.compile(r"^linkedblob is up: gateway (\S+) \(blobsvc (\S+), linksvc (\S+)\)")
@@ -82,19 +85,26 @@ class LinkedblobPostgres:
         _admin(server_url, f'CREATE DATABASE "{self.database}"')
         db_url = sa.make_url(server_url).set(database=self.database)
         self.processes: list[Process] = []
+        granting = {GRANT_SECRET_ENV: secrets.token_urlsafe(32)}
         try:
-            blob = self._serve(workdir, "blob", "--data", str(workdir / "blobs"))
+            blob = self._serve(workdir, "blob", "--data", str(workdir / "blobs"), env=granting)
             link = self._serve(
                 workdir, "link", "--db", db_url.render_as_string(hide_password=False), "--migrate"
             )
-            self.address = self._serve(workdir, "gateway", "--blob-addr", blob, "--link-addr", link)
+            self.address = self._serve(
+                workdir, "gateway", "--blob-addr", blob, "--link-addr", link, env=granting
+            )
         except BaseException:
             self.stop()
             raise
 
-    def _serve(self, workdir: Path, kind: str, *args: str) -> str:
+    def _serve(
+        self, workdir: Path, kind: str, *args: str, env: dict[str, str] | None = None
+    ) -> str:
         argv = _cli("serve", kind, "--host", "127.0.0.1", "--port", "0", *args)
-        process = Process(f"linkedblob {kind}", argv, workdir / f"{kind}.log", env=QUIET)
+        process = Process(
+            f"linkedblob {kind}", argv, workdir / f"{kind}.log", env={**QUIET, **(env or {})}
+        )
         self.processes.append(process)
         ready = re.compile(rf"^linkedblob {kind} listening on (\S+)$")
         return process.wait_ready(ready).group(1)
