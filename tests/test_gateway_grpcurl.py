@@ -71,3 +71,100 @@ def test_errors_show_their_reason(stack: Stack) -> None:
     assert out.returncode != 0
     assert "NotFound" in out.stderr
     assert '"reason":"BLOB_UNKNOWN"' in out.stderr
+
+
+def test_locate_then_read_from_blobsvc_with_the_grant(stack: Stack) -> None:
+    """The README's direct read: LocateBlob through the gateway, then blobsvc Read with the
+    grant in the linkedblob-grant header."""
+    digest = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    grpcurl(
+        stack,
+        "-d",
+        '{"repository": "grpcurl/direct", "data": "aGVsbG8="}',
+        "linkedblob.v1.Registry/PutBlob",
+    )
+    located = json.loads(
+        grpcurl(
+            stack,
+            "-d",
+            json.dumps({"repository": "grpcurl/direct", "digest": digest}),
+            "linkedblob.v1.Registry/LocateBlob",
+        ).stdout
+    )
+    assert located["blob"] == {"digest": digest, "size": "5"}
+    direct = located["direct"]
+    assert direct["address"] == stack.blob.address and direct["expires_at"]
+    read = subprocess.run(
+        [
+            str(GRPCURL),
+            "-plaintext",
+            "-H",
+            f"linkedblob-grant: {direct['grant']}",
+            "-d",
+            json.dumps({"digest": digest}),
+            direct["address"],
+            "linkedblob.blob.v1.BlobService/Read",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert json.loads(read.stdout) == {"data": "aGVsbG8="}
+    # Without the grant blobsvc refuses.
+    refused = subprocess.run(
+        [
+            str(GRPCURL),
+            "-plaintext",
+            "-d",
+            json.dumps({"digest": digest}),
+            direct["address"],
+            "linkedblob.blob.v1.BlobService/Read",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode != 0
+    assert '"reason":"UNAUTHORIZED"' in refused.stderr
+
+
+def test_a_direct_upload_with_grpcurl(stack: Stack) -> None:
+    """The README's direct upload: StartUpload with direct, blobsvc Write with the grant,
+    CommitUpload through the gateway."""
+    digest = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    upload = json.loads(
+        grpcurl(
+            stack,
+            "-d",
+            '{"repository": "grpcurl/direct-up", "direct": true}',
+            "linkedblob.v1.Registry/StartUpload",
+        ).stdout
+    )
+    direct = upload["direct"]
+    written = subprocess.run(
+        [
+            str(GRPCURL),
+            "-plaintext",
+            "-H",
+            f"linkedblob-grant: {direct['grant']}",
+            "-d",
+            json.dumps({"upload_id": upload["id"], "data": "aGVs"}) + ' {"data": "bG8="}',
+            direct["address"],
+            "linkedblob.blob.v1.BlobService/Write",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert json.loads(written.stdout) == {"size": "5"}
+    committed = grpcurl(
+        stack,
+        "-d",
+        json.dumps(
+            {"repository": "grpcurl/direct-up", "upload_id": upload["id"], "digest": digest}
+        ),
+        "linkedblob.v1.Registry/CommitUpload",
+    )
+    assert json.loads(committed.stdout) == {"digest": digest, "size": "5"}
