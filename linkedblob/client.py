@@ -734,7 +734,8 @@ class Client:
                     progress(len(chunk))
 
         try:
-            self._write_direct(blobsvc, upload.direct, upload.id, 0, chunks())
+            algorithm = digest.partition(":")[0] if digest else ""
+            self._write_direct(blobsvc, upload.direct, upload.id, 0, chunks(), algorithm)
             final = digest or f"sha256:{hasher.hexdigest() if hasher else ''}"
             # The bytes are staged: a gateway restarting meanwhile only delays the commit.
             return _Retry(self.retry_timeout).call(  # type: ignore[no-any-return]
@@ -751,12 +752,17 @@ class Client:
         upload_id: str,
         offset: int,
         chunks: Iterable[bytes | memoryview],
+        algorithm: str = "",
     ) -> int:
-        """One blobsvc Write stream appending ``chunks`` at ``offset``; the staged size after."""
+        """One blobsvc Write stream appending ``chunks`` at ``offset``; the staged size after.
+        ``algorithm``: what blobsvc hashes a new upload with as bytes arrive (the commit's, so
+        that it re-reads nothing; sha256 by default)."""
         failure: list[BaseException] = []
 
         def messages() -> Iterator[bytes]:
-            yield blob_pb2.WriteRequest(upload_id=upload_id, offset=offset).SerializeToString()
+            yield blob_pb2.WriteRequest(
+                upload_id=upload_id, offset=offset, algorithm=algorithm if offset == 0 else ""
+            ).SerializeToString()
             try:
                 for chunk in chunks:
                     if chunk:
