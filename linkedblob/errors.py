@@ -164,6 +164,7 @@ def grpc_errors(method: F) -> F:
     seconds = metrics.RPC_SECONDS.labels(name)
     ok_calls = metrics.RPCS.labels(name, grpc.StatusCode.OK.name)
     failed_calls: dict[grpc.StatusCode, Any] = {}
+    activity = metrics.ACTIVITY
 
     def observe_ok(started: float) -> None:
         ok_calls.inc()
@@ -181,6 +182,8 @@ def grpc_errors(method: F) -> F:
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: Any) -> Any:
             started = perf_counter()
+            activity.started += 1
+            activity.in_flight += 1
             try:
                 async for item in method(self, request, context):
                     yield item
@@ -191,13 +194,18 @@ def grpc_errors(method: F) -> F:
                 err = _to_error(name, exc)
                 observe(started, err.code)
                 await context.abort_with_status(err.to_status())
-            observe_ok(started)
+            else:
+                observe_ok(started)
+            finally:
+                activity.in_flight -= 1
 
         return stream_wrapper  # type: ignore[return-value]
 
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
         started = perf_counter()
+        activity.started += 1
+        activity.in_flight += 1
         try:
             result = await method(self, request, context)
         except grpc.aio.AbortError:
@@ -207,6 +215,8 @@ def grpc_errors(method: F) -> F:
             err = _to_error(name, exc)
             observe(started, err.code)
             await context.abort_with_status(err.to_status())
+        finally:
+            activity.in_flight -= 1
         observe_ok(started)
         return result
 

@@ -17,6 +17,21 @@ BYTES_IN = Counter("linkedblob_bytes_received_total", "Blob bytes received", ["m
 BYTES_OUT = Counter("linkedblob_bytes_sent_total", "Blob bytes sent", ["method"])
 
 
+class Activity:
+    """Calls started so far and calls in flight, kept by the servicer wrapper
+    (linkedblob.errors.grpc_errors) for the bootstrap to see when the server is quiet. Plain
+    integers: only the event loop's thread touches them."""
+
+    __slots__ = ("in_flight", "started")
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.in_flight = 0
+
+
+ACTIVITY = Activity()
+
+
 def start_http(host: str, port: int) -> int:
     """Serves /metrics; returns the bound port."""
     server, _thread = start_http_server(port, addr=host)
