@@ -5,13 +5,16 @@ and drives it with the generated synchronous Python gRPC stub, 1 MiB messages:
 
 - upload: one Write stream committing at its end (the server hashes the bytes as they arrive
   and verifies the digest); the blob is deleted after each run so every run stores it;
-- download: one Read stream; the client hashes what it receives and checks the digest.
+- download: one Read stream; the client hashes what it receives and checks the digest;
+- small blobs: ``--puts N`` sequential Put calls of ``--put-kib`` KiB (distinct blobs), as the
+  gateway's PutBlob makes them: p50 / p99 latency and blobs per second.
 
 Prints the median of 3 runs of each in MB/s (10^6 bytes per second), and the CPU time the
 server spent per GiB (from /proc; steadier than MB/s on a busy machine). Client and server
 share the machine's cores, so MB/s is for the pair. Usage:
 
     .venv/bin/python bench/blob_throughput.py [--size-mib 256] [--runs 3] [--storage memory]
+        [--puts 1000] [--put-kib 4] [--only-puts]
 """
 
 from __future__ import annotations
@@ -93,36 +96,50 @@ def download(stub: blob_pb2_grpc.BlobServiceStub, size: int, digest: str) -> flo
     return elapsed
 
 
+def small_puts(stub: blob_pb2_grpc.BlobServiceStub, count: int, size: int) -> list[float]:
+    """Seconds per Put of ``count`` distinct blobs of ``size`` bytes, one after another."""
+    base = os.urandom(size)
+    blobs = [i.to_bytes(8, "big") + base[8:] for i in range(count)]
+    times = []
+    for data in blobs:
+        started = time.perf_counter()
+        response = stub.Put(pb.PutRequest(data=data))
+        times.append(time.perf_counter() - started)
+        assert not response.already_existed
+    return times
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="blobsvc single-stream throughput")
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--storage", default="filesystem", choices=["filesystem", "memory"])
+    parser.add_argument("--puts", type=int, default=1000, help="small Puts (0: none)")
+    parser.add_argument("--put-kib", type=int, default=4)
+    parser.add_argument("--only-puts", action="store_true", help="skip the 256 MiB streams")
     args = parser.parse_args()
 
-    block = os.urandom(MiB)
-    hasher = hashlib.sha256()
-    for chunk in chunks(args.size_mib, block):
-        hasher.update(chunk)
-    digest = f"sha256:{hasher.hexdigest()}"
     size = args.size_mib * MiB
-
+    streams = not args.only_puts
     with tempfile.TemporaryDirectory(prefix="blobsvc-bench-") as data_dir:
         proc, address = start_server(data_dir, args.storage)
         try:
             options = [("grpc.max_receive_message_length", 8 * MiB)]
             with grpc.insecure_channel(address, options=options) as channel:
                 stub = blob_pb2_grpc.BlobServiceStub(channel)
-                ups = []
-                cpu = cpu_seconds(proc.pid)
-                for run in range(args.runs):
-                    ups.append(upload(stub, f"bench-{run}", args.size_mib, block, digest))
-                    stub.Delete(pb.DeleteRequest(digest=digest))  # the next run stores it again
-                cpu_up = cpu_seconds(proc.pid) - cpu
-                upload(stub, "bench-keep", args.size_mib, block, digest)
-                cpu = cpu_seconds(proc.pid)
-                downs = [download(stub, size, digest) for _ in range(args.runs)]
-                cpu_down = cpu_seconds(proc.pid) - cpu
+                if streams:
+                    ups, cpu_up, downs, cpu_down = stream(stub, proc.pid, args.size_mib, args.runs)
+                if args.puts:
+                    small_puts(stub, min(args.puts, 100), args.put_kib * 1024)  # warm up
+                    cpu = cpu_seconds(proc.pid)
+                    puts = small_puts(stub, args.puts, args.put_kib * 1024)
+                    cpu_puts = cpu_seconds(proc.pid) - cpu
+                peak = peak_rss_mib(proc.pid)
         finally:
             proc.terminate()
             proc.wait()
@@ -140,9 +157,49 @@ def main() -> None:
             f"server CPU {cpu / gib_moved:.2f} s/GiB)"
         )
 
-    print(f"blobsvc ({args.storage}), one stream, {args.size_mib} MiB blob, 1 MiB messages")
-    print(line("upload   (Write + commit, sha256 verified):", ups, cpu_up))
-    print(line("download (Read, client verifies sha256):", downs, cpu_down))
+    if streams:
+        print(f"blobsvc ({args.storage}), one stream, {args.size_mib} MiB blob, 1 MiB messages")
+        print(line("upload   (Write + commit, sha256 verified):", ups, cpu_up))
+        print(line("download (Read, client verifies sha256):", downs, cpu_down))
+    if args.puts:
+        print(
+            f"  {args.puts} sequential Puts of {args.put_kib} KiB:{'':13}"
+            f"{len(puts) / sum(puts):7.0f} blobs/s  (p50 {percentile(puts, 50) * 1e3:.3f} ms, "
+            f"p99 {percentile(puts, 99) * 1e3:.3f} ms; server CPU "
+            f"{cpu_puts / len(puts) * 1e6:.0f} us/blob)"
+        )
+    print(f"  blobsvc peak RSS: {peak:.0f} MiB")
+
+
+def stream(
+    stub: blob_pb2_grpc.BlobServiceStub, pid: int, size_mib: int, runs: int
+) -> tuple[list[float], float, list[float], float]:
+    """Upload and download times of a ``size_mib`` blob, ``runs`` times, and the server's CPU
+    seconds for each direction."""
+    block = os.urandom(MiB)
+    hasher = hashlib.sha256()
+    for chunk in chunks(size_mib, block):
+        hasher.update(chunk)
+    digest = f"sha256:{hasher.hexdigest()}"
+    ups = []
+    cpu = cpu_seconds(pid)
+    for run in range(runs):
+        ups.append(upload(stub, f"bench-{run}", size_mib, block, digest))
+        stub.Delete(pb.DeleteRequest(digest=digest))  # the next run stores it again
+    cpu_up = cpu_seconds(pid) - cpu
+    upload(stub, "bench-keep", size_mib, block, digest)
+    cpu = cpu_seconds(pid)
+    downs = [download(stub, size_mib * MiB, digest) for _ in range(runs)]
+    cpu_down = cpu_seconds(pid) - cpu
+    return ups, cpu_up, downs, cpu_down
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@
     ROOT/blobs/<algorithm>/<first 2 hex>/<hex>   committed blobs (never rewritten), sharded
     ROOT/uploads/<upload id>/data                an upload's staged bytes (append-only)
     ROOT/uploads/<upload id>/info                "<algorithm> <generation>" of the upload
-    ROOT/tmp/                                    Put's temporary files
+    ROOT/tmp/                                    Put's temporary files (where O_TMPFILE fails)
 
-A blob appears under its name only complete and fsynced: the staged (or temporary) file is
-fsynced, hard-linked to its final name (atomic, and never replaces an existing blob, so
-concurrent commits of the same digest leave exactly one copy and each learns whether it was
-first), and the directory is fsynced. Upload ids are validated against a strict grammar
-before they name a path, and digests are parsed, so no request can reach outside the root.
+A blob appears under its name only complete and fsynced: the staged file (for Put, an
+anonymous O_TMPFILE file made ahead: see AnonymousFiles) is fsynced, hard-linked to its final
+name (atomic, and never replaces an existing blob, so concurrent commits of the same digest
+leave exactly one copy and each learns whether it was first), and the directory is fsynced.
+Upload ids are validated against a strict grammar before they name a path, and digests are
+parsed, so no request can reach outside the root.
 
 An upload is held exclusively by one open file description: an in-process claim plus an
 ``flock`` on its data file, so two blobsvc replicas sharing the root cannot interleave writes.
@@ -17,19 +18,23 @@ An upload is held exclusively by one open file description: an in-process claim 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 import secrets
-import tempfile
+import threading
 import time
 from collections.abc import Callable
 
 from blobsvc.storage import Storage, UploadClaims, busy, validate_upload_id
 from linkedblob.digests import ALGORITHMS, Digest
+
+log = logging.getLogger(__name__)
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -60,8 +65,12 @@ def _writeback_starter() -> Callable[[int, int, int], None]:
 _start_writeback = _writeback_starter()
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_ANONYMOUS_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | os.O_CLOEXEC
+
+
 def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, _DIR_FLAGS)
     try:
         os.fsync(fd)
     finally:
@@ -75,24 +84,95 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def _link_into_place(source: str, target: str) -> bool:
-    """Hard-links ``source`` (complete, fsynced) to ``target``; True when target existed."""
+def _open_shard(target: str) -> int:
+    """An fd of the directory ``target`` goes in, created durably when it is the first blob of
+    its shard (or of its algorithm)."""
+    shard = os.path.dirname(target)
     try:
-        os.link(source, target)
-    except FileExistsError:
-        return True
+        return os.open(shard, _DIR_FLAGS)
     except FileNotFoundError:
-        # First blob of this shard: create the shard directory (durably), then retry.
-        shard = os.path.dirname(target)
         os.makedirs(shard, exist_ok=True)
         _fsync_dir(os.path.dirname(shard))
         _fsync_dir(os.path.dirname(os.path.dirname(shard)))
+        return os.open(shard, _DIR_FLAGS)
+
+
+def _link_into_place(source: str, shard_fd: int, name: str) -> bool:
+    """Hard-links ``source`` (complete, fsynced) as ``name`` in the shard, never replacing a
+    blob there, and makes the name durable; True when the blob was already there. The shard is
+    fsynced in that case too: the name may be a concurrent commit's, not durable yet, and our
+    caller is about to report the blob stored."""
+    try:
+        os.link(source, name, dst_dir_fd=shard_fd, follow_symlinks=True)
+        existed = False
+    except FileExistsError:
+        existed = True
+    os.fsync(shard_fd)
+    return existed
+
+
+def _exists_in(shard_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=shard_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class AnonymousFiles:
+    """Empty anonymous files (O_TMPFILE) made ahead of need, for Put.
+
+    Creating an inode is the dearest step of storing a small blob (~0.6 ms of kernel time per
+    file on this project's ext4 machines, against ~0.15 ms for writing and fsyncing 4 KiB), so
+    a thread keeps a few ready, off the request's path. Anonymous files have no name until one
+    is linked in: nothing to sweep after a crash, nothing a replica sharing the root can see.
+    """
+
+    def __init__(self, directory: str, keep: int = 16) -> None:
+        self._dir_fd = os.open(directory, _DIR_FLAGS)
+        self._keep = keep
+        self._ready: collections.deque[int] = collections.deque()
+        self._wanted = threading.Event()
+        self._closed = False
+        self._wanted.set()
+        self._thread = threading.Thread(target=self._refill, name="blob-files", daemon=True)
+        self._thread.start()
+
+    def make(self) -> int:
+        return os.open(".", _ANONYMOUS_FLAGS, 0o644, dir_fd=self._dir_fd)
+
+    def take(self) -> int:
+        """An empty anonymous file open for writing (the caller closes it)."""
         try:
-            os.link(source, target)
-        except FileExistsError:
-            return True
-    _fsync_dir(os.path.dirname(target))
-    return False
+            fd = self._ready.popleft()
+        except IndexError:
+            fd = self.make()
+        if len(self._ready) < self._keep // 2:
+            self._wanted.set()
+        return fd
+
+    def _refill(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            while len(self._ready) < self._keep:
+                if self._closed:
+                    return
+                try:
+                    self._ready.append(self.make())
+                except OSError:
+                    log.warning("cannot make anonymous files ahead", exc_info=True)
+                    break  # Put makes its own until the next wake-up
+            if self._closed:
+                return
+
+    def close(self) -> None:
+        self._closed = True
+        self._wanted.set()
+        self._thread.join()
+        while self._ready:
+            os.close(self._ready.popleft())
+        os.close(self._dir_fd)
 
 
 class FileBlobReader:
@@ -159,11 +239,18 @@ class FileStagedUpload:
 
     def store_as(self, digest: Digest) -> bool:
         target = self._storage.blob_path(digest)
-        if os.path.exists(target):
-            self.discard()
-            return True
-        os.fsync(self._fd)
-        existed = _link_into_place(self._storage.upload_data_path(self._upload_id), target)
+        shard_fd = _open_shard(target)
+        try:
+            name = os.path.basename(target)
+            if _exists_in(shard_fd, name):
+                os.fsync(shard_fd)  # see _link_into_place
+                existed = True
+            else:
+                os.fsync(self._fd)
+                source = self._storage.upload_data_path(self._upload_id)
+                existed = _link_into_place(source, shard_fd, name)
+        finally:
+            os.close(shard_fd)
         self.discard()
         return existed
 
@@ -186,12 +273,21 @@ class FileStagedUpload:
 
 
 class FilesystemStorage(Storage):
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, anonymous_files: bool = True) -> None:
+        """``anonymous_files``: False keeps Put to named temporary files (as where the
+        filesystem has no O_TMPFILE)."""
         self.root = os.path.abspath(root)
         self.claims = UploadClaims()
         for sub in ("blobs", "uploads", "tmp"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         self._sweep_tmp()
+        self._anonymous: AnonymousFiles | None = None
+        if anonymous_files and self._anonymous_files_work():
+            self._anonymous = AnonymousFiles(os.path.join(self.root, "tmp"))
+
+    def close(self) -> None:
+        if self._anonymous is not None:
+            self._anonymous.close()
 
     def _sweep_tmp(self, older_than: float = 3600) -> None:
         """Removes temporary files a crash left behind (an hour old: not a replica's Put)."""
@@ -233,20 +329,60 @@ class FilesystemStorage(Storage):
             raise
 
     def put(self, digest: Digest, data: bytes) -> bool:
+        """Small blobs, so the fewest system calls: the bytes go to an anonymous file made
+        ahead (AnonymousFiles), fsynced, then linked under the blob's name, and the shard
+        fsynced. Where O_TMPFILE does not work, a named temporary file under ROOT/tmp does
+        the same."""
         target = self.blob_path(digest)
-        if os.path.exists(target):
-            return True
-        fd, tmp = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"), prefix="put-")
+        name = os.path.basename(target)
+        shard_fd = _open_shard(target)
+        try:
+            if _exists_in(shard_fd, name):
+                os.fsync(shard_fd)  # see _link_into_place
+                return True
+            if self._anonymous is None:
+                return self._put_named(data, shard_fd, name)
+            fd = self._anonymous.take()
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+                return _link_into_place(f"/proc/self/fd/{fd}", shard_fd, name)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(shard_fd)
+
+    def _put_named(self, data: bytes, shard_fd: int, name: str) -> bool:
+        tmp = os.path.join(self.root, "tmp", f"put-{secrets.token_hex(8)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             try:
-                os.fchmod(fd, 0o644)  # like staged files (mkstemp makes 0600)
                 _write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            return _link_into_place(tmp, target)
+            return _link_into_place(tmp, shard_fd, name)
         finally:
             os.unlink(tmp)
+
+    def _anonymous_files_work(self) -> bool:
+        """Whether this filesystem takes O_TMPFILE, and /proc lets us link such a file in."""
+        tmp_fd = os.open(os.path.join(self.root, "tmp"), _DIR_FLAGS)
+        try:
+            fd = os.open(".", _ANONYMOUS_FLAGS, 0o644, dir_fd=tmp_fd)
+        except OSError:
+            os.close(tmp_fd)
+            return False
+        probe = f"probe-{secrets.token_hex(8)}"
+        try:
+            _link_into_place(f"/proc/self/fd/{fd}", tmp_fd, probe)
+            os.unlink(probe, dir_fd=tmp_fd)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+            os.close(tmp_fd)
 
     def delete(self, digest: Digest) -> bool:
         try:
