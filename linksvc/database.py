@@ -131,9 +131,10 @@ class Database:
     """The engine, and a thread pool of the same size as its connection pool that runs the SQL.
 
     Each SQL thread (and the event loop, see run_hot) keeps one connection for as long as it is
-    healthy, so a call pays neither a pool checkout nor a ping. A connection is handed back and checked out afresh (with the
-    pool's pre-ping) after it idled for IDLE_PING_SECONDS, after it failed, or after another
-    thread saw the database connection drop (the server restarted: every thread reconnects).
+    healthy, so a call pays neither a pool checkout nor a ping. A connection is handed back and
+    checked out afresh (with the pool's pre-ping) after it idled for IDLE_PING_SECONDS, after it
+    failed, or after another thread saw the database connection drop (the server restarted:
+    every thread reconnects).
     Any other thread (start-up, tests) borrows a pooled connection for the length of a call;
     run the store in the SQL threads (``run``, ``call``) so that one is free.
     """
