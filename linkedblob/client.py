@@ -1131,6 +1131,8 @@ class _Blobsvc:
     The connection state is followed as gRPC reports it, so a transfer learns whether blobsvc
     can be reached before it reads anything of its source: an address that refuses or does not
     answer within a few seconds is passed over (transfers go through the gateway) for a while.
+    An address that answered before gets the whole timeout to answer again (blobsvc
+    restarting); one that never did is given up at its first refusal.
     """
 
     def __init__(self, address: str) -> None:
@@ -1147,6 +1149,7 @@ class _Blobsvc:
             response_deserializer=blob_pb2.WriteResponse.FromString,
         )
         self._state: grpc.ChannelConnectivity | None = None
+        self._ever_ready = False
         self._changed = threading.Condition()
         self._unreachable_until = 0.0
         self.channel.subscribe(self._on_state)
@@ -1154,7 +1157,15 @@ class _Blobsvc:
     def _on_state(self, state: grpc.ChannelConnectivity) -> None:
         with self._changed:
             self._state = state
+            self._ever_ready = self._ever_ready or state == grpc.ChannelConnectivity.READY
             self._changed.notify_all()
+
+    def _settled(self) -> bool:
+        """Connected, shut down, or refused before it ever answered (held by _changed)."""
+        state = self._state
+        return state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.SHUTDOWN) or (
+            state == grpc.ChannelConnectivity.TRANSIENT_FAILURE and not self._ever_ready
+        )
 
     def reachable(self, timeout: float = _CONNECT_TIMEOUT_SECONDS) -> bool:
         """Connected, or connects within ``timeout``; False when it fails or was found
@@ -1166,17 +1177,7 @@ class _Blobsvc:
         ready = grpc.channel_ready_future(self.channel)  # asks the channel to connect
         try:
             with self._changed:
-                settled = self._changed.wait_for(
-                    lambda: (
-                        self._state
-                        in (
-                            grpc.ChannelConnectivity.READY,
-                            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-                            grpc.ChannelConnectivity.SHUTDOWN,
-                        )
-                    ),
-                    timeout,
-                )
+                settled = self._changed.wait_for(self._settled, timeout)
                 ok = settled and self._state == grpc.ChannelConnectivity.READY
         finally:
             ready.cancel()
