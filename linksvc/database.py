@@ -32,6 +32,7 @@ import contextlib
 import functools
 import logging
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -40,7 +41,6 @@ from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -77,7 +77,9 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(orig, sqlite3.Error):
         code = getattr(orig, "sqlite_errorcode", None)
         return code is not None and (code & 0xFF) in _SQLITE_TRANSIENT_CODES
-    if isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError):
+    # psycopg is imported only where PostgreSQL is in use; where it is not, orig is not its.
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError):
         sqlstate = getattr(orig, "sqlstate", None)
         # No SQLSTATE: the failure is the connection itself (refused, lost, closed).
         return sqlstate is None or sqlstate.startswith(_PG_TRANSIENT_CLASSES)

@@ -11,15 +11,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 ALEMBIC_INI = ROOT / "alembic.ini"
+
+# The revisions in migrations/versions, oldest first: the last one is the head. The server checks
+# a database against these without importing alembic (~11 MiB of a serving linksvc's memory,
+# which only --migrate needs); a test compares them with alembic's own reading of the scripts,
+# so a new migration that is not added here fails it.
+REVISIONS = ("0001",)
+VERSION_TABLE = "alembic_version"  # alembic's default, as migrations/env.py leaves it
 
 
 # Alembic announces every plugin it loads at INFO; only the migrations themselves are news.
@@ -27,6 +34,8 @@ logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
     config = Config(str(ALEMBIC_INI))
     # Passed as an attribute, not as sqlalchemy.url: ConfigParser would read "%" in a password
     # as interpolation.
@@ -37,16 +46,31 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Upgrades the database at ``url`` to ``revision`` (creating the schema when empty)."""
+    from alembic import command
+
     _ensure_sqlite_directory(url)
     command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
+    from alembic import command
+
     command.downgrade(alembic_config(url), revision)
 
 
 def head_revisions() -> set[str]:
+    """The heads as alembic reads them from the scripts."""
+    from alembic.script import ScriptDirectory
+
     return set(ScriptDirectory.from_config(alembic_config("")).get_heads())
+
+
+def script_revisions() -> tuple[str, ...]:
+    """Every revision as alembic reads them from the scripts, oldest first."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config(""))
+    return tuple(reversed([rev.revision for rev in script.walk_revisions()]))
 
 
 @dataclass(frozen=True)
@@ -71,10 +95,12 @@ class SchemaStatus:
 
 
 def schema_status(connection: sa.Connection) -> SchemaStatus:
-    current = set(MigrationContext.configure(connection).get_current_heads())
-    script = ScriptDirectory.from_config(alembic_config(""))
-    known = {rev.revision for rev in script.walk_revisions()}
-    return SchemaStatus(current, set(script.get_heads()), current - known)
+    """Where the database stands against REVISIONS (read from alembic's version table)."""
+    current: set[str] = set()
+    if sa.inspect(connection).has_table(VERSION_TABLE):
+        version = sa.table(VERSION_TABLE, sa.column("version_num"))
+        current = set(connection.execute(sa.select(version.c.version_num)).scalars())
+    return SchemaStatus(current, {REVISIONS[-1]}, current - set(REVISIONS))
 
 
 def _ensure_sqlite_directory(url: str) -> None:

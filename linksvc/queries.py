@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -67,6 +66,17 @@ class DriverQuery:
 class DriverResult:
     rows: list[tuple[Any, ...]]
     rowcount: int  # rows an INSERT, UPDATE or DELETE changed
+
+
+def _dialect_insert(dialect: Dialect) -> Any:
+    """The dialect's INSERT (with ON CONFLICT), importing only the dialect in use."""
+    if dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert
+    from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+    return postgresql_insert
 
 
 def _text(sql: str) -> sa.TextClause:
@@ -142,7 +152,7 @@ LEFT JOIN links AS existing ON existing.repository = :repository AND existing.di
 
 class Queries:
     def __init__(self, dialect: Dialect) -> None:
-        insert = sqlite.insert if dialect.name == "sqlite" else postgresql.insert
+        insert = _dialect_insert(dialect)
         b = sa.bindparam
 
         # --- blobs -----------------------------------------------------------------------

@@ -11,7 +11,6 @@ import sys
 
 import grpc
 import sqlalchemy as sa
-from alembic.util.exc import CommandError
 
 from linkedblob.link.v1 import link_pb2_grpc
 from linkedblob.server import Service, run
@@ -26,7 +25,13 @@ def serve(args: argparse.Namespace) -> int | None:
     shown = safe_url(args.db)
     try:
         if args.migrate:
-            migrate.upgrade(args.db)
+            from alembic.util.exc import CommandError  # only --migrate needs alembic
+
+            try:
+                migrate.upgrade(args.db)
+            except CommandError as exc:
+                print(f"linkedblob link: cannot open {shown}: {exc}", file=sys.stderr)
+                return 1
             log.info("migrated %s to head", shown)
         db = Database(
             args.db,
@@ -34,7 +39,7 @@ def serve(args: argparse.Namespace) -> int | None:
             busy_timeout=args.db_busy_timeout,
             sqlite_on_loop=not args.sqlite_threads_only,
         )
-    except (ValueError, sa.exc.ArgumentError, sa.exc.DBAPIError, CommandError) as exc:
+    except (ValueError, sa.exc.ArgumentError, sa.exc.DBAPIError) as exc:
         print(f"linkedblob link: cannot open {shown}: {exc}", file=sys.stderr)
         return 1
     try:

@@ -87,6 +87,30 @@ def test_schema_status_tells_empty_current_and_newer(db_url: str, engine: sa.Eng
     assert "newer linksvc" in newer.describe()
 
 
+def test_the_server_knows_the_revisions_alembic_knows() -> None:
+    """The server checks a database against linksvc.migrate.REVISIONS without alembic: a new
+    migration must be listed there too."""
+    assert migrate.script_revisions() == migrate.REVISIONS
+    assert migrate.head_revisions() == {migrate.REVISIONS[-1]}
+
+
+def test_serving_sqlite_needs_neither_alembic_nor_psycopg() -> None:
+    """What linksvc imports to serve an SQLite database (without --migrate): each of alembic and
+    psycopg would add ~10 MiB to its memory."""
+    code = (
+        "import sys\n"
+        "from linksvc import server\n"
+        "from linksvc.database import Database\n"
+        "from linksvc.store import LinkStore\n"
+        "LinkStore(Database('sqlite://'))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'alembic', 'psycopg'}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def test_models_and_migrations_agree(db_url: str, engine: sa.Engine) -> None:
     migrate.upgrade(db_url)
     assert schema_diff(engine, metadata) == []
