@@ -315,21 +315,14 @@ class RegistryServicer:
         upload_id = validation.upload_id(request.upload_id)
         if request.direct and not self._direct.offered:
             self._direct.write(upload_id)  # raises FAILED_PRECONDITION / UNSUPPORTED
-        # Both at once: the session (ownership, state) and the staged size (the truth).
-        session_result, staged_result = await asyncio.gather(
-            self._active_session(repository, upload_id),
-            self._staged_size(upload_id),
-            return_exceptions=True,
-        )
-        if isinstance(session_result, BaseException):
-            raise session_result
-        if isinstance(staged_result, BaseException):
-            raise staged_result
+        session, staged = await self._session_and_staged(repository, upload_id)
+        if session.state != _ACTIVE:
+            raise _unknown_upload(upload_id)
         upload = registry_pb2.Upload(
             id=upload_id,
             repository=repository,
-            offset=staged_result,
-            started_at=session_result.started_at,
+            offset=staged,
+            started_at=session.started_at,
         )
         if request.direct:
             upload.direct.CopyFrom(self._direct.write(upload_id))
@@ -346,7 +339,10 @@ class RegistryServicer:
         validation.data_size(len(request.data))
         validation.write_offset(request.offset)
 
-        session = await self._session(repository, upload_id)
+        if request.data:
+            session, staged = await self._session(repository, upload_id), 0
+        else:
+            session, staged = await self._session_and_staged(repository, upload_id)
         if session.state == _COMMITTED:
             # A retried commit (its answer was lost): answer from the link it made.
             try:
@@ -357,8 +353,12 @@ class RegistryServicer:
                 raise
         if session.state != _ACTIVE:
             raise _unknown_upload(upload_id)
-        if session.size == 0 and not request.data:
-            await self._record_direct_writes(session)
+        if staged > session.size:
+            # Bytes written to blobsvc directly: recorded in the session before the commit
+            # moves them, so that a commit retried after the staged bytes became a blob (and
+            # before the link was made) is finished from the size the session recorded.
+            await self._advance_session(session, staged)
+            session.size = staged
 
         stored = await self._commit_staged(session, digest, request.data, request.offset)
         generation = self._cache.generation
@@ -567,14 +567,20 @@ class RegistryServicer:
             raise
         return status.size
 
-    async def _record_direct_writes(self, session: link_pb2.Session) -> None:
-        """Records in the session the bytes a client wrote to blobsvc directly, before the
-        commit moves them: a commit retried after the staged bytes became a blob (and before
-        the link was made) is finished from the size the session recorded."""
-        staged = await self._staged_size(session.id)
-        if staged > session.size:
-            await self._advance_session(session, staged)
-            session.size = staged
+    async def _session_and_staged(
+        self, repository: str, upload_id: str
+    ) -> tuple[link_pb2.Session, int]:
+        """Both at once: the session (ownership, state) and the staged size (the truth)."""
+        session, staged = await asyncio.gather(
+            self._session(repository, upload_id),
+            self._staged_size(upload_id),
+            return_exceptions=True,
+        )
+        if isinstance(session, BaseException):
+            raise session
+        if isinstance(staged, BaseException):
+            raise staged
+        return session, staged
 
     async def _advance_session(self, session: link_pb2.Session, size: int) -> None:
         """Moves the session's recorded size up to ``size`` (a compare-and-set in linksvc).
