@@ -25,12 +25,10 @@ def serve(args: argparse.Namespace) -> int | None:
     shown = safe_url(args.db)
     try:
         if args.migrate:
-            from alembic.util.exc import CommandError  # only --migrate needs alembic
-
-            try:
-                migrate.upgrade(args.db)
-            except CommandError as exc:
-                print(f"linkedblob link: cannot open {shown}: {exc}", file=sys.stderr)
+            # In a child process: alembic stays out of the server's memory.
+            failure = migrate.upgrade_in_child(args.db)
+            if failure is not None:
+                print(f"linkedblob link: cannot open {shown}: {failure}", file=sys.stderr)
                 return 1
             log.info("migrated %s to head", shown)
         db = Database(

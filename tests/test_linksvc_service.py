@@ -581,6 +581,24 @@ def test_calls_are_counted_by_method_and_code(sqlite_url: str) -> None:
     assert samples['linkedblob_rpc_seconds_count{method="Link"}'] == 1
 
 
+def test_migrate_on_serve_refuses_a_database_a_newer_linksvc_migrated(db_url: str) -> None:
+    """--migrate runs alembic in a child process; its failure still stops the server, with
+    alembic's reason."""
+    cmd = [str(BIN / "linkedblob"), "serve", "link", "--port", "0", "--db", db_url, "--migrate"]
+    with running("link", "--db", db_url, "--migrate"):
+        pass  # migrated to head
+    engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_future'"))
+    finally:
+        engine.dispose()
+    refused_run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert refused_run.returncode == 1
+    assert "cannot open" in refused_run.stderr and "9999_future" in refused_run.stderr
+    assert "listening" not in refused_run.stdout
+
+
 def test_serve_refuses_an_unmigrated_database(db_url: str) -> None:
     cmd = [str(BIN / "linkedblob"), "serve", "link", "--port", "0", "--db", db_url]
     refused_run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
