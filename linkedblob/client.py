@@ -299,9 +299,11 @@ class Client:
         iterable of bytes, and links it into ``repository``.
 
         With ``digest`` given, a blob the store already holds is linked without sending its
-        bytes (the gateway returns early). Without it the digest (sha256) is computed while
-        sending and checked against the gateway's. ``resumable`` (a path, bytes or a seekable
-        file) goes through the upload API and resumes after broken connections.
+        bytes (through the gateway, which returns early; on the direct path, when some
+        repository links it: a mount). Without it the digest (sha256) is computed while
+        sending and checked. ``resumable`` (a path, bytes or a seekable file) goes through the
+        upload API and resumes after broken connections. More than one message's worth goes
+        straight to blobsvc when the gateway offers direct access (see the module's notes).
         """
         with _Source(source) as src:
             if resumable:
