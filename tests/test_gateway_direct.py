@@ -21,7 +21,8 @@ from linkedblob.config import MiB
 from linkedblob.errors import error_info
 from linkedblob.v1 import registry_pb2 as pb
 from linkedblob.v1 import registry_pb2_grpc
-from tests.stack import Stack, registry, rpc_error, running_stack
+from tests.services import spawn
+from tests.stack import GRANT_SECRET_ENV, Stack, registry, rpc_error, running_stack
 
 Code = grpc.StatusCode
 
@@ -269,3 +270,8 @@ def test_a_gateway_without_a_secret_offers_no_direct_access(tmp_path: Path) -> N
         # Its blobsvc needs no grant.
         blobsvc = blob_pb2_grpc.BlobServiceStub(plain.blob.channel())
         assert blobsvc.Stat(blob_pb2.StatRequest(digest=desc.digest)).blob.size == 5
+
+
+def test_a_gateway_refuses_a_short_secret() -> None:
+    with pytest.raises(RuntimeError, match="at least 16 bytes"):
+        spawn("gateway", env={GRANT_SECRET_ENV: "too-short"})
