@@ -95,6 +95,7 @@ class DatabaseBusy(LinkedBlobError):
 
 
 _on_event_loop = threading.local()
+_COMMIT = DriverQuery("COMMIT", None)
 
 
 def map_errors(fn: Callable[P, T]) -> Callable[P, T]:
@@ -196,7 +197,7 @@ class Database:
                 if conn.in_transaction():
                     conn.commit()  # the driver's COMMIT, and the end of SQLAlchemy's bookkeeping
                 else:
-                    self._driver_connection(conn).commit()
+                    self.execute(conn, _COMMIT, {})
             except BaseException as exc:
                 self._abandon(conn, exc)
                 raise
