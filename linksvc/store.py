@@ -131,10 +131,8 @@ class LinkStore:
                 if created:
                     return Descriptor(digest, size, media_type), True
             else:
-                linked_size, linked_media_type = self.db.fetch_one(d.resolve, values) or (
-                    None,
-                    None,
-                )
+                linked = self.db.fetch_one(d.resolve, values)
+                linked_size, linked_media_type = linked if linked is not None else (None, None)
             # Linked already, just as asked (a blob pushed again): nothing to write.
             if (
                 linked_size is not None
