@@ -65,7 +65,7 @@ def test_a_server_hands_freed_memory_back_once_quiet(tmp_path: Path) -> None:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(upload, range(8)))
         grew = svc.peak_rss() - idle
-        assert grew > 40 * MiB, "the burst did not grow the heap: nothing to see here"
+        assert grew > 24 * MiB, "the burst did not grow the heap: nothing to see here"
         deadline = time.monotonic() + 60
         while svc.rss() > idle + grew // 2 and time.monotonic() < deadline:
             time.sleep(0.2)
