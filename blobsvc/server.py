@@ -20,18 +20,20 @@ from linkedblob.grants import Signer
 from linkedblob.server import Service, run
 
 # gRPC's BDP probing grows each stream's HTTP/2 receive window towards the link's bandwidth-delay
-# product: when a client sends faster than we hash and write (the usual case), grpc buffers a
-# window's worth of data per stream, which on loopback reached tens of MiB per stream (peak RSS
-# 150 -> 340 MiB over rounds of 8 concurrent 32 MiB Writes). Without it a stream's window
-# admits the message being read plus a little: a stream holds ~1 MiB in the transport, whatever
-# the blob size, at no cost in throughput measured on loopback (a link whose round trip is much
-# longer than a message's time would want a larger window).
+# product, so a client sending faster than we hash and write gets that much ahead, buffered in
+# this process, per stream: a stream whose handler paused had 3-5 MiB accepted ahead with it
+# and less than one 1 MiB message without it. On a machine loaded by other work, rounds of 8
+# concurrent 32 MiB Writes peaked at 146-344 MiB with it, 107-127 MiB without (on a quieter
+# machine both stay near 115 MiB). Without it a stream's window admits the message being
+# read, whatever the blob size, at no throughput cost we could measure on loopback (a link
+# whose round trip is long next to a message's transfer would want a larger window).
 GRPC_OPTIONS = [("grpc.http2.bdp_probe", 0)]
 
 # glibc gives each thread that contends for malloc an arena of its own (up to 8 per core), and
 # each arena grows to its own peak: with grpc's threads allocating message buffers that the event
-# loop frees, the process's footprint becomes a sum of peaks. Two arenas measured 15-30 MiB
-# lower peaks during 8 concurrent Writes, with the same throughput.
+# loop frees, the process's footprint becomes a sum of peaks. On the loaded machine two arenas
+# measured 15-30 MiB lower peaks during 8 concurrent Writes (on a quiet one, no difference),
+# with the same throughput.
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc <malloc.h>
 
