@@ -7,7 +7,8 @@ and drives it with the generated synchronous Python gRPC stub, 1 MiB messages:
   and verifies the digest); the blob is deleted after each run so every run stores it;
 - download: one Read stream; the client hashes what it receives and checks the digest;
 - small blobs: ``--puts N`` sequential Put calls of ``--put-kib`` KiB (distinct blobs), as the
-  gateway's PutBlob makes them: p50 / p99 latency and blobs per second.
+  gateway's PutBlob makes them: p50 / p99 latency and blobs per second, beside the latency of
+  a bare unary call (Health.Check) on the same server, for scale on a busy machine.
 
 Prints the median of 3 runs of each in MB/s (10^6 bytes per second), and the CPU time the
 server spent per GiB (from /proc; steadier than MB/s on a busy machine). Client and server
@@ -31,6 +32,7 @@ import time
 from collections.abc import Iterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from linkedblob.blob.v1 import blob_pb2 as pb
 from linkedblob.blob.v1 import blob_pb2_grpc
@@ -109,6 +111,18 @@ def small_puts(stub: blob_pb2_grpc.BlobServiceStub, count: int, size: int) -> li
     return times
 
 
+def bare_hops(channel: grpc.Channel, count: int) -> list[float]:
+    """Seconds per Health.Check: what any unary call costs here (the machine's load included)."""
+    health = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest()
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        health.Check(request)
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
@@ -135,6 +149,7 @@ def main() -> None:
                 if streams:
                     ups, cpu_up, downs, cpu_down = stream(stub, proc.pid, args.size_mib, args.runs)
                 if args.puts:
+                    hops = bare_hops(channel, args.puts)
                     small_puts(stub, min(args.puts, 100), args.put_kib * 1024)  # warm up
                     cpu = cpu_seconds(proc.pid)
                     puts = small_puts(stub, args.puts, args.put_kib * 1024)
@@ -167,6 +182,10 @@ def main() -> None:
             f"{len(puts) / sum(puts):7.0f} blobs/s  (p50 {percentile(puts, 50) * 1e3:.3f} ms, "
             f"p99 {percentile(puts, 99) * 1e3:.3f} ms; server CPU "
             f"{cpu_puts / len(puts) * 1e6:.0f} us/blob)"
+        )
+        print(
+            f"  for scale, a bare unary call (Health.Check):  p50 "
+            f"{percentile(hops, 50) * 1e3:.3f} ms, p99 {percentile(hops, 99) * 1e3:.3f} ms"
         )
     print(f"  blobsvc peak RSS: {peak:.0f} MiB")
 
