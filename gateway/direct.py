@@ -53,15 +53,20 @@ class DirectAccess:
     def write(self, upload_id: str) -> registry_pb2.DirectAccess:
         return self._issue(grants.WRITE, upload_id)
 
-    def _issue(self, action: str, subject: str) -> registry_pb2.DirectAccess:
+    def require(self) -> grants.Signer:
+        """The signer; FAILED_PRECONDITION / UNSUPPORTED when direct access is not offered."""
         if self._signer is None:
             raise failed_precondition(
                 Reason.UNSUPPORTED,
                 "this gateway does not offer direct access to blobsvc (no --grant-secret); "
                 "use ReadBlob / WriteUpload",
             )
-        token = self._signer.sign(action, subject, self.ttl)
-        expires = self._signer.verify(token).expires  # exactly what blobsvc will check
+        return self._signer
+
+    def _issue(self, action: str, subject: str) -> registry_pb2.DirectAccess:
+        signer = self.require()
+        token = signer.sign(action, subject, self.ttl)
+        expires = signer.verify(token).expires  # exactly what blobsvc will check
         return registry_pb2.DirectAccess(
             address=self.public_addr,
             grant=token,

@@ -269,8 +269,8 @@ class RegistryServicer:
         self, request: registry_pb2.StartUploadRequest, context: Context
     ) -> registry_pb2.Upload:
         repository = validation.repository(request.repository)
-        if request.direct and not self._direct.offered:
-            self._direct.write("")  # raises FAILED_PRECONDITION / UNSUPPORTED, before a session
+        if request.direct:
+            self._direct.require()  # before a session is made
         session = await self._link.CreateSession(
             link_pb2.CreateSessionRequest(repository=repository)
         )
@@ -313,8 +313,8 @@ class RegistryServicer:
     ) -> registry_pb2.Upload:
         repository = validation.repository(request.repository)
         upload_id = validation.upload_id(request.upload_id)
-        if request.direct and not self._direct.offered:
-            self._direct.write(upload_id)  # raises FAILED_PRECONDITION / UNSUPPORTED
+        if request.direct:
+            self._direct.require()
         session, staged = await self._session_and_staged(repository, upload_id)
         if session.state != _ACTIVE:
             raise _unknown_upload(upload_id)
