@@ -65,6 +65,8 @@ _COMMITTED = link_pb2.Session.COMMITTED
 
 # Seconds after which a failed PushBlob's staging area is aborted a second time.
 _ABORT_AGAIN_AFTER = 2.0
+# How long a failed send waits for blobsvc's own status of the call.
+_FINAL_STATUS_WAIT = 5.0
 
 # How often a write retries linksvc's compare-and-set of the session size after losing a race.
 _ADVANCE_ATTEMPTS = 4
@@ -742,11 +744,20 @@ class RegistryServicer:
             await call
             raise  # it ended without an error but before we were done: report it as ours
         except grpc.RpcError as err:
-            # A send that failed in grpc core (the connection to blobsvc broke mid-stream) is
-            # a bare INTERNAL: for the caller, blobsvc went away, which is worth a retry.
-            if _code(err) == grpc.StatusCode.INTERNAL and error_info(err) is None:
-                raise unavailable(f"blobsvc stream broken: {err.details()}") from err  # type: ignore[attr-defined]
-            raise
+            if _code(err) != grpc.StatusCode.INTERNAL or error_info(err) is not None:
+                raise
+            # grpc core fails a send with a bare INTERNAL both when blobsvc has just ended the
+            # call (it refused a wrong offset: its real status is on the call) and when the
+            # connection broke mid-stream. Ask the call first; only a call with no status of
+            # its own means blobsvc went away, which is worth a retry.
+            try:
+                await asyncio.wait_for(call, timeout=_FINAL_STATUS_WAIT)
+            except grpc.RpcError as final:
+                if _code(final) != grpc.StatusCode.INTERNAL or error_info(final) is not None:
+                    raise final from None
+            except TimeoutError:
+                pass
+            raise unavailable(f"blobsvc stream broken: {err.details()}") from err  # type: ignore[attr-defined]
 
     def _drop_staging(self, upload_id: str) -> None:
         """Drops the staging area of a PushBlob that failed (nobody can resume it).
