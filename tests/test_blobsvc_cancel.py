@@ -108,7 +108,7 @@ async def _resume_and_commit(blob: blob_pb2_grpc.BlobServiceAsyncStub, attempt: 
             raise
 
     async def finish() -> None:
-        for _ in range(3):
+        for _ in range(5):
             size = await staged_size()
             if size is None:  # never created, or committed by the cancelled stream itself
                 if not (await blob.FindMissing(pb.FindMissingRequest(digests=[digest]))).missing:
@@ -128,9 +128,12 @@ async def _resume_and_commit(blob: blob_pb2_grpc.BlobServiceAsyncStub, attempt: 
             try:
                 response = await call
             except grpc.aio.AioRpcError as err:
-                if err.code() != Code.NOT_FOUND:
+                # Between the status and this write, the cancelled stream may still have
+                # committed (NOT_FOUND) or appended the chunk it was writing (OUT_OF_RANGE):
+                # read the size again. A stuck upload shows as ABORTED, and fails below.
+                if err.code() not in (Code.NOT_FOUND, Code.OUT_OF_RANGE):
                     raise
-                continue  # the cancelled stream's commit ended between the status and the write
+                continue
             assert response.blob.digest == digest
             assert response.blob.size == len(attempt.data)
             return
