@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor, message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -44,6 +45,47 @@ def server_options(max_message_bytes: int = TRANSPORT_LIMIT_BYTES) -> list[tuple
         # A second server on the same port must fail, not silently share it.
         ("grpc.so_reuseport", 0),
     ]
+
+
+_HANDLER_FACTORIES: dict[tuple[bool, bool], Any] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def method_handlers(
+    service: descriptor.ServiceDescriptor,
+    servicer: object,
+    raw_requests: frozenset[str] = frozenset(),
+    raw_responses: frozenset[str] = frozenset(),
+) -> dict[str, grpc.RpcMethodHandler]:
+    """A service's handlers as the generated add_*Servicer_to_server builds them, except that
+    the methods named in ``raw_requests`` get their requests unparsed (bytes) and those in
+    ``raw_responses`` send what the servicer yields as already serialized (see linkedblob.wire).
+    """
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request_class: Any = message_factory.GetMessageClass(method.input_type)
+        response_class: Any = message_factory.GetMessageClass(method.output_type)
+        factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=None if method.name in raw_requests else request_class.FromString,
+            response_serializer=None
+            if method.name in raw_responses
+            else response_class.SerializeToString,
+        )
+    return handlers
+
+
+def add_handlers(
+    server: grpc.aio.Server, service_name: str, handlers: dict[str, grpc.RpcMethodHandler]
+) -> None:
+    """Registers a handler table as the generated add_*Servicer_to_server does."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    server.add_registered_method_handlers(service_name, handlers)  # type: ignore[attr-defined]
 
 
 @dataclass

@@ -11,6 +11,17 @@ log = logging.getLogger(__name__)
 # From glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
 
 
 def tune_malloc() -> bool:
@@ -27,13 +38,9 @@ def tune_malloc() -> bool:
     cost streaming throughput. What hands them back is :func:`release_free_memory`, which the
     servers call once they go quiet (see linkedblob.server).
     """
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
         return False
     ok = bool(mallopt(_M_MMAP_THRESHOLD, 64 * 1024 * 1024)) and bool(
         mallopt(_M_TRIM_THRESHOLD, 1024 * 1024 * 1024)
@@ -47,10 +54,21 @@ def release_free_memory() -> bool:
     """malloc_trim(0): returns the free pages of every malloc arena to the OS (~110 -> ~60 MiB
     for blobsvc after a burst of concurrent Writes). It walks the whole heap under the arenas'
     locks, so call it when the process is idle, not between messages. No-op off glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
+    libc = _libc()
     try:
-        return bool(ctypes.CDLL(name).malloc_trim(0))
-    except (OSError, AttributeError):
+        return bool(libc is not None and libc.malloc_trim(0))
+    except AttributeError:
+        return False
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """mallopt(M_ARENA_MAX): applies to arenas created from now on. No-op off glibc.
+
+    glibc gives each thread that contends for malloc an arena of its own (up to 8 per core), and
+    each arena grows to its own peak: with grpc's threads allocating message buffers that the
+    event loop frees, the footprint becomes a sum of peaks."""
+    libc = _libc()
+    try:
+        return bool(libc is not None and libc.mallopt(_M_ARENA_MAX, arenas))
+    except AttributeError:
         return False
