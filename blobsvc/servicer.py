@@ -169,6 +169,10 @@ class BlobServicer:
             )
         first = _parse_write_request(first_raw)
         _require(grant, WRITE, first.upload_id)
+        if first.commit:
+            # Committing stores a blob under a digest: the gateway's call (CommitUpload), which
+            # then records and links it. A client's write grant only stages bytes.
+            _require(grant, INTERNAL)
         upload_id = validate_upload_id(first.upload_id)
         algorithm = parse_algorithm(first.algorithm)
         commit = None

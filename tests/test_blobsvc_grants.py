@@ -217,6 +217,23 @@ def test_narrow_grants_allow_their_calls(stub: blob_pb2_grpc.BlobServiceStub, wo
     assert stub.Write(write_requests(world.new_upload_id, b"fresh"), metadata=new).size == 5
 
 
+def test_a_write_grant_stages_but_cannot_commit(
+    blobsvc: ServiceProcess, stub: blob_pb2_grpc.BlobServiceStub, world: World
+) -> None:
+    """A client's write grant lets it stage bytes; storing them as a blob is the gateway's."""
+    before = snapshot(blobsvc.data)  # type: ignore[attr-defined]
+    with refused(Code.PERMISSION_DENIED, "DENIED"):
+        stub.Write(
+            write_requests(world.upload_id, b"defg", offset=3, commit=True),
+            metadata=grant(WRITE, world.upload_id),
+        )
+    assert snapshot(blobsvc.data) == before  # type: ignore[attr-defined]
+    status = stub.UploadStatus(
+        pb.UploadStatusRequest(upload_id=world.upload_id), metadata=INTERNAL_GRANT
+    )
+    assert status.size == 3
+
+
 def test_an_internal_grant_allows_every_call(
     stub: blob_pb2_grpc.BlobServiceStub, world: World
 ) -> None:

@@ -9,8 +9,8 @@ BLOB_UPLOAD_UNKNOWN, BLOB_UPLOAD_INVALID, RANGE_INVALID, ...).
 
 Grants: a blobsvc started with a grant secret requires, on every call, a grant signed with it
 in the "linkedblob-grant" call metadata (see linkedblob/grants.py): "read" of a digest allows
-Stat and Read of that digest, "write" of an upload id allows Write and UploadStatus of that
-upload, "internal" (the gateway's own) allows everything. Missing, forged or expired:
+Stat and Read of that digest, "write" of an upload id allows Write (without commit) and
+UploadStatus of that upload, "internal" (the gateway's own) allows everything. Missing, forged or expired:
 UNAUTHENTICATED / UNAUTHORIZED; valid but for something else: PERMISSION_DENIED / DENIED.
 """
 
