@@ -23,6 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_option(
         parser,
+        "--direct-io",
+        default="auto",
+        choices=["auto", "off"],
+        help="filesystem driver: stage uploads and read uncached blobs with O_DIRECT, bypassing "
+        "the page cache (auto: where the filesystem takes it); off: through the page cache",
+    )
+    add_option(
+        parser,
         "--grant-secret",
         default="",
         help="secret shared with the gateway (at least 16 bytes; pass it in the environment, not "

@@ -48,7 +48,8 @@ def serve(args: argparse.Namespace) -> int | None:
         print(f"linkedblob blob: --grant-secret: {exc}", file=sys.stderr)
         return 2
     limit_malloc_arenas(MALLOC_ARENAS)
-    store = BlobStore(open_storage(args.storage, args.data))
+    storage = open_storage(args.storage, args.data, direct_io=args.direct_io == "auto")
+    store = BlobStore(storage)
     handlers = method_handlers(BlobServicer(store, signer))
 
     def register(server: grpc.aio.Server) -> None:

@@ -22,7 +22,8 @@ from linkedblob.digests import Digest
 from linkedblob.errors import LinkedBlobError, Reason
 
 # "filesystem-named": Put through named temporary files, as where O_TMPFILE is missing.
-DRIVERS = ["filesystem", "filesystem-named", "memory"]
+# "filesystem-buffered": staged bytes and reads through the page cache (--direct-io off).
+DRIVERS = ["filesystem", "filesystem-named", "filesystem-buffered", "memory"]
 
 
 @pytest.fixture(params=DRIVERS)
@@ -30,6 +31,8 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]
     root = str(tmp_path / "root")
     if request.param == "filesystem-named":
         driver: Storage = FilesystemStorage(root, anonymous_files=False)
+    elif request.param == "filesystem-buffered":
+        driver = FilesystemStorage(root, direct_io=False)
     else:
         driver = open_storage(request.param, root)
     yield driver

@@ -161,12 +161,12 @@ def busy(upload_id: str) -> Exception:
     )
 
 
-def open_storage(kind: str, root: str) -> Storage:
-    """The driver named by ``--storage``."""
+def open_storage(kind: str, root: str, direct_io: bool = True) -> Storage:
+    """The driver named by ``--storage`` (``direct_io``: see FilesystemStorage)."""
     if kind == "filesystem":
         from blobsvc.storage.filesystem import FilesystemStorage
 
-        return FilesystemStorage(root)
+        return FilesystemStorage(root, direct_io=direct_io)
     if kind == "memory":
         from blobsvc.storage.memory import MemoryStorage
 

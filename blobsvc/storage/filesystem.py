@@ -14,6 +14,21 @@ parsed, so no request can reach outside the root.
 
 An upload is held exclusively by one open file description: an in-process claim plus an
 ``flock`` on its data file, so two blobsvc replicas sharing the root cannot interleave writes.
+
+Staged bytes bypass the page cache (O_DIRECT; see DirectIO). On this project's VMs a fresh
+page-cache page costs ~15 us of kernel time (guest memory is handed back to the host when
+free): a buffered write of 256 MiB took ~1.0 s of kernel CPU (~230 MB/s), the same writes with
+O_DIRECT 0.03 s (~1.6 GB/s). Whole blocks (4 KiB) go with O_DIRECT from an aligned buffer; a
+partial last block also goes through the page cache, so after every append the file holds
+every accepted byte (its size is the upload's size), and the next append rewrites that block
+with O_DIRECT (Linux writes the cached page back and drops it first). The fsync at commit
+stays: O_DIRECT does not flush the device's cache. Reads (blobs and staged bytes) come from the
+page cache when all of the range is there (asked with cachestat(2)), else with O_DIRECT: the
+first pull of a pushed blob cost blobsvc ~0.4 s of CPU per 256 MiB instead of 0.6-1.2 s. The
+price: pushes and pulls no longer leave a blob cached, so pulling a hot blob again reads the
+disk (~10-20% slower than from the page cache here). Where the filesystem refuses O_DIRECT
+(EINVAL: ramfs, some FUSE), or with ``--direct-io off``, everything goes through the page
+cache as before.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import ctypes.util
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import secrets
 import threading
@@ -32,6 +48,7 @@ import time
 from collections.abc import Callable
 
 from blobsvc.storage import Storage, UploadClaims, busy, validate_upload_id
+from linkedblob.config import STREAM_CHUNK_BYTES
 from linkedblob.digests import ALGORITHMS, Digest
 
 log = logging.getLogger(__name__)
@@ -63,6 +80,194 @@ def _writeback_starter() -> Callable[[int, int, int], None]:
 
 
 _start_writeback = _writeback_starter()
+
+
+# --- direct I/O (see the module docstring) ---
+
+# O_DIRECT transfers start and end on blocks of this many bytes, in memory aligned as much
+# (more where the filesystem's block size says so).
+DIRECT_ALIGNMENT = 4096
+# Aligned buffers kept for reuse: a fresh one page-faults in a MiB on its first use.
+IDLE_DIRECT_BUFFERS = 8
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_SYS_CACHESTAT = 451  # the same number on every architecture (Linux 6.5+)
+
+
+class _CacheStatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
+    ]
+
+
+def _cache_counter() -> Callable[[int, int, int], int] | None:
+    """Linux's cachestat(2): how many pages of a file's range are in the page cache.
+
+    Asking costs nothing else. preadv(RWF_NOWAIT), the other way to ask, starts readahead into
+    the page cache when it misses (measured on 6.18: a miss cached the next 2 MiB, and reading a
+    64 MiB file that way ended with all of it cached), which is the cost we are avoiding.
+    None where libc has no syscall(); a kernel without cachestat fails at the first call."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        syscall = libc.syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    syscall.argtypes = [
+        ctypes.c_long,
+        ctypes.c_long,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_long,
+    ]
+
+    def cached_pages(fd: int, offset: int, length: int) -> int:
+        span = _CacheStatRange(offset, length)
+        stat = _CacheStat()
+        if syscall(_SYS_CACHESTAT, fd, ctypes.addressof(span), ctypes.addressof(stat), 0) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return int(stat.nr_cache)
+
+    return cached_pages
+
+
+_cached_pages = _cache_counter()
+
+
+def _round_up(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+def _direct_alignment(root: str) -> int | None:
+    """The alignment of O_DIRECT transfers under ``root``; None when it is not a whole number
+    of memory pages or more than a stream chunk (then direct I/O is not used)."""
+    alignment = max(DIRECT_ALIGNMENT, os.statvfs(root).f_bsize, os.stat(root).st_blksize)
+    if alignment % mmap.PAGESIZE or alignment > STREAM_CHUNK_BYTES:
+        return None
+    return alignment
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data = data[written:]
+        offset += written
+
+
+class DirectIO:
+    """O_DIRECT under one storage root: its alignment, whether the filesystem takes it, and a
+    small pool of page-aligned buffers (anonymous mmaps) to transfer through.
+
+    Turned off for the root, and logged once, the first time the filesystem refuses it
+    (EINVAL at an open or a transfer: ramfs, some FUSE filesystems); reads alone are turned
+    off where the kernel cannot tell what is cached (no cachestat(2): Linux before 6.5)."""
+
+    def __init__(self, root: str, enabled: bool) -> None:
+        self.root = root
+        alignment = _direct_alignment(root) if enabled and _O_DIRECT else None
+        self.alignment = alignment or DIRECT_ALIGNMENT
+        self.writes = alignment is not None
+        self.reads = self.writes and _cached_pages is not None
+        # A stream chunk at any offset, with the partial blocks before and after it.
+        self.buffer_bytes = STREAM_CHUNK_BYTES + 2 * self.alignment
+        self._idle: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def reopen(self, fd: int, flags: int) -> int:
+        """A second open file description of ``fd``'s file (the same inode, even unlinked),
+        with O_DIRECT; -1 when the filesystem refuses it (direct I/O is then off)."""
+        try:
+            return os.open(f"/proc/self/fd/{fd}", flags | _O_DIRECT | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):
+                raise  # e.g. out of file descriptors: not the filesystem's answer
+            self.refused("an O_DIRECT open", exc)
+            return -1
+
+    def refused(self, what: str, exc: OSError, reads_only: bool = False) -> None:
+        """Turns direct I/O (or only direct reads) off for this root, and says so once."""
+        with self._lock:
+            if not self.reads and (reads_only or not self.writes):
+                return
+            self.reads = False
+            if not reads_only:
+                self.writes = False
+        log.info(
+            "direct I/O off for %s: %s failed (%s); using the page cache",
+            "reads" if reads_only else "reads and writes",
+            what,
+            exc,
+            extra={"root": self.root},
+        )
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return mmap.mmap(-1, self.buffer_bytes)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        # Beyond the pool's bound the buffer is dropped: unmapped once no view of it is left.
+        with self._lock:
+            if len(self._idle) < IDLE_DIRECT_BUFFERS:
+                self._idle.append(buffer)
+
+    def close(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+    def read(self, fd: int, direct_fd: int, offset: int, length: int, size: int) -> bytes:
+        """Up to ``length`` bytes from ``offset`` of a file of ``size`` bytes open as ``fd``
+        and (with O_DIRECT) ``direct_fd``: through the page cache when all of the range is
+        there, else with O_DIRECT."""
+        end = min(offset + length, size)
+        if not self.reads or direct_fd < 0 or end <= offset:
+            return os.pread(fd, length, offset)
+        assert _cached_pages is not None  # self.reads says so
+        pages = (end - 1) // mmap.PAGESIZE - offset // mmap.PAGESIZE + 1
+        try:
+            if _cached_pages(fd, offset, end - offset) >= pages:
+                return os.pread(fd, length, offset)  # straight into the bytes returned
+        except OSError as exc:
+            self.refused("cachestat", exc, reads_only=True)
+            return os.pread(fd, length, offset)
+        # Uncached (at least in part): the whole range with O_DIRECT, which first writes back
+        # any dirty cached page in it, so it sees every byte written.
+        try:
+            step = self.buffer_bytes - 2 * self.alignment
+            if end - offset <= step:
+                return self._read_direct(direct_fd, offset, end - offset)
+            pieces = []  # longer than a buffer (not a stream's reads): piece by piece
+            for start in range(offset, end, step):
+                piece = self._read_direct(direct_fd, start, min(step, end - start))
+                pieces.append(piece)
+                if len(piece) < min(step, end - start):
+                    break
+            return b"".join(pieces)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.refused("an O_DIRECT read", exc, reads_only=True)
+            return os.pread(fd, length, offset)
+
+    def _read_direct(self, direct_fd: int, offset: int, length: int) -> bytes:
+        """The blocks around [offset, offset + length) into an aligned buffer; the range
+        sliced out of them (shorter at the end of the file)."""
+        base = offset - offset % self.alignment
+        span = _round_up(offset + length, self.alignment) - base
+        buffer = self.take()
+        try:
+            view = memoryview(buffer)
+            got = os.preadv(direct_fd, [view[:span]], base)
+            return bytes(view[offset - base : min(got, offset - base + length)])
+        finally:
+            self.give(buffer)
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -176,25 +381,34 @@ class AnonymousFiles:
 
 
 class FileBlobReader:
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, direct: DirectIO) -> None:
         self._fd = fd
         self._size = os.fstat(fd).st_size
+        self._direct = direct
+        self._direct_fd = direct.reopen(fd, os.O_RDONLY) if direct.reads else -1
 
     @property
     def size(self) -> int:
         return self._size
 
     def read_at(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, offset)
+        return self._direct.read(self._fd, self._direct_fd, offset, length, self._size)
 
     def close(self) -> None:
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
 
 class FileStagedUpload:
-    """An upload's data file, open and flocked; ``size`` is tracked while we hold it."""
+    """An upload's data file, open and flocked; ``size`` is tracked while we hold it.
+
+    With direct I/O a second open file description of the data file (O_DIRECT) writes the
+    whole blocks, and the partial block the last append left (``_tail``: its bytes, after the
+    last whole block) is kept in memory, to be rewritten whole by the next append."""
 
     def __init__(
         self, storage: FilesystemStorage, upload_id: str, fd: int, algorithm: str, generation: str
@@ -206,6 +420,16 @@ class FileStagedUpload:
         self._generation = generation
         self._size = os.fstat(fd).st_size
         self._written_back = self._size  # start of the range not yet pushed to disk
+        self._direct = storage.direct
+        self._direct_fd = -1
+        self._tail = b""
+        if self._direct.writes:
+            self._direct_fd = self._direct.reopen(fd, os.O_RDWR)
+            try:
+                self._tail = self._read_tail()
+            except BaseException:
+                self._close_direct()
+                raise
 
     @property
     def upload_id(self) -> str:
@@ -224,6 +448,27 @@ class FileStagedUpload:
         return self._generation
 
     def append(self, data: bytes | memoryview) -> None:
+        if self._direct_fd >= 0:
+            start = self._size
+            try:
+                self._append_direct(memoryview(data).cast("B"))
+                return
+            except OSError as exc:
+                self._reread()
+                if exc.errno != errno.EINVAL:
+                    raise
+                # The filesystem took the O_DIRECT open but not the transfer: the rest of
+                # this upload (and every later one here) goes through the page cache.
+                self._direct.refused("an O_DIRECT write", exc)
+                self._close_direct()
+                self._written_back = self._size
+                data = memoryview(data).cast("B")[self._size - start :]
+            except BaseException:
+                self._reread()
+                raise
+        self._append_buffered(data)
+
+    def _append_buffered(self, data: bytes | memoryview) -> None:
         try:
             _write_all(self._fd, data)
         except BaseException:
@@ -234,8 +479,53 @@ class FileStagedUpload:
             _start_writeback(self._fd, self._written_back, self._size - self._written_back)
             self._written_back = self._size
 
+    def _append_direct(self, data: memoryview) -> None:
+        """Copies the carried tail and ``data`` into an aligned buffer (a buffer at a time),
+        writes the whole blocks with O_DIRECT at their offset, and the new bytes of a partial
+        last block through the page cache, so the file always ends with every accepted byte.
+        (Unchanged bytes of the tail block are rewritten with it; they are the same.)"""
+        alignment = self._direct.alignment
+        buffer = self._direct.take()
+        try:
+            view = memoryview(buffer)
+            position = 0
+            while position < len(data):
+                carried = len(self._tail)
+                base = self._size - carried  # a block boundary
+                count = min(len(data) - position, len(view) - carried)
+                filled = carried + count
+                view[:carried] = self._tail
+                view[carried:filled] = data[position : position + count]
+                whole = filled - filled % alignment
+                if whole:
+                    _pwrite_all(self._direct_fd, view[:whole], base)
+                if whole < filled:  # appended at the end of the file (O_APPEND)
+                    _write_all(self._fd, view[max(whole, carried) : filled])
+                self._size = base + filled
+                self._tail = bytes(view[whole:filled])
+                position += count
+        finally:
+            self._direct.give(buffer)
+
+    def _read_tail(self) -> bytes:
+        """The bytes after the file's last whole block (we hold the lock: nobody else writes)."""
+        carried = self._size % self._direct.alignment
+        if not carried:
+            return b""
+        tail = os.pread(self._fd, carried, self._size - carried)
+        if len(tail) != carried:
+            raise OSError(errno.EIO, f"upload {self._upload_id} changed under its lock")
+        return tail
+
+    def _reread(self) -> None:
+        """After a failed append the file is the truth: its size, and its partial last block."""
+        self._size = os.fstat(self._fd).st_size
+        self._tail = b""
+        if self._direct_fd >= 0:
+            self._tail = self._read_tail()
+
     def read_at(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, offset)
+        return self._direct.read(self._fd, self._direct_fd, offset, length, self._size)
 
     def store_as(self, digest: Digest) -> bool:
         target = self._storage.blob_path(digest)
@@ -265,7 +555,14 @@ class FileStagedUpload:
         with contextlib.suppress(OSError):  # another replica may have just re-created the id
             os.rmdir(directory)
 
+    def _close_direct(self) -> None:
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+            self._tail = b""
+
     def close(self) -> None:
+        self._close_direct()
         if self._fd >= 0:
             os.close(self._fd)  # also releases the flock
             self._fd = -1
@@ -273,13 +570,15 @@ class FileStagedUpload:
 
 
 class FilesystemStorage(Storage):
-    def __init__(self, root: str, anonymous_files: bool = True) -> None:
+    def __init__(self, root: str, anonymous_files: bool = True, direct_io: bool = True) -> None:
         """``anonymous_files``: False keeps Put to named temporary files (as where the
-        filesystem has no O_TMPFILE)."""
+        filesystem has no O_TMPFILE). ``direct_io``: False sends staged bytes and reads
+        through the page cache (see DirectIO)."""
         self.root = os.path.abspath(root)
         self.claims = UploadClaims()
         for sub in ("blobs", "uploads", "tmp"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        self.direct = DirectIO(self.root, direct_io)
         self._sweep_tmp()
         self._anonymous: AnonymousFiles | None = None
         if anonymous_files and self._anonymous_files_work():
@@ -288,6 +587,7 @@ class FilesystemStorage(Storage):
     def close(self) -> None:
         if self._anonymous is not None:
             self._anonymous.close()
+        self.direct.close()
 
     def _sweep_tmp(self, older_than: float = 3600) -> None:
         """Removes temporary files a crash left behind (an hour old: not a replica's Put)."""
@@ -323,7 +623,7 @@ class FilesystemStorage(Storage):
         except FileNotFoundError:
             return None
         try:
-            return FileBlobReader(fd)
+            return FileBlobReader(fd, self.direct)
         except BaseException:
             os.close(fd)
             raise
