@@ -47,7 +47,7 @@ from typing import IO, Any
 
 import grpc
 
-from linkedblob import grants, wire
+from linkedblob import grants, tuning, wire
 from linkedblob.blob.v1 import blob_pb2
 from linkedblob.config import (
     GATEWAY_PORT,
@@ -60,6 +60,8 @@ from linkedblob.v1 import registry_pb2, registry_pb2_grpc
 
 ADDR_ENV = "LINKEDBLOB_ADDR"
 DEFAULT_ADDR = f"127.0.0.1:{GATEWAY_PORT}"
+# "0" (or false, no, off) keeps Client from tuning malloc (see Client).
+MALLOC_TUNING_ENV = "LINKEDBLOB_MALLOC_TUNING"
 
 # Field numbers of the data fields sent and received without protobuf objects.
 _PUSH_BLOB_DATA = 2
@@ -196,6 +198,17 @@ class Client:
     each unary call; ``retry_timeout`` is how long a resumable push keeps retrying without
     progress before it gives up. ``direct`` moves bytes straight to and from blobsvc when the
     gateway offers it (one channel per blobsvc address, kept with the client).
+
+    The first Client of a process tunes glibc's malloc as the servers do
+    (:func:`linkedblob.tuning.tune_malloc`: mmap threshold 64 MiB, trim threshold 1 GiB). With
+    glibc's defaults the ~1 MiB buffers of received messages are mmap-ed or trimmed, and
+    page-faulted in again, one by one (a fault costs ~4 us on the 2-core VM measured): a verified
+    256 MiB pull from blobsvc took ~32k faults, 0.52 s of client CPU and ran at 465 MB/s; tuned,
+    ~100 faults, 0.41 s, 531 MB/s (medians of 18 interleaved pulls each, on a busy machine).
+    Pushes fault little either way. The setting is process-wide and stays: freed memory is kept
+    for reuse instead of going back to the OS at once (a process can hand it back with
+    :func:`linkedblob.tuning.release_free_memory`). ``malloc_tuning=False``, or
+    LINKEDBLOB_MALLOC_TUNING=0 in the environment, leaves malloc as it is. A no-op off glibc.
     """
 
     def __init__(
@@ -206,9 +219,15 @@ class Client:
         retry_timeout: float = 60.0,
         chunk_size: int = STREAM_CHUNK_BYTES,
         direct: bool = True,
+        malloc_tuning: bool | None = None,
     ) -> None:
         if not 0 < chunk_size <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_size must be 1-{MAX_CHUNK_BYTES}")
+        if malloc_tuning is None:
+            setting = os.environ.get(MALLOC_TUNING_ENV, "").strip().lower()
+            malloc_tuning = setting not in ("0", "false", "no", "off")
+        if malloc_tuning:
+            tuning.tune_malloc()  # once per process
         self.addr = addr or os.environ.get(ADDR_ENV) or DEFAULT_ADDR
         self.timeout = timeout
         self.retry_timeout = retry_timeout

@@ -1,10 +1,13 @@
-"""Process-level tuning every server applies at start."""
+"""Process-level tuning every server applies at start (and the client, see
+linkedblob.client.Client)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -14,6 +17,7 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
+@functools.cache  # find_library may run ldconfig: once per process is enough
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if not name:
@@ -22,6 +26,11 @@ def _libc() -> ctypes.CDLL | None:
         return ctypes.CDLL(name)
     except OSError:
         return None
+
+
+# tune_malloc's result once it has run in this process (None: not yet).
+_tuned: bool | None = None
+_tune_lock = threading.Lock()
 
 
 def tune_malloc() -> bool:
@@ -37,7 +46,17 @@ def tune_malloc() -> bool:
     idle ~51), the freed buffers being in the middle of the heap and in thread arenas, and 16 MiB
     cost streaming throughput. What hands them back is :func:`release_free_memory`, which the
     servers call once they go quiet (see linkedblob.server).
+
+    Runs once per process: later calls (from any thread) return the first call's result.
     """
+    global _tuned
+    with _tune_lock:
+        if _tuned is None:
+            _tuned = _set_streaming_thresholds()
+        return _tuned
+
+
+def _set_streaming_thresholds() -> bool:
     libc = _libc()
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
