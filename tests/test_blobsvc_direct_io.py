@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from blobsvc.options import add_arguments
+from blobsvc.storage import filesystem
 from blobsvc.storage.filesystem import (
     IDLE_DIRECT_BUFFERS,
     FileStagedUpload,
@@ -467,3 +468,42 @@ def test_direct_io_option() -> None:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LINKEDBLOB_DIRECT_IO", "off")
         assert parse() == "off"
+
+
+def test_a_blob_read_again_is_cached(
+    disk: Path, filesystems: Callable[..., FilesystemStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first read of a blob leaves the page cache alone; a second one while the blob is
+    remembered reads it into the cache (a popular blob costs one device read, not one per
+    pull); a blob forgotten (more than RECENT_READS others read since) starts over."""
+    monkeypatch.setattr(filesystem, "RECENT_READS", 2)
+    fs = filesystems(disk)
+    blobs = {}
+    for n in range(4):
+        data = os.urandom(2 * MiB + n * 4096)  # whole blocks: none staged through the cache
+        blobs[_stored_blob(fs, data)] = data
+
+    def read_all(digest: Digest) -> None:
+        reader = fs.open_blob(digest)
+        assert reader is not None
+        try:
+            assert reader.read_at(0, 3 * MiB) == blobs[digest]
+        finally:
+            reader.close()
+
+    first, second, third, fourth = blobs
+    read_all(first)
+    assert _cached_pages(fs.blob_path(first)) == 0
+    read_all(first)  # again: through the page cache
+    assert _cached_pages(fs.blob_path(first)) == _pages(blobs[first])
+    read_all(second)
+    read_all(third)
+    read_all(fourth)  # only two are remembered: third and fourth
+    read_all(second)
+    assert _cached_pages(fs.blob_path(second)) == 0  # forgotten: read past the cache again
+    for digest in (third, fourth):
+        assert _cached_pages(fs.blob_path(digest)) == 0
+
+
+def _pages(data: bytes) -> int:
+    return -(-len(data) // 4096)
