@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,6 +53,10 @@ MAX_FIND_MISSING = 1000  # digests per FindMissing call
 MAX_HASH_STATES = 10_000
 # Chunks of a Write stream queued per lane (write, hash) while the next one is received.
 PIPELINE_DEPTH = 2
+# Chunks of a Read read ahead of the one being sent: two keep a disk read in flight while
+# one is sent (direct reads of uncached blobs go at the device's pace: ~570 MB/s at one
+# request in flight here, ~680 at two).
+READ_AHEAD = 2
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -152,7 +157,7 @@ class BlobStore:
 
     async def read(self, digest: Digest, offset: int, limit: int) -> AsyncIterator[bytes]:
         """The blob's bytes from ``offset`` (at most ``limit``; 0: to the end), in chunks of
-        STREAM_CHUNK_BYTES. The next chunk is read while the current one is sent."""
+        STREAM_CHUNK_BYTES. The next READ_AHEAD chunks are read while the current one is sent."""
         if offset < 0 or limit < 0:
             raise invalid_argument(Reason.RANGE_INVALID, "offset and limit must not be negative")
         reader = await self._open(self.storage.open_blob, digest)
@@ -162,7 +167,7 @@ class BlobStore:
                     raise out_of_range(Reason.RANGE_INVALID, f"offset {offset} is beyond size 0")
                 return
             raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} not found")
-        pending: Future[bytes] | None = None
+        pending: collections.deque[Future[bytes]] = collections.deque()
         try:
             size = reader.size
             if offset > size:
@@ -170,29 +175,29 @@ class BlobStore:
                     Reason.RANGE_INVALID, f"offset {offset} is beyond size {size}", size=size
                 )
             end = size if limit == 0 else min(size, offset + limit)
-            position = offset
-            if position < end:
-                pending = self._submit(
-                    reader.read_at, position, min(STREAM_CHUNK_BYTES, end - position)
-                )
-            while pending is not None:
-                chunk = await _outcome(pending)
-                pending = None
-                if not chunk:  # stored blobs are immutable: this is damage, not a race
+            position = offset  # of the next chunk to yield
+            submitted = offset  # where the next read starts
+            while True:
+                while submitted < end and len(pending) < READ_AHEAD:
+                    length = min(STREAM_CHUNK_BYTES, end - submitted)
+                    pending.append(self._submit(reader.read_at, submitted, length))
+                    submitted += length
+                if not pending:
+                    break
+                chunk = await _outcome(pending[0])
+                pending.popleft()
+                expected = min(STREAM_CHUNK_BYTES, end - position)
+                if len(chunk) != expected:  # stored blobs are immutable: damage, not a race
                     raise LinkedBlobError(
                         grpc.StatusCode.DATA_LOSS,
                         Reason.INTERNAL,
-                        f"blob {digest} ends at {position}, before its size {size}",
+                        f"blob {digest} ends at {position + len(chunk)}, before its size {size}",
                     )
                 position += len(chunk)
-                if position < end:
-                    pending = self._submit(
-                        reader.read_at, position, min(STREAM_CHUNK_BYTES, end - position)
-                    )
                 yield chunk
         finally:
-            if pending is not None:  # the generator was closed early: the read still uses fd
-                await _finished(pending)
+            for job in pending:  # the generator was closed early: the reads still use fd
+                await _finished(job)
             reader.close()
 
     def _in_order(
