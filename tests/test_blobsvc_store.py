@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from blobsvc.storage.filesystem import FilesystemStorage
 from blobsvc.storage.memory import MemoryStorage
 from blobsvc.store import BlobStore, CommitSpec, decode_page_token, encode_page_token
+from linkedblob.config import STREAM_CHUNK_BYTES
 from linkedblob.digests import Digest
 from linkedblob.errors import LinkedBlobError, Reason
 
@@ -75,6 +79,34 @@ def test_a_replica_writing_in_between_makes_the_hash_stale(
 
     asyncio.run(scenario())
     assert rehashes(caplog) == ["u", "v"]
+
+
+@pytest.mark.parametrize("cut", [1, STREAM_CHUNK_BYTES + 5, 3 * STREAM_CHUNK_BYTES - 1])
+def test_a_blob_cut_short_on_disk_is_data_loss(tmp_path: Path, cut: int) -> None:
+    """A stored blob whose file lost bytes after it was opened (chunks are read ahead at fixed
+    offsets, so a short one would leave a gap) ends the read with DATA_LOSS, never with fewer or
+    shifted bytes."""
+    data = os.urandom(3 * STREAM_CHUNK_BYTES + 17)
+
+    async def scenario() -> None:
+        storage = FilesystemStorage(str(tmp_path))
+        store = BlobStore(storage, io_threads=2)
+        try:
+            blob = await store.put(data, None)
+            received = bytearray()
+            with pytest.raises(LinkedBlobError) as err:
+                reading = store.read(blob.digest, 0, 0)
+                received += await anext(reading)  # opened: the size is known
+                os.truncate(storage.blob_path(blob.digest), cut)
+                async for chunk in reading:
+                    received += chunk
+            assert err.value.reason == Reason.INTERNAL
+            assert err.value.code.name == "DATA_LOSS"
+            assert bytes(received) == data[: len(received)]  # what was sent was right
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
 
 
 def test_page_tokens_round_trip_and_refuse_garbage() -> None:
