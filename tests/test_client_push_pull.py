@@ -4,17 +4,28 @@ direct access to blobsvc offered (bytes go straight to it) and without (through 
 
 from __future__ import annotations
 
+import collections
+import errno
 import hashlib
 import io
 import os
 import secrets
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
+from typing import IO, cast
 
 import grpc
 import pytest
 
-from linkedblob.client import Client, ClientError, Descriptor, DigestMismatchError
+from linkedblob.client import (
+    Client,
+    ClientError,
+    Descriptor,
+    DigestMismatchError,
+    channel_options,
+)
 from linkedblob.config import MiB
 from tests.stack import Stack, running_stack
 
@@ -163,6 +174,102 @@ def test_a_truncated_blob_is_not_passed_off_as_complete(
         assert not (tmp_path / "out").exists()
     finally:
         stored.write_bytes(data)
+
+
+class Observer(grpc.GenericRpcHandler):
+    """A gRPC relay in front of a server (bytes as they are, any method) that keeps count of
+    the calls in flight through it: where a client's calls end is seen from the server's
+    side."""
+
+    def __init__(self, upstream: str) -> None:
+        self.channel = grpc.insecure_channel(upstream, options=channel_options())
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        self.changed = threading.Condition()
+        self.server = grpc.server(futures.ThreadPoolExecutor(8), options=channel_options())
+        self.server.add_generic_rpc_handlers((self,))
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method: str = details.method  # type: ignore[attr-defined]
+        upstream = self.channel.stream_stream(method)
+
+        def relay(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            with self.changed:
+                self.in_flight[method] += 1
+            context.add_callback(lambda: self._ended(method))
+            responses = upstream(requests, metadata=context.invocation_metadata())
+            context.add_callback(responses.cancel)
+            try:
+                yield from responses
+            except grpc.RpcError as err:
+                context.set_trailing_metadata(err.trailing_metadata())  # type: ignore[attr-defined]
+                context.set_code(err.code())  # type: ignore[attr-defined]
+                context.set_details(err.details())  # type: ignore[attr-defined]
+
+        return grpc.stream_stream_rpc_method_handler(relay)
+
+    def _ended(self, method: str) -> None:
+        with self.changed:
+            self.in_flight[method] -= 1
+            self.changed.notify_all()
+
+    def wait_ended(self, method: str, timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.in_flight[method] == 0, timeout)
+
+    def stop(self) -> None:
+        self.server.stop(None)
+        self.channel.close()
+
+
+class FullDisk(io.RawIOBase):
+    """A destination that fails its first write, noting whether the read was in flight."""
+
+    def __init__(self, reading: Callable[[], bool]) -> None:
+        self.reading = reading
+        self.seen: list[bool] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: object) -> int:  # type: ignore[override]
+        self.seen.append(self.reading())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_an_abandoned_pull_ends_its_read(stack: Stack, repo: str, tmp_path: Path) -> None:
+    data = os.urandom(16 * MiB)
+    with Client(stack.address) as c:
+        desc = c.push(repo, data)
+    if stack.grant_secret:  # reads go to blobsvc: watched through a gateway that sends there
+        observer = Observer(stack.blob.address)
+        args = ("--blob-public-addr", observer.address)
+        address = stack.another_gateway(enable_delete=False, args=args).address
+        read = "/linkedblob.blob.v1.BlobService/Read"
+    else:
+        observer = Observer(stack.address)
+        address = observer.address
+        read = "/linkedblob.v1.Registry/ReadBlob"
+    try:
+        with Client(address) as client:
+            for _ in range(3):  # the same client, again and again
+                full = FullDisk(lambda: observer.in_flight[read] == 1)
+                with pytest.raises(OSError) as err:
+                    client.pull(repo, desc.digest, cast(IO[bytes], full))
+                assert full.seen == [True]
+                # Ended at once, not when the exception (whose traceback holds the read) goes.
+                assert observer.wait_ended(read, timeout=5)
+                assert err.value.errno == errno.ENOSPC
+            with pytest.raises(FileNotFoundError) as missing:
+                client.pull(repo, desc.digest, tmp_path / "no" / "such" / "dir")
+            assert observer.wait_ended(read, timeout=5), missing
+            assert client.get(repo, desc.digest, offset=MiB, length=3) == data[MiB : MiB + 3]
+            assert client.pull(repo, desc.digest, tmp_path / "out") == desc
+            assert (tmp_path / "out").read_bytes() == data
+            assert observer.wait_ended(read, timeout=5)
+    finally:
+        observer.stop()
 
 
 def test_stat_mount_list_delete(client: Client, repo: str) -> None:
