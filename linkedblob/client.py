@@ -497,9 +497,10 @@ class Client:
         return Upload.from_proto(msg)
 
     def append(self, upload: Upload, offset: int, chunks: Iterable[bytes | memoryview]) -> Upload:
-        """Appends ``chunks`` (each at most 4 MiB) to an upload at ``offset`` in one stream:
-        straight to blobsvc when the upload carries direct access and blobsvc is reachable,
-        else through the gateway (:meth:`write_upload`). The upload at its new offset."""
+        """Appends ``chunks`` (buffers of any size, sent in messages of ``chunk_size``) to an
+        upload at ``offset`` in one stream: straight to blobsvc when the upload carries direct
+        access and blobsvc is reachable, else through the gateway (:meth:`write_upload`). The
+        upload at its new offset."""
         if upload.direct is not None:
             blobsvc = self._blobsvc(upload.direct.address)
             if blobsvc.reachable():
@@ -511,15 +512,14 @@ class Client:
     def write_upload(
         self, repository: str, upload_id: str, offset: int, chunks: Iterable[bytes | memoryview]
     ) -> Upload:
-        """Appends ``chunks`` (each at most 4 MiB) at ``offset`` in one stream."""
+        """Appends ``chunks`` (buffers of any size, sent in messages of ``chunk_size``) at
+        ``offset`` in one stream."""
 
         def messages() -> Iterator[bytes]:
             yield registry_pb2.WriteUploadRequest(
                 repository=repository, upload_id=upload_id, offset=offset
             ).SerializeToString()
-            for chunk in chunks:
-                if chunk:
-                    yield wire.data_message(_WRITE_UPLOAD_DATA, chunk)
+            yield from _data_messages(_WRITE_UPLOAD_DATA, chunks, self.chunk_size)
 
         with _errors():
             msg = self._write_raw(messages())
@@ -573,15 +573,18 @@ class Client:
         hasher = None if digest else hashlib.sha256()
         failure: list[BaseException] = []
 
+        def chunks() -> Iterator[bytes | memoryview]:
+            for chunk in src.chunks(self.chunk_size):
+                if hasher is not None:
+                    hasher.update(chunk)
+                yield chunk
+                if progress:
+                    progress(len(chunk))
+
         def messages() -> Iterator[bytes]:
             yield registry_pb2.PushBlobRequest(header=header).SerializeToString()
             try:
-                for chunk in src.chunks(self.chunk_size):
-                    if hasher is not None:
-                        hasher.update(chunk)
-                    yield wire.data_message(_PUSH_BLOB_DATA, chunk)
-                    if progress:
-                        progress(len(chunk))
+                yield from _data_messages(_PUSH_BLOB_DATA, chunks(), self.chunk_size)
             except Exception as exc:  # grpc would only report "exception iterating requests"
                 failure.append(exc)
                 raise
@@ -803,9 +806,7 @@ class Client:
                 upload_id=upload_id, offset=offset, algorithm=algorithm if offset == 0 else ""
             ).SerializeToString()
             try:
-                for chunk in chunks:
-                    if chunk:
-                        yield wire.data_message(_BLOB_WRITE_DATA, chunk)
+                yield from _data_messages(_BLOB_WRITE_DATA, chunks, self.chunk_size)
             except Exception as exc:  # grpc would only report "exception iterating requests"
                 failure.append(exc)
                 raise
@@ -924,6 +925,30 @@ class Client:
                 if progress:
                     progress(len(chunk))
         check.finish()
+
+
+def _data_messages(field: int, chunks: Iterable[bytes | memoryview], size: int) -> Iterator[bytes]:
+    """Data-only messages (see linkedblob.wire) carrying ``chunks`` in payloads of ``size``
+    bytes (the last one shorter): smaller pieces are joined and bigger ones cut, in the one
+    copy that framing makes anyway. A 256 MiB push of 64 KiB pieces, one a message, ran at
+    81 MB/s with 1.2 s of client and 3.7 s of blobsvc CPU; joined into 1 MiB messages, 177 MB/s,
+    0.35 s and 1.6 s (1 MiB pieces: as before)."""
+    tag = bytes(((field << 3) | 2,))  # length-delimited (wire type 2); fields 1-15 only
+    pending: list[memoryview] = []
+    pending_bytes = 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while view:
+            piece = view[: size - pending_bytes]
+            view = view[len(piece) :]
+            pending.append(piece)
+            pending_bytes += len(piece)
+            if pending_bytes == size:
+                yield b"".join((tag, wire.varint(size), *pending))
+                pending.clear()
+                pending_bytes = 0
+    if pending_bytes:
+        yield b"".join((tag, wire.varint(pending_bytes), *pending))
 
 
 def _no_chunks() -> Chunks:

@@ -178,12 +178,13 @@ def test_a_truncated_blob_is_not_passed_off_as_complete(
 
 class Observer(grpc.GenericRpcHandler):
     """A gRPC relay in front of a server (bytes as they are, any method) that keeps count of
-    the calls in flight through it: where a client's calls end is seen from the server's
-    side."""
+    the calls in flight through it and of the messages sent to each method: what a client does
+    is seen from the server's side."""
 
     def __init__(self, upstream: str) -> None:
         self.channel = grpc.insecure_channel(upstream, options=channel_options())
         self.in_flight: collections.Counter[str] = collections.Counter()
+        self.messages: collections.Counter[str] = collections.Counter()
         self.changed = threading.Condition()
         self.server = grpc.server(futures.ThreadPoolExecutor(8), options=channel_options())
         self.server.add_generic_rpc_handlers((self,))
@@ -194,11 +195,16 @@ class Observer(grpc.GenericRpcHandler):
         method: str = details.method  # type: ignore[attr-defined]
         upstream = self.channel.stream_stream(method)
 
+        def counted(requests: Iterator[bytes]) -> Iterator[bytes]:
+            for request in requests:
+                self.messages[method] += 1
+                yield request
+
         def relay(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
             with self.changed:
                 self.in_flight[method] += 1
             context.add_callback(lambda: self._ended(method))
-            responses = upstream(requests, metadata=context.invocation_metadata())
+            responses = upstream(counted(requests), metadata=context.invocation_metadata())
             context.add_callback(responses.cancel)
             try:
                 yield from responses
@@ -242,14 +248,10 @@ def test_an_abandoned_pull_ends_its_read(stack: Stack, repo: str, tmp_path: Path
     data = os.urandom(16 * MiB)
     with Client(stack.address) as c:
         desc = c.push(repo, data)
-    if stack.grant_secret:  # reads go to blobsvc: watched through a gateway that sends there
-        observer = Observer(stack.blob.address)
-        args = ("--blob-public-addr", observer.address)
-        address = stack.another_gateway(enable_delete=False, args=args).address
+    observer, address = observed(stack)
+    if stack.grant_secret:
         read = "/linkedblob.blob.v1.BlobService/Read"
     else:
-        observer = Observer(stack.address)
-        address = observer.address
         read = "/linkedblob.v1.Registry/ReadBlob"
     try:
         with Client(address) as client:
@@ -270,6 +272,48 @@ def test_an_abandoned_pull_ends_its_read(stack: Stack, repo: str, tmp_path: Path
             assert observer.wait_ended(read, timeout=5)
     finally:
         observer.stop()
+
+
+def observed(stack: Stack) -> tuple[Observer, str]:
+    """An observer of the stack's data path, and the gateway address that takes it: in front of
+    blobsvc (direct access) or of the gateway."""
+    if stack.grant_secret:
+        observer = Observer(stack.blob.address)
+        args = ("--blob-public-addr", observer.address)
+        return observer, stack.another_gateway(enable_delete=False, args=args).address
+    observer = Observer(stack.address)
+    return observer, observer.address
+
+
+def test_pieces_of_any_size_go_in_whole_messages(stack: Stack, repo: str) -> None:
+    data = os.urandom(3 * MiB + 5)  # three whole messages of 1 MiB and 5 bytes
+    step = 64 * 1024
+    small = [data[i : i + step] for i in range(0, len(data), step)]
+    half = 20 * step  # 1.25 MiB: two messages
+    twice = data + data  # 6 MiB + 10: seven messages, from a piece above the 4 MiB limit
+    observer, address = observed(stack)
+    try:
+        with Client(address, chunk_size=MiB) as client:
+            seen: list[int] = []
+            assert client.push(repo, iter(small), progress=seen.append).digest == digest_of(data)
+            assert sum(seen) == len(data)
+            upload = client.start_upload(repo, direct=True)
+            upload = client.append(upload, 0, small[:20])
+            upload = client.append(upload, half, [data[half : half + 10], data[half + 10 :]])
+            assert client.commit_upload(repo, upload.id, digest_of(data)).size == len(data)
+            desc = client.push(repo, iter([twice[:10], twice[10:]]))
+            assert desc.digest == digest_of(twice)
+            assert client.get(repo, desc.digest) == twice
+    finally:
+        observer.stop()
+    # Each stream: a header, then data messages of 1 MiB (64 KiB pieces are not sent one a
+    # message, nor a 6 MiB piece in one).
+    if stack.grant_secret:
+        writes = observer.messages["/linkedblob.blob.v1.BlobService/Write"]
+        assert writes == (1 + 4) + (1 + 2) + (1 + 2) + (1 + 7)
+    else:
+        assert observer.messages["/linkedblob.v1.Registry/PushBlob"] == (1 + 4) + (1 + 7)
+        assert observer.messages["/linkedblob.v1.Registry/WriteUpload"] == (1 + 2) + (1 + 2)
 
 
 def test_stat_mount_list_delete(client: Client, repo: str) -> None:
