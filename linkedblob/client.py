@@ -1183,6 +1183,9 @@ class _Blobsvc:
         )
         self._state: grpc.ChannelConnectivity | None = None
         self._ever_ready = False
+        # Whether the state has been anything but IDLE: until then the connection asked for
+        # below is on its way.
+        self._left_idle = False
         self._changed = threading.Condition()
         self._unreachable_until = 0.0
         # Connect now: grpc's connectivity poller only sees a later request to connect (as
@@ -1194,6 +1197,7 @@ class _Blobsvc:
         with self._changed:
             self._state = state
             self._ever_ready = self._ever_ready or state == grpc.ChannelConnectivity.READY
+            self._left_idle = self._left_idle or state != grpc.ChannelConnectivity.IDLE
             self._changed.notify_all()
 
     def _settled(self) -> bool:
@@ -1210,13 +1214,19 @@ class _Blobsvc:
             return False
         if self._state == grpc.ChannelConnectivity.READY:
             return True
-        ready = grpc.channel_ready_future(self.channel)  # asks the channel to connect
+        # Asks to connect again only when gone idle (a connection closed): a request left with
+        # grpc's poller while one is under way may be acted on after close(), on a closed
+        # channel (an exception in grpc's thread).
+        ready = None
+        if self._state == grpc.ChannelConnectivity.IDLE and self._left_idle:
+            ready = grpc.channel_ready_future(self.channel)
         try:
             with self._changed:
                 settled = self._changed.wait_for(self._settled, timeout)
                 ok = settled and self._state == grpc.ChannelConnectivity.READY
         finally:
-            ready.cancel()
+            if ready is not None:
+                ready.cancel()
         if not ok:
             self.mark_unreachable()
         return ok
