@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from blobsvc import store as store_module
 from blobsvc.storage.filesystem import FilesystemStorage
 from blobsvc.storage.memory import MemoryStorage
 from blobsvc.store import BlobStore, CommitSpec, decode_page_token, encode_page_token
@@ -86,7 +87,7 @@ def test_a_blob_cut_short_on_disk_is_data_loss(tmp_path: Path, cut: int) -> None
     """A stored blob whose file lost bytes after it was opened (chunks are read ahead at fixed
     offsets, so a short one would leave a gap) ends the read with DATA_LOSS, never with fewer or
     shifted bytes."""
-    data = os.urandom(3 * STREAM_CHUNK_BYTES + 17)
+    data = os.urandom(8 * STREAM_CHUNK_BYTES + 17)  # more than is read ahead before the cut
 
     async def scenario() -> None:
         storage = FilesystemStorage(str(tmp_path))
@@ -103,6 +104,39 @@ def test_a_blob_cut_short_on_disk_is_data_loss(tmp_path: Path, cut: int) -> None
             assert err.value.reason == Reason.INTERNAL
             assert err.value.code.name == "DATA_LOSS"
             assert bytes(received) == data[: len(received)]  # what was sent was right
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_read_ahead_shares_one_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each Read has one chunk read ahead; more only from a budget all reads share: many open
+    reads never hold more than it, and every way a read ends gives back what it took."""
+    monkeypatch.setattr(store_module, "READ_AHEAD_BUDGET_BYTES", 3 * STREAM_CHUNK_BYTES)
+    data = os.urandom(6 * STREAM_CHUNK_BYTES + 1)
+
+    async def scenario() -> None:
+        store = BlobStore(MemoryStorage(), io_threads=4)
+        full = 3 * STREAM_CHUNK_BYTES
+        assert store._read_ahead_budget == full
+        try:
+            blob = await store.put(data, None)
+            reads = [store.read(blob.digest, 0, 0) for _ in range(5)]
+            for reading in reads:  # all five open, each one chunk in
+                assert await anext(reading) == data[:STREAM_CHUNK_BYTES]
+                assert 0 <= store._read_ahead_budget <= full
+            assert store._read_ahead_budget < full  # taken, and not beyond it
+            received = bytearray(data[:STREAM_CHUNK_BYTES])
+            async for chunk in reads[0]:  # read to the end
+                received += chunk
+            assert bytes(received) == data
+            await reads[1].aclose()  # abandoned
+            with pytest.raises(LinkedBlobError):  # ended by an error (a bad range)
+                await anext(store.read(blob.digest, len(data) + 1, 0))
+            for reading in reads[2:]:
+                await reading.aclose()
+            assert store._read_ahead_budget == full
         finally:
             await store.close()
 
