@@ -3,11 +3,10 @@ linkedblob.client.Client)."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
 import threading
+
+from linkedblob.libc import libc as _libc
 
 log = logging.getLogger(__name__)
 
@@ -15,17 +14,6 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-
-
-@functools.cache  # find_library may run ldconfig: once per process is enough
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        return ctypes.CDLL(name)
-    except OSError:
-        return None
 
 
 # tune_malloc's result once it has run in this process (None: not yet).

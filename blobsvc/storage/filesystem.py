@@ -25,8 +25,9 @@ with O_DIRECT (Linux writes the cached page back and drops it first). The fsync 
 stays: O_DIRECT does not flush the device's cache. Reads (blobs and staged bytes) come from the
 page cache when all of the range is there (asked with cachestat(2)), else with O_DIRECT: the
 first pull of a pushed blob cost blobsvc ~0.4 s of CPU per 256 MiB instead of 0.6-1.2 s. The
-price: pushes and pulls no longer leave a blob cached, so pulling a hot blob again reads the
-disk (~10-20% slower than from the page cache here). Where the filesystem refuses O_DIRECT
+price: a push leaves its blob uncached, so its first pull reads the disk; a blob read again
+while remembered is read into the page cache (see FilesystemStorage._read_before), so popular
+blobs are served from memory. Where the filesystem refuses O_DIRECT
 (EINVAL: ramfs, some FUSE), or with ``--direct-io off``, everything goes through the page
 cache as before.
 """
@@ -36,7 +37,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -50,6 +50,7 @@ from collections.abc import Callable
 from blobsvc.storage import Storage, UploadClaims, busy, validate_upload_id
 from linkedblob.config import STREAM_CHUNK_BYTES
 from linkedblob.digests import ALGORITHMS, Digest
+from linkedblob.libc import libc
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,8 @@ def _writeback_starter() -> Callable[[int, int, int], None]:
     disk without waiting for it. Done as an upload streams in, the fsync at commit finds
     little left to write (it otherwise writes the whole blob then: ~0.1 s per 100 MiB here).
     A no-op where libc lacks it; errors are ignored (the fsync still decides durability)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        sync_file_range = libc.sync_file_range
-    except (OSError, AttributeError):
+    sync_file_range = getattr(libc(), "sync_file_range", None)
+    if sync_file_range is None:
         return lambda fd, offset, length: None
     sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     sync_file_range.restype = ctypes.c_int
@@ -115,10 +114,8 @@ def _cache_counter() -> Callable[[int, int, int], int] | None:
     the page cache when it misses (measured on 6.18: a miss cached the next 2 MiB, and reading a
     64 MiB file that way ended with all of it cached), which is the cost we are avoiding.
     None where libc has no syscall(); a kernel without cachestat fails at the first call."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        syscall = libc.syscall
-    except (OSError, AttributeError):
+    syscall = getattr(libc(), "syscall", None)
+    if syscall is None:
         return None
     syscall.restype = ctypes.c_long
     syscall.argtypes = [
