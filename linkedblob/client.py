@@ -933,7 +933,6 @@ def _data_messages(field: int, chunks: Iterable[bytes | memoryview], size: int) 
     copy that framing makes anyway. A 256 MiB push of 64 KiB pieces, one a message, ran at
     81 MB/s with 1.2 s of client and 3.7 s of blobsvc CPU; joined into 1 MiB messages, 177 MB/s,
     0.35 s and 1.6 s (1 MiB pieces: as before)."""
-    tag = bytes(((field << 3) | 2,))  # length-delimited (wire type 2); fields 1-15 only
     pending: list[memoryview] = []
     pending_bytes = 0
     for chunk in chunks:
@@ -944,11 +943,11 @@ def _data_messages(field: int, chunks: Iterable[bytes | memoryview], size: int) 
             pending.append(piece)
             pending_bytes += len(piece)
             if pending_bytes == size:
-                yield b"".join((tag, wire.varint(size), *pending))
+                yield wire.data_message(field, *pending)
                 pending.clear()
                 pending_bytes = 0
     if pending_bytes:
-        yield b"".join((tag, wire.varint(pending_bytes), *pending))
+        yield wire.data_message(field, *pending)
 
 
 def _no_chunks() -> Chunks:

@@ -61,11 +61,13 @@ def data_payload(raw: bytes, field: int) -> memoryview | None:
     return view[pos:]
 
 
-def data_message(field: int, data: bytes | memoryview) -> bytes:
-    """A serialized message holding only ``data`` in `bytes` field ``field`` (one copy)."""
-    if not len(data):
+def data_message(field: int, *pieces: bytes | memoryview) -> bytes:
+    """A serialized message holding only ``pieces`` joined, in `bytes` field ``field`` (one
+    copy, of the pieces together)."""
+    size = sum(len(piece) for piece in pieces)
+    if not size:
         return b""  # proto3 leaves an empty bytes field out
-    return b"".join((bytes((_tag(field),)), varint(len(data)), data))
+    return b"".join((bytes((_tag(field),)), varint(size), *pieces))
 
 
 def retag(raw: bytes, to_field: int) -> bytes:

@@ -37,6 +37,8 @@ def test_data_payload_reads_what_protobuf_writes(size: int) -> None:
     view = wire.data_payload(raw, 1)
     assert view is not None and bytes(view) == data
     assert wire.data_message(1, data) == raw
+    cut = size // 3
+    assert wire.data_message(1, data[:cut], memoryview(data)[cut:], b"") == raw  # pieces joined
 
 
 @pytest.mark.parametrize("size", SIZES[1:])
