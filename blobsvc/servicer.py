@@ -1,6 +1,6 @@
 """The gRPC surface of blobsvc (linkedblob.blob.v1.BlobService): validates each request at the
 edge, calls the domain (blobsvc.store), maps the results. Errors become statuses in
-linkedblob.errors.grpc_errors.
+linkedblob.rpc.servicer_method.
 
 Grants: given a Signer (``--grant-secret``), every call must carry a grant (linkedblob.grants)
 that allows it, checked before the request touches storage: "read" of a digest for Stat/Read of
@@ -32,11 +32,11 @@ from linkedblob.digests import Digest, parse_algorithm
 from linkedblob.errors import (
     LinkedBlobError,
     Reason,
-    grpc_errors,
     invalid_argument,
     resource_exhausted,
 )
 from linkedblob.grants import INTERNAL, READ, WRITE, Grant, Signer, token_from
+from linkedblob.rpc import servicer_method
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlobService"].full_name
 
@@ -121,7 +121,7 @@ class BlobServicer:
     def _allow(self, context: grpc.aio.ServicerContext, action: str, subject: str = "") -> None:
         _require(self._grant(context), action, subject)
 
-    @grpc_errors
+    @servicer_method
     async def Stat(
         self, request: pb.StatRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatResponse:
@@ -130,7 +130,7 @@ class BlobServicer:
         size = await self.store.stat(digest)
         return pb.StatResponse(blob=pb.Descriptor(digest=str(digest), size=size))
 
-    @grpc_errors
+    @servicer_method
     async def FindMissing(
         self, request: pb.FindMissingRequest, context: grpc.aio.ServicerContext
     ) -> pb.FindMissingResponse:
@@ -144,7 +144,7 @@ class BlobServicer:
         missing = await self.store.find_missing(digests)
         return pb.FindMissingResponse(missing=[str(d) for d in missing])
 
-    @grpc_errors
+    @servicer_method
     async def Read(
         self, request: pb.ReadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
@@ -155,7 +155,7 @@ class BlobServicer:
             _bytes_out_read.inc(len(chunk))
             yield wire.data_message(_READ_DATA, chunk)
 
-    @grpc_errors
+    @servicer_method
     async def Write(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.WriteResponse:
@@ -188,7 +188,7 @@ class BlobServicer:
             response.already_existed = result.committed.already_existed
         return response
 
-    @grpc_errors
+    @servicer_method
     async def UploadStatus(
         self, request: pb.UploadStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.UploadStatusResponse:
@@ -196,7 +196,7 @@ class BlobServicer:
         size = await self.store.upload_size(validate_upload_id(request.upload_id))
         return pb.UploadStatusResponse(size=size)
 
-    @grpc_errors
+    @servicer_method
     async def Commit(
         self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
     ) -> pb.CommitResponse:
@@ -209,7 +209,7 @@ class BlobServicer:
             blob=_descriptor(committed), already_existed=committed.already_existed
         )
 
-    @grpc_errors
+    @servicer_method
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
@@ -217,7 +217,7 @@ class BlobServicer:
         await self.store.abort(validate_upload_id(request.upload_id))
         return pb.AbortResponse()
 
-    @grpc_errors
+    @servicer_method
     async def Put(
         self, request: pb.PutRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutResponse:
@@ -230,7 +230,7 @@ class BlobServicer:
             blob=_descriptor(committed), already_existed=committed.already_existed
         )
 
-    @grpc_errors
+    @servicer_method
     async def Delete(
         self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteResponse:
@@ -238,7 +238,7 @@ class BlobServicer:
         deleted = await self.store.delete(Digest.parse(request.digest))
         return pb.DeleteResponse(deleted=deleted)
 
-    @grpc_errors
+    @servicer_method
     async def List(
         self, request: pb.ListRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListResponse:

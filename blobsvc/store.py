@@ -14,8 +14,6 @@ wrote, or for a commit with another algorithm) the commit re-reads the staged by
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -27,6 +25,7 @@ import grpc
 from prometheus_client import Counter
 
 from blobsvc.storage import StagedUpload, Storage
+from linkedblob import paging
 from linkedblob.config import STREAM_CHUNK_BYTES
 from linkedblob.digests import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
 from linkedblob.errors import (
@@ -60,8 +59,8 @@ PIPELINE_DEPTH = 2
 # READ_AHEAD_BUDGET_BYTES beyond one chunk each.
 READ_AHEAD = 4
 READ_AHEAD_BUDGET_BYTES = 32 * 1024 * 1024
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
+# The kind of blobsvc's page tokens (linkedblob.paging).
+_BLOBS_TOKEN = "blobs"
 
 REHASHES = Counter(
     "linkedblob_blob_commit_rehash_total",
@@ -259,15 +258,13 @@ class BlobStore:
     async def list(self, page_size: int, page_token: str) -> tuple[list[tuple[Digest, int]], str]:
         """One page of stored blobs in digest order, and the token of the next page ("" at
         the end)."""
-        if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise invalid_argument(
-                Reason.PAGINATION_INVALID, f"page size must be 0-{MAX_PAGE_SIZE}, got {page_size}"
-            )
-        page_size = page_size or DEFAULT_PAGE_SIZE
-        after = decode_page_token(page_token)
+        page_size = paging.page_size(page_size)
+        after = paging.decode_page_token(page_token, _BLOBS_TOKEN, "", Digest.parse)
         found = await self._run(self.storage.list, after, page_size + 1)
         page = found[:page_size]
-        next_token = encode_page_token(str(page[-1][0])) if len(found) > page_size else ""
+        next_token = ""
+        if len(found) > page_size:
+            next_token = paging.encode_page_token(_BLOBS_TOKEN, "", str(page[-1][0]))
         return page, next_token
 
     # --- uploads ---
@@ -470,20 +467,3 @@ async def _settle(future: asyncio.Future[T]) -> None:
         future.exception()  # retrieved, so asyncio does not log it as never retrieved
     if cancelled:
         raise asyncio.CancelledError
-
-
-# --- page tokens: opaque to callers (base64url of the last digest of the previous page) ---
-
-
-def encode_page_token(after: str) -> str:
-    return base64.urlsafe_b64encode(after.encode()).decode().rstrip("=")
-
-
-def decode_page_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
-        return str(Digest.parse(text))
-    except (binascii.Error, UnicodeDecodeError, ValueError, LinkedBlobError):
-        raise invalid_argument(Reason.PAGINATION_INVALID, "malformed page token") from None

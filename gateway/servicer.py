@@ -4,7 +4,7 @@ blob index, upload sessions) over gRPC.
 Every method validates its request first (gateway.validation), then calls the backends, in the
 order that keeps DESIGN.md's invariants: bytes durable in blobsvc, then recorded, then linked
 (linksvc Link with `size` records and links in one transaction). Backend errors are relayed
-with their code and reason by @grpc_errors; an unreachable backend becomes UNAVAILABLE.
+with their code and reason by @servicer_method; an unreachable backend becomes UNAVAILABLE.
 
 Access goes through links: a blob is stat'ed or read only after linksvc resolved the
 repository's link, and an upload is used only through the repository that started it.
@@ -42,13 +42,13 @@ from linkedblob.errors import (
     error_info,
     failed_precondition,
     from_rpc_error,
-    grpc_errors,
     invalid_argument,
     not_found,
     out_of_range,
     unavailable,
 )
 from linkedblob.link.v1 import link_pb2
+from linkedblob.rpc import servicer_method
 from linkedblob.v1 import registry_pb2
 
 Context = grpc.aio.ServicerContext
@@ -132,7 +132,7 @@ class RegistryServicer:
 
     # --- reading ------------------------------------------------------------------------------
 
-    @grpc_errors
+    @servicer_method
     async def StatBlob(
         self, request: registry_pb2.StatBlobRequest, context: Context
     ) -> registry_pb2.Descriptor:
@@ -143,7 +143,7 @@ class RegistryServicer:
         digest = validation.digest(request.digest)
         return await self._resolve(repository, str(digest))
 
-    @grpc_errors
+    @servicer_method
     async def ReadBlob(
         self, request: registry_pb2.ReadBlobRequest, context: Context
     ) -> AsyncIterator[bytes]:
@@ -199,7 +199,7 @@ class RegistryServicer:
         if head:
             yield head
 
-    @grpc_errors
+    @servicer_method
     async def LocateBlob(
         self, request: registry_pb2.LocateBlobRequest, context: Context
     ) -> registry_pb2.BlobLocation:
@@ -208,7 +208,7 @@ class RegistryServicer:
 
     # --- storing in one call --------------------------------------------------------------------
 
-    @grpc_errors
+    @servicer_method
     async def PutBlob(
         self, request: registry_pb2.PutBlobRequest, context: Context
     ) -> registry_pb2.Descriptor:
@@ -223,7 +223,7 @@ class RegistryServicer:
         metrics.BYTES_IN.labels("PutBlob").inc(stored.blob.size)
         return await self._link_stored(repository, stored.blob, media_type)
 
-    @grpc_errors
+    @servicer_method
     async def PushBlob(
         self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> registry_pb2.Descriptor:
@@ -266,7 +266,7 @@ class RegistryServicer:
 
     # --- resumable uploads ----------------------------------------------------------------------
 
-    @grpc_errors
+    @servicer_method
     async def StartUpload(
         self, request: registry_pb2.StartUploadRequest, context: Context
     ) -> registry_pb2.Upload:
@@ -283,7 +283,7 @@ class RegistryServicer:
             upload.direct.CopyFrom(self._direct.write(session.id))
         return upload
 
-    @grpc_errors
+    @servicer_method
     async def WriteUpload(
         self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> registry_pb2.Upload:
@@ -309,7 +309,7 @@ class RegistryServicer:
             id=upload_id, repository=repository, offset=written.size, started_at=session.started_at
         )
 
-    @grpc_errors
+    @servicer_method
     async def GetUpload(
         self, request: registry_pb2.GetUploadRequest, context: Context
     ) -> registry_pb2.Upload:
@@ -330,7 +330,7 @@ class RegistryServicer:
             upload.direct.CopyFrom(self._direct.write(upload_id))
         return upload
 
-    @grpc_errors
+    @servicer_method
     async def CommitUpload(
         self, request: registry_pb2.CommitUploadRequest, context: Context
     ) -> registry_pb2.Descriptor:
@@ -375,7 +375,7 @@ class RegistryServicer:
         )
         return self._linked(repository, linked.blob, generation)
 
-    @grpc_errors
+    @servicer_method
     async def CancelUpload(
         self, request: registry_pb2.CancelUploadRequest, context: Context
     ) -> empty_pb2.Empty:
@@ -391,7 +391,7 @@ class RegistryServicer:
 
     # --- links ----------------------------------------------------------------------------------
 
-    @grpc_errors
+    @servicer_method
     async def MountBlob(
         self, request: registry_pb2.MountBlobRequest, context: Context
     ) -> registry_pb2.Descriptor:
@@ -425,7 +425,7 @@ class RegistryServicer:
         )
         return self._linked(repository, mounted.blob, generation)
 
-    @grpc_errors
+    @servicer_method
     async def DeleteBlob(
         self, request: registry_pb2.DeleteBlobRequest, context: Context
     ) -> empty_pb2.Empty:
@@ -445,7 +445,7 @@ class RegistryServicer:
             self._cache.invalidate(repository, str(digest))
         return empty_pb2.Empty()
 
-    @grpc_errors
+    @servicer_method
     async def ListBlobs(
         self, request: registry_pb2.ListBlobsRequest, context: Context
     ) -> registry_pb2.ListBlobsResponse:
@@ -460,7 +460,7 @@ class RegistryServicer:
             blobs=[_descriptor(b) for b in links.blobs], next_page_token=links.next_page_token
         )
 
-    @grpc_errors
+    @servicer_method
     async def ListRepositories(
         self, request: registry_pb2.ListRepositoriesRequest, context: Context
     ) -> registry_pb2.ListRepositoriesResponse:

@@ -6,24 +6,11 @@ LinkedBlobError with the reason of DESIGN.md's error table.
 
 from __future__ import annotations
 
-import re
-
+from linkedblob import paging
 from linkedblob.config import MAX_CHUNK_BYTES
 from linkedblob.digests import Digest
 from linkedblob.errors import Reason, invalid_argument, not_found, resource_exhausted
-from linkedblob.names import validate_repository
-
-# Upload ids are linksvc session ids (URL-safe random text); blobsvc takes 1-128 characters of
-# [A-Za-z0-9_-] as its staging key, so nothing else can name an upload.
-_UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
-
-# RFC 6838 type/subtype, as the OCI image spec restricts media types; parameters are not allowed.
-_MEDIA_TYPE_RE = re.compile(
-    r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
-)
-
-MAX_PAGE_SIZE = 1000
-MAX_PAGE_TOKEN_LENGTH = 1024
+from linkedblob.names import is_upload_id, validate_media_type, validate_repository
 
 
 def repository(name: str, field: str = "repository") -> str:
@@ -42,7 +29,7 @@ def optional_digest(text: str) -> Digest | None:
 def upload_id(text: str) -> str:
     if not text:
         raise invalid_argument(Reason.BLOB_UPLOAD_INVALID, "upload_id is required")
-    if _UPLOAD_ID_RE.fullmatch(text) is None:
+    if not is_upload_id(text):
         # No upload can have such an id: it is simply unknown.
         raise not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"unknown upload {text[:64]!r}")
     return text
@@ -50,11 +37,7 @@ def upload_id(text: str) -> str:
 
 def media_type(text: str) -> str:
     """An optional media type (empty: none), ``type/subtype`` as the OCI image spec has it."""
-    if text and _MEDIA_TYPE_RE.fullmatch(text) is None:
-        raise invalid_argument(
-            Reason.NAME_INVALID, f"malformed media type {text[:100]!r} (want type/subtype)"
-        )
-    return text
+    return validate_media_type(text)
 
 
 def data_size(size: int, what: str = "data") -> None:
@@ -90,9 +73,6 @@ def expected_size(size: int | None) -> int | None:
 
 
 def page(page_size: int, page_token: str) -> None:
-    if not 0 <= page_size <= MAX_PAGE_SIZE:
-        raise invalid_argument(
-            Reason.PAGINATION_INVALID, f"page_size must be 0-{MAX_PAGE_SIZE}, got {page_size}"
-        )
-    if len(page_token) > MAX_PAGE_TOKEN_LENGTH:
-        raise invalid_argument(Reason.PAGINATION_INVALID, "page_token is too long")
+    """Checks a page request before it is relayed (linksvc decodes the token)."""
+    paging.page_size(page_size)
+    paging.check_page_token(page_token)

@@ -1,30 +1,23 @@
 """The error model: canonical gRPC codes plus a google.rpc.ErrorInfo detail.
 
-Domain logic raises :class:`LinkedBlobError`; the servicer decorators turn it into a gRPC
-status whose ErrorInfo ``reason`` mirrors the OCI distribution error codes, so a client can
-branch on it (and grpcurl shows it). Clients read it back with :func:`error_info`.
+Domain logic raises :class:`LinkedBlobError`; the servicer decorator
+(:func:`linkedblob.rpc.servicer_method`) turns it into a gRPC status whose ErrorInfo ``reason``
+mirrors the OCI distribution error codes, so a client can branch on it (and grpcurl shows it).
+Clients read it back with :func:`error_info`; the table of codes and reasons is in
+docs/design.md.
 """
 
 from __future__ import annotations
 
 import enum
-import functools
-import inspect
-import logging
-from collections.abc import Callable, Mapping
-from time import perf_counter
-from typing import Any, TypeVar
+from collections.abc import Mapping
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from linkedblob import metrics
-
 DOMAIN = "linkedblob.dev"
-
-log = logging.getLogger(__name__)
 
 
 class Reason(enum.StrEnum):
@@ -43,8 +36,10 @@ class Reason(enum.StrEnum):
     INTERNAL = "INTERNAL"
 
 
-class LinkedBlobError(Exception):
-    """A failure with a gRPC code, a machine-readable reason and optional metadata."""
+class StatusError(Exception):
+    """A failed call as linkedblob describes one: a gRPC code, the ErrorInfo reason (empty when
+    there is none), a message and the ErrorInfo metadata. The base of the services' own
+    LinkedBlobError and of the client library's ClientError, so both read the same."""
 
     def __init__(
         self,
@@ -58,6 +53,13 @@ class LinkedBlobError(Exception):
         self.reason = str(reason)
         self.message = message
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+
+    def __str__(self) -> str:
+        return f"{self.code.name}/{self.reason or '-'}: {self.message}"
+
+
+class LinkedBlobError(StatusError):
+    """A failure raised by a service's own code; the servicer turns it into a gRPC status."""
 
     def to_status(self) -> grpc.Status:
         info = error_details_pb2.ErrorInfo(
@@ -135,103 +137,15 @@ def from_rpc_error(err: grpc.RpcError) -> LinkedBlobError:
     return LinkedBlobError(code, Reason.INTERNAL, details)
 
 
-# --- servicer side ----------------------------------------------------------------------------
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _to_error(method: str, exc: BaseException) -> LinkedBlobError:
-    if isinstance(exc, LinkedBlobError):
-        return exc
-    if isinstance(exc, grpc.RpcError):
-        return from_rpc_error(exc)
-    log.exception("unexpected error in %s", method, exc_info=exc)
-    return LinkedBlobError(
-        grpc.StatusCode.INTERNAL, Reason.INTERNAL, f"internal error: {type(exc).__name__}"
-    )
-
-
-def grpc_errors(method: F) -> F:
-    """Wraps a servicer method: maps errors to a gRPC status and records call metrics.
-
-    LinkedBlobError keeps its code and reason; a backend's grpc.RpcError is relayed with its
-    code and reason; anything else becomes INTERNAL and is logged with its traceback. Works on
-    async unary and client-streaming methods and on async-generator (server-streaming) ones.
-    """
-    name = method.__name__
-    # The metric children of this method, looked up once: a labels() lookup per call costs as
-    # much as the rest of the wrapper (a lock and a dict of label tuples).
-    seconds = metrics.RPC_SECONDS.labels(name)
-    ok_calls = metrics.RPCS.labels(name, grpc.StatusCode.OK.name)
-    failed_calls: dict[grpc.StatusCode, Any] = {}
-    activity = metrics.ACTIVITY
-
-    def observe_ok(started: float) -> None:
-        ok_calls.inc()
-        seconds.observe(perf_counter() - started)
-
-    def observe(started: float, code: grpc.StatusCode) -> None:
-        calls = failed_calls.get(code)
-        if calls is None:
-            calls = failed_calls[code] = metrics.RPCS.labels(name, code.name)
-        calls.inc()
-        seconds.observe(perf_counter() - started)
-
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream_wrapper(self: Any, request: Any, context: Any) -> Any:
-            started = perf_counter()
-            activity.started += 1
-            activity.in_flight += 1
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except grpc.aio.AbortError:
-                observe(started, context.code() or grpc.StatusCode.UNKNOWN)
-                raise
-            except Exception as exc:
-                err = _to_error(name, exc)
-                observe(started, err.code)
-                await context.abort_with_status(err.to_status())
-            else:
-                observe_ok(started)
-            finally:
-                activity.in_flight -= 1
-
-        return stream_wrapper  # type: ignore[return-value]
-
-    @functools.wraps(method)
-    async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
-        started = perf_counter()
-        activity.started += 1
-        activity.in_flight += 1
-        try:
-            result = await method(self, request, context)
-        except grpc.aio.AbortError:
-            observe(started, context.code() or grpc.StatusCode.UNKNOWN)
-            raise
-        except Exception as exc:
-            err = _to_error(name, exc)
-            observe(started, err.code)
-            await context.abort_with_status(err.to_status())
-        finally:
-            activity.in_flight -= 1
-        observe_ok(started)
-        return result
-
-    return unary_wrapper  # type: ignore[return-value]
-
-
 __all__ = [
     "DOMAIN",
     "LinkedBlobError",
     "Reason",
+    "StatusError",
     "aborted",
     "error_info",
     "failed_precondition",
     "from_rpc_error",
-    "grpc_errors",
     "invalid_argument",
     "not_found",
     "out_of_range",

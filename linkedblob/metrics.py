@@ -19,7 +19,7 @@ BYTES_OUT = Counter("linkedblob_bytes_sent_total", "Blob bytes sent", ["method"]
 
 class Activity:
     """Calls started so far and calls in flight, kept by the servicer wrapper
-    (linkedblob.errors.grpc_errors) for the bootstrap to see when the server is quiet. Plain
+    (linkedblob.rpc.records_metrics) for the bootstrap to see when the server is quiet. Plain
     integers: only the event loop's thread touches them."""
 
     __slots__ = ("in_flight", "started")

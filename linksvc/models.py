@@ -13,6 +13,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
+from linkedblob.names import MAX_MEDIA_TYPE_LENGTH
+
 # Constraint and index names are fixed by convention so migrations can refer to them by name
 # (and SQLite's batch migrations can recreate them).
 NAMING_CONVENTION = {
@@ -28,7 +30,7 @@ metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 # Longest digest: "sha512:" + 128 hex characters.
 DIGEST_LENGTH = 135
 NAME_LENGTH = 255
-MEDIA_TYPE_LENGTH = 255
+MEDIA_TYPE_LENGTH = MAX_MEDIA_TYPE_LENGTH  # the grammar allows no longer one
 SESSION_ID_LENGTH = 128
 
 

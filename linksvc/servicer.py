@@ -3,7 +3,7 @@
 Every argument is validated here, on the event loop, before any SQL runs; the store's blocking
 methods then run through the database: the short ones on the event loop where that is cheaper
 (SQLite), the rest in its SQL threads (see linksvc.database). Errors leave as LinkedBlobError (the
-``grpc_errors`` decorator turns them into a status with an ErrorInfo reason).
+``servicer_method`` decorator turns them into a status with an ErrorInfo reason).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from datetime import datetime, timedelta
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from linkedblob.errors import Reason, grpc_errors, invalid_argument
+from linkedblob.errors import Reason, invalid_argument
 from linkedblob.link.v1 import link_pb2, link_pb2_grpc
+from linkedblob.rpc import servicer_method
 from linksvc import validation as check
 from linksvc.database import Database
 from linksvc.models import SessionState
@@ -63,7 +64,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
 
     # --- blobs -----------------------------------------------------------------------------
 
-    @grpc_errors
+    @servicer_method
     async def RecordBlob(
         self, request: link_pb2.RecordBlobRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.RecordBlobResponse:
@@ -72,7 +73,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         created = await self.db.run_hot(self.store.record_blob, digest, size)
         return link_pb2.RecordBlobResponse(created=created)
 
-    @grpc_errors
+    @servicer_method
     async def StatBlob(
         self, request: link_pb2.StatBlobRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.StatBlobResponse:
@@ -84,7 +85,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
 
     # --- links -----------------------------------------------------------------------------
 
-    @grpc_errors
+    @servicer_method
     async def Link(
         self, request: link_pb2.LinkRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.LinkResponse:
@@ -100,7 +101,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         )
         return link_pb2.LinkResponse(blob=_descriptor(blob), created=created)
 
-    @grpc_errors
+    @servicer_method
     async def Resolve(
         self, request: link_pb2.ResolveRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.ResolveResponse:
@@ -109,7 +110,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         blob = await self.db.run_hot(self.store.resolve, repository, digest)
         return link_pb2.ResolveResponse(blob=_descriptor(blob))
 
-    @grpc_errors
+    @servicer_method
     async def Unlink(
         self, request: link_pb2.UnlinkRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.UnlinkResponse:
@@ -118,7 +119,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         await self.db.run_hot(self.store.unlink, repository, digest)
         return link_pb2.UnlinkResponse()
 
-    @grpc_errors
+    @servicer_method
     async def Mount(
         self, request: link_pb2.MountRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.MountResponse:
@@ -135,7 +136,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         )
         return link_pb2.MountResponse(blob=_descriptor(blob), created=created)
 
-    @grpc_errors
+    @servicer_method
     async def ListLinks(
         self, request: link_pb2.ListLinksRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.ListLinksResponse:
@@ -148,7 +149,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
             blobs=[_descriptor(d) for d in page], next_page_token=token
         )
 
-    @grpc_errors
+    @servicer_method
     async def ListRepositories(
         self, request: link_pb2.ListRepositoriesRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.ListRepositoriesResponse:
@@ -160,21 +161,21 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
 
     # --- upload sessions -------------------------------------------------------------------
 
-    @grpc_errors
+    @servicer_method
     async def CreateSession(
         self, request: link_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.Session:
         repository = check.repository(request.repository)
         return _session(await self.db.run_hot(self.store.create_session, repository))
 
-    @grpc_errors
+    @servicer_method
     async def GetSession(
         self, request: link_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.Session:
         session_id = check.session_id(request.id)
         return _session(await self.db.run_hot(self.store.get_session, session_id))
 
-    @grpc_errors
+    @servicer_method
     async def AdvanceSession(
         self, request: link_pb2.AdvanceSessionRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.Session:
@@ -188,7 +189,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         session = await self.db.run_hot(self.store.advance_session, session_id, from_size, to_size)
         return _session(session)
 
-    @grpc_errors
+    @servicer_method
     async def FinishSession(
         self, request: link_pb2.FinishSessionRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.Session:
@@ -201,7 +202,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
             )
         return _session(await self.db.run_hot(self.store.finish_session, session_id, state))
 
-    @grpc_errors
+    @servicer_method
     async def ListStaleSessions(
         self, request: link_pb2.ListStaleSessionsRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.ListStaleSessionsResponse:
@@ -216,7 +217,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         sessions = await self.db.run(self.store.list_stale_sessions, older_than, limit)
         return link_pb2.ListStaleSessionsResponse(sessions=[_session(s) for s in sessions])
 
-    @grpc_errors
+    @servicer_method
     async def PurgeSession(
         self, request: link_pb2.PurgeSessionRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.PurgeSessionResponse:

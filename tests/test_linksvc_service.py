@@ -551,7 +551,7 @@ def test_sqlite_writes_wait_for_the_lock_while_reads_go_on(
 
 
 def test_calls_are_counted_by_method_and_code(sqlite_url: str) -> None:
-    """The servicer wrapper's metrics (linkedblob.errors.grpc_errors), scraped from the server:
+    """The servicer wrapper's metrics (linkedblob.rpc.records_metrics), scraped from the server:
     calls by method and code, and their latency histogram by method."""
     port = free_port()
     args = ["--db", sqlite_url, "--migrate", "--metrics-port", str(port)]

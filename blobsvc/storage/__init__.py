@@ -11,20 +11,18 @@ blobsvc.storage.memory). Both pass one contract suite (tests/test_blobsvc_storag
 from __future__ import annotations
 
 import abc
-import re
 import threading
 from typing import Protocol
 
 from linkedblob.digests import Digest
 from linkedblob.errors import Reason, aborted, invalid_argument
-
-# Upload ids come from callers and name staging paths: this grammar keeps them inside the root.
-UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+from linkedblob.names import is_upload_id
 
 
 def validate_upload_id(upload_id: str) -> str:
     """Returns the id when it is well formed; INVALID_ARGUMENT / BLOB_UPLOAD_INVALID otherwise."""
-    if not UPLOAD_ID_RE.fullmatch(upload_id):
+    # Upload ids come from callers and name staging paths: the grammar keeps them in the root.
+    if not is_upload_id(upload_id):
         raise invalid_argument(
             Reason.BLOB_UPLOAD_INVALID,
             f"malformed upload id {upload_id[:200]!r}: 1-128 characters of [A-Za-z0-9_-]",

@@ -1,0 +1,75 @@
+"""What every gRPC channel of linkedblob shares: channel options, the raw byte-streaming
+methods' paths and their data fields' numbers.
+
+The byte-streaming methods are also called and served with raw-bytes (de)serializers, so the
+client, the gateway and blobsvc build and read their data messages without protobuf objects
+(see :mod:`linkedblob.wire`). Their paths and field numbers come from the generated
+descriptors, so a change in protos/ cannot leave a stale number here.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import descriptor
+
+from linkedblob.blob.v1 import blob_pb2
+from linkedblob.config import STREAM_CHUNK_BYTES, TRANSPORT_LIMIT_BYTES
+from linkedblob.v1 import registry_pb2
+
+ChannelOptions = list[tuple[str, int | str]]
+
+
+def channel_options(*, max_reconnect_backoff_ms: int = 2_000) -> ChannelOptions:
+    """Options of a channel to any linkedblob server: message limits, keepalive, and quick
+    reconnection (a restarted server is found within a fraction of a second, not after grpc's
+    1-120 s backoff)."""
+    return [
+        ("grpc.max_receive_message_length", TRANSPORT_LIMIT_BYTES),
+        ("grpc.max_send_message_length", TRANSPORT_LIMIT_BYTES),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms),
+    ]
+
+
+def bounded_windows() -> ChannelOptions:
+    """HTTP/2 flow control for a relay: a fixed window of one stream chunk per stream, on the
+    gateway's server and on its backend channels.
+
+    With grpc's default BDP probing each stream's window grows to several MiB, and a relayed
+    stream whose sender outruns the next hop fills it, so a relay's memory would grow with
+    every concurrent stream; measurements in bench/README.md ("Gateway memory").
+    """
+    return [
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", STREAM_CHUNK_BYTES),
+    ]
+
+
+def method_path(service: descriptor.ServiceDescriptor, method: str) -> str:
+    """The HTTP/2 path of ``method``: ``/package.Service/Method``."""
+    return f"/{service.full_name}/{service.methods_by_name[method].name}"
+
+
+def data_field(message: type) -> int:
+    """The number of the ``data`` field of a generated message class."""
+    return int(message.DESCRIPTOR.fields_by_name["data"].number)  # type: ignore[attr-defined]
+
+
+_REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["Registry"]
+_BLOB_SERVICE = blob_pb2.DESCRIPTOR.services_by_name["BlobService"]
+
+# The gateway's byte streams.
+PUSH_BLOB = method_path(_REGISTRY, "PushBlob")
+WRITE_UPLOAD = method_path(_REGISTRY, "WriteUpload")
+READ_BLOB = method_path(_REGISTRY, "ReadBlob")
+PUSH_BLOB_DATA = data_field(registry_pb2.PushBlobRequest)
+WRITE_UPLOAD_DATA = data_field(registry_pb2.WriteUploadRequest)
+READ_BLOB_DATA = data_field(registry_pb2.ReadBlobResponse)
+
+# blobsvc's byte streams.
+BLOB_READ = method_path(_BLOB_SERVICE, "Read")
+BLOB_WRITE = method_path(_BLOB_SERVICE, "Write")
+BLOB_READ_DATA = data_field(blob_pb2.ReadResponse)
+BLOB_WRITE_DATA = data_field(blob_pb2.WriteRequest)
