@@ -19,7 +19,7 @@ from linkedblob.rpc import servicer_method
 from linksvc import validation as check
 from linksvc.database import Database
 from linksvc.models import SessionState
-from linksvc.store import Descriptor, LinkStore, SessionRecord
+from linksvc.store import LinkedBlob, LinkStore, SessionRecord
 
 SERVICE_NAME = link_pb2.DESCRIPTOR.services_by_name["LinkService"].full_name
 
@@ -42,7 +42,7 @@ def _timestamp(value: datetime) -> Timestamp:
     return ts
 
 
-def _descriptor(d: Descriptor) -> link_pb2.Descriptor:
+def _descriptor(d: LinkedBlob) -> link_pb2.Descriptor:
     return link_pb2.Descriptor(digest=d.digest, size=d.size, media_type=d.media_type)
 
 

@@ -25,7 +25,7 @@ from linksvc.queries import Queries
 
 
 @dataclass(frozen=True, slots=True)
-class Descriptor:
+class LinkedBlob:
     """A blob as a repository sees it through its link."""
 
     digest: str
@@ -107,7 +107,7 @@ class LinkStore:
         media_type: str = "",
         size: int | None = None,
         finish_session_id: str = "",
-    ) -> tuple[Descriptor, bool]:
+    ) -> tuple[LinkedBlob, bool]:
         """Links a blob into a repository; with ``size``, records the blob first. All in one
         transaction, together with finishing ``finish_session_id`` as committed."""
         d = self.q.driver
@@ -129,7 +129,7 @@ class LinkStore:
                 assert row is not None  # the statement always answers one row
                 created, linked_size, linked_media_type = row
                 if created:
-                    return Descriptor(digest, size, media_type), True
+                    return LinkedBlob(digest, size, media_type), True
             else:
                 linked = self.db.fetch_one(d.resolve, values)
                 linked_size, linked_media_type = linked if linked is not None else (None, None)
@@ -139,7 +139,7 @@ class LinkStore:
                 and size in (None, linked_size)
                 and media_type in ("", linked_media_type)
             ):
-                return Descriptor(digest, linked_size, linked_media_type), False
+                return LinkedBlob(digest, linked_size, linked_media_type), False
         now = utcnow()
         db = self.db
         with db.transaction() as conn:
@@ -168,7 +168,7 @@ class LinkStore:
             )
             if created and recorded_now:
                 assert size is not None
-                descriptor = Descriptor(digest, size, media_type)
+                descriptor = LinkedBlob(digest, size, media_type)
             else:
                 descriptor = self._existing_link(conn, repository, digest, media_type)
                 if size is not None:
@@ -179,7 +179,7 @@ class LinkStore:
 
     def _existing_link(
         self, conn: sa.Connection, repository: str, digest: str, media_type: str
-    ) -> Descriptor:
+    ) -> LinkedBlob:
         """The link as it stands, with its media type replaced when a new one is given."""
         d = self.q.driver
         rows = self.db.execute(conn, d.resolve, {"repository": repository, "digest": digest}).rows
@@ -192,17 +192,17 @@ class LinkStore:
                 d.set_media_type,
                 {"p_repository": repository, "p_digest": digest, "p_media_type": media_type},
             )
-            return Descriptor(digest, size, media_type)
-        return Descriptor(digest, size, linked_media_type)
+            return LinkedBlob(digest, size, media_type)
+        return LinkedBlob(digest, size, linked_media_type)
 
     @map_errors
-    def resolve(self, repository: str, digest: str) -> Descriptor:
+    def resolve(self, repository: str, digest: str) -> LinkedBlob:
         # The hottest call (every stat): the lean path, see DriverQuery.
         row = self.db.fetch_one(self.q.driver.resolve, {"repository": repository, "digest": digest})
         if row is None:
             raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} is not linked in {repository}")
         size, media_type = row
-        return Descriptor(digest, size, media_type)
+        return LinkedBlob(digest, size, media_type)
 
     @map_errors
     def unlink(self, repository: str, digest: str) -> None:
@@ -216,7 +216,7 @@ class LinkStore:
     @map_errors
     def mount(
         self, repository: str, from_repository: str, digest: str, media_type: str = ""
-    ) -> tuple[Descriptor, bool]:
+    ) -> tuple[LinkedBlob, bool]:
         """Links into ``repository`` a blob that ``from_repository`` (empty: any) links."""
         d = self.q.driver
         now = utcnow()
@@ -230,9 +230,9 @@ class LinkStore:
                 raise _not_mountable(digest, from_repository)
             size, new_media_type, existing_media_type = row
             if new_media_type is not None:
-                return Descriptor(digest, size, new_media_type), True
+                return LinkedBlob(digest, size, new_media_type), True
             if existing_media_type is not None and media_type in ("", existing_media_type):
-                return Descriptor(digest, size, existing_media_type), False
+                return LinkedBlob(digest, size, existing_media_type), False
             # Linked meanwhile, or the link's media type changes: the general path.
         db = self.db
         with db.transaction() as conn:
@@ -256,21 +256,21 @@ class LinkStore:
                 ).rowcount
             )
             if created:
-                return Descriptor(digest, size, new_media_type), True
+                return LinkedBlob(digest, size, new_media_type), True
             # Already linked: the link keeps its media type unless the caller gave one.
             return self._existing_link(conn, repository, digest, media_type), False
 
     @map_errors
     def list_links(
         self, repository: str, after: str, limit: int
-    ) -> tuple[list[Descriptor], str | None]:
+    ) -> tuple[list[LinkedBlob], str | None]:
         """Up to ``limit`` links after the digest ``after``; and the last digest when more
         follow."""
         with self.db.connect() as conn:
             rows = conn.execute(
                 self.q.list_links, {"repository": repository, "after": after, "limit": limit + 1}
             ).all()
-        page = [Descriptor(r.digest, r.size, r.media_type) for r in rows[:limit]]
+        page = [LinkedBlob(r.digest, r.size, r.media_type) for r in rows[:limit]]
         return page, (page[-1].digest if len(rows) > limit else None)
 
     @map_errors
