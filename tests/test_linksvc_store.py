@@ -21,7 +21,7 @@ from linkedblob.errors import LinkedBlobError, Reason
 from linksvc import migrate
 from linksvc.database import Database
 from linksvc.models import SessionState
-from linksvc.store import Descriptor, LinkStore, SessionRecord
+from linksvc.store import LinkedBlob, LinkStore, SessionRecord
 
 
 def digest_of(text: str) -> str:
@@ -91,20 +91,20 @@ def test_link_records_and_links_in_one_transaction(store: Store, db_url: str) ->
     assert rows(db_url, "repositories") == []
 
     assert store.link("r/one", d, "application/x-a", 5) == (
-        Descriptor(d, 5, "application/x-a"),
+        LinkedBlob(d, 5, "application/x-a"),
         True,
     )
     assert store.stat_blob(d).size == 5
-    assert store.resolve("r/one", d) == Descriptor(d, 5, "application/x-a")
+    assert store.resolve("r/one", d) == LinkedBlob(d, 5, "application/x-a")
     # Again: the same link, not created; the media type stays unless a new one is given.
-    assert store.link("r/one", d, "", 5) == (Descriptor(d, 5, "application/x-a"), False)
-    assert store.link("r/one", d) == (Descriptor(d, 5, "application/x-a"), False)
-    assert store.link("r/one", d, "application/x-b") == (Descriptor(d, 5, "application/x-b"), False)
+    assert store.link("r/one", d, "", 5) == (LinkedBlob(d, 5, "application/x-a"), False)
+    assert store.link("r/one", d) == (LinkedBlob(d, 5, "application/x-a"), False)
+    assert store.link("r/one", d, "application/x-b") == (LinkedBlob(d, 5, "application/x-b"), False)
     assert store.resolve("r/one", d).media_type == "application/x-b"
 
     # A recorded blob links into another repository without a size; with a wrong size it
     # does not, and nothing of that transaction remains.
-    assert store.link("r/two", d) == (Descriptor(d, 5, ""), True)
+    assert store.link("r/two", d) == (LinkedBlob(d, 5, ""), True)
     expect(
         grpc.StatusCode.FAILED_PRECONDITION,
         Reason.SIZE_INVALID,
@@ -127,12 +127,12 @@ def test_link_finishes_its_upload_session(store: Store, db_url: str) -> None:
     assert store.get_session(session.id).state == SessionState.ACTIVE
 
     descriptor, created = store.link("r/a", d, "", 3, session.id)
-    assert (descriptor, created) == (Descriptor(d, 3, ""), True)
+    assert (descriptor, created) == (LinkedBlob(d, 3, ""), True)
     finished = store.get_session(session.id)
     assert finished.state == SessionState.COMMITTED
     assert finished.updated_at >= session.updated_at
     # A retry after a lost answer is harmless.
-    assert store.link("r/a", d, "", 3, session.id) == (Descriptor(d, 3, ""), False)
+    assert store.link("r/a", d, "", 3, session.id) == (LinkedBlob(d, 3, ""), False)
 
     cancelled = store.create_session("r/a")
     store.finish_session(cancelled.id, SessionState.CANCELLED)
@@ -155,13 +155,13 @@ def test_mount_unlink(store: Store) -> None:
     d = digest_of("mounted")
     store.link("src", d, "application/x-src", 7)
     # From a named source, and from any source; the media type comes from the source.
-    assert store.mount("dst/one", "src", d) == (Descriptor(d, 7, "application/x-src"), True)
+    assert store.mount("dst/one", "src", d) == (LinkedBlob(d, 7, "application/x-src"), True)
     assert store.mount("dst/two", "", d, "application/x-own") == (
-        Descriptor(d, 7, "application/x-own"),
+        LinkedBlob(d, 7, "application/x-own"),
         True,
     )
-    assert store.mount("dst/two", "src", d) == (Descriptor(d, 7, "application/x-own"), False)
-    assert store.resolve("dst/one", d) == Descriptor(d, 7, "application/x-src")
+    assert store.mount("dst/two", "src", d) == (LinkedBlob(d, 7, "application/x-own"), False)
+    assert store.resolve("dst/one", d) == LinkedBlob(d, 7, "application/x-src")
     # A source that does not link the blob: nothing to mount.
     expect(grpc.StatusCode.NOT_FOUND, Reason.BLOB_UNKNOWN, lambda: store.mount("dst/x", "nope", d))
     unknown = digest_of("unknown")
@@ -184,24 +184,24 @@ def test_repeated_link_and_mount_with_a_new_media_type(store: Store) -> None:
     """The repeated calls: answered from the link as it stands, or updating its media type (on
     PostgreSQL the one-statement paths hand these over to the general one)."""
     d = digest_of("repeated")
-    assert store.link("r", d, "a/one", 9) == (Descriptor(d, 9, "a/one"), True)
-    assert store.link("r", d, "", 9) == (Descriptor(d, 9, "a/one"), False)
-    assert store.link("r", d, "a/one", 9) == (Descriptor(d, 9, "a/one"), False)
-    assert store.link("r", d, "a/two", 9) == (Descriptor(d, 9, "a/two"), False)
-    assert store.resolve("r", d) == Descriptor(d, 9, "a/two")
+    assert store.link("r", d, "a/one", 9) == (LinkedBlob(d, 9, "a/one"), True)
+    assert store.link("r", d, "", 9) == (LinkedBlob(d, 9, "a/one"), False)
+    assert store.link("r", d, "a/one", 9) == (LinkedBlob(d, 9, "a/one"), False)
+    assert store.link("r", d, "a/two", 9) == (LinkedBlob(d, 9, "a/two"), False)
+    assert store.resolve("r", d) == LinkedBlob(d, 9, "a/two")
     expect(
         grpc.StatusCode.FAILED_PRECONDITION,
         Reason.SIZE_INVALID,
         lambda: store.link("r", d, "a/three", 10),
     )
-    assert store.resolve("r", d) == Descriptor(d, 9, "a/two")
+    assert store.resolve("r", d) == LinkedBlob(d, 9, "a/two")
 
-    assert store.mount("m", "r", d) == (Descriptor(d, 9, "a/two"), True)
-    assert store.mount("m", "", d) == (Descriptor(d, 9, "a/two"), False)
-    assert store.mount("m", "r", d, "a/two") == (Descriptor(d, 9, "a/two"), False)
-    assert store.mount("m", "r", d, "a/mine") == (Descriptor(d, 9, "a/mine"), False)
-    assert store.resolve("m", d) == Descriptor(d, 9, "a/mine")
-    assert store.resolve("r", d) == Descriptor(d, 9, "a/two")  # the source keeps its own
+    assert store.mount("m", "r", d) == (LinkedBlob(d, 9, "a/two"), True)
+    assert store.mount("m", "", d) == (LinkedBlob(d, 9, "a/two"), False)
+    assert store.mount("m", "r", d, "a/two") == (LinkedBlob(d, 9, "a/two"), False)
+    assert store.mount("m", "r", d, "a/mine") == (LinkedBlob(d, 9, "a/mine"), False)
+    assert store.resolve("m", d) == LinkedBlob(d, 9, "a/mine")
+    assert store.resolve("r", d) == LinkedBlob(d, 9, "a/two")  # the source keeps its own
 
 
 def test_list_pages_in_bytewise_order(store: Store) -> None:
@@ -323,7 +323,7 @@ def test_concurrent_links_of_one_pair_leave_one_row(db_url: str) -> None:
         assert all(isinstance(r, tuple) for r in results), results
         links = [r for r in results if isinstance(r, tuple)]
         assert sum(1 for _, created in links if created) == 1
-        assert {descriptor for descriptor, _ in links} == {Descriptor(d, 42, "application/x-r")}
+        assert {descriptor for descriptor, _ in links} == {LinkedBlob(d, 42, "application/x-r")}
         assert len(rows(db_url, "links")) == 1
         assert len(rows(db_url, "blobs")) == 1
         assert len(rows(db_url, "repositories")) == 1
@@ -338,7 +338,7 @@ def test_concurrent_links_of_one_new_blob_and_mounts_of_one_pair(db_url: str) ->
         # One new blob pushed into sixteen repositories at once: one blob row, sixteen links.
         d = digest_of("pushed everywhere")
         results = race(s.db, lambda i: s.store.link(f"race/{i}", d, "a/b", 42))
-        assert results == [(Descriptor(d, 42, "a/b"), True)] * 16
+        assert results == [(LinkedBlob(d, 42, "a/b"), True)] * 16
         assert len(rows(db_url, "blobs")) == 1
         assert len(rows(db_url, "links")) == 16
 
@@ -346,7 +346,7 @@ def test_concurrent_links_of_one_new_blob_and_mounts_of_one_pair(db_url: str) ->
         results = race(s.db, lambda i: s.store.mount("race/target", f"race/{i}", d))
         assert all(isinstance(r, tuple) for r in results), results
         assert sum(1 for r in results if isinstance(r, tuple) and r[1]) == 1
-        assert {r[0] for r in results if isinstance(r, tuple)} == {Descriptor(d, 42, "a/b")}
+        assert {r[0] for r in results if isinstance(r, tuple)} == {LinkedBlob(d, 42, "a/b")}
         assert len(rows(db_url, "links")) == 17
         assert len(rows(db_url, "repositories")) == 17
     finally:
@@ -426,7 +426,7 @@ def test_a_busy_or_lost_database_is_unavailable(db_url: str) -> None:
                 assert s.resolve("r", d).size == 1
         # The failed calls changed nothing; the next ones work.
         assert [r[0] for r in rows(db_url, "repositories")] == ["r"]
-        assert s.link("r/new", d) == (Descriptor(d, 1, ""), True)
+        assert s.link("r/new", d) == (LinkedBlob(d, 1, ""), True)
         assert s.resolve("r", d).size == 1
     finally:
         s.db.close()
