@@ -2,8 +2,10 @@
 
 ``linkedblob migrate --db URL`` and ``linkedblob serve link --migrate`` call :func:`upgrade`;
 the server checks :func:`schema_status` before it serves and refuses a database that is not at
-head. The alembic environment lives in ``migrations/`` next to ``alembic.ini`` at the repository
-root, so ``alembic -x db=URL upgrade head`` from there does the same.
+head. The alembic environment and its revisions ship inside this package (``linksvc/migrations``),
+and :func:`alembic_config` points alembic at them by their place on disk, so an installed
+linkedblob (a wheel, no checkout) migrates from any working directory. In a checkout,
+``alembic -x db=URL upgrade head`` from the repository root does the same through ``alembic.ini``.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ import sqlalchemy as sa
 if TYPE_CHECKING:
     from alembic.config import Config
 
-ROOT = Path(__file__).resolve().parent.parent
-ALEMBIC_INI = ROOT / "alembic.ini"
+# The alembic environment (env.py, script.py.mako, versions/), package data of linksvc.
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
-# The revisions in migrations/versions, oldest first: the last one is the head. The server checks
-# a database against these without importing alembic (~11 MiB of a serving linksvc's memory,
-# which only --migrate needs); a test compares them with alembic's own reading of the scripts,
-# so a new migration that is not added here fails it.
+# The revisions in linksvc/migrations/versions, oldest first: the last one is the head. The server
+# checks a database against these without importing alembic (~11 MiB of a serving linksvc's
+# memory, which only --migrate needs); a test compares them with alembic's own reading of the
+# scripts, so a new migration that is not added here fails it.
 REVISIONS = ("0001",)
-VERSION_TABLE = "alembic_version"  # alembic's default, as migrations/env.py leaves it
+VERSION_TABLE = "alembic_version"  # alembic's default, as linksvc/migrations/env.py leaves it
 
 
 # Alembic announces every plugin it loads at INFO; only the migrations themselves are news.
@@ -36,7 +38,12 @@ logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 def alembic_config(url: str) -> Config:
     from alembic.config import Config
 
-    config = Config(str(ALEMBIC_INI))
+    # No ini file: nothing here depends on the working directory or on a checkout. (Only
+    # alembic's command line configures logging from alembic.ini; a server keeps its own.)
+    config = Config()
+    # ConfigParser interpolates "%": a directory name containing one must be escaped.
+    config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
     # Passed as an attribute, not as sqlalchemy.url: ConfigParser would read "%" in a password
     # as interpolation.
     config.attributes["db_url"] = url
