@@ -1,5 +1,6 @@
 # The README's commands. `make up` runs the system on its embedded defaults; `make test` runs
-# the lint and the tests. Both create .venv and install into it when needed.
+# the lint and the tests. Both create .venv and install into it when needed, at the exact
+# versions of constraints.txt.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,10 +9,10 @@ PROTO_SRCS := $(shell find protos -name '*.proto')
 
 .PHONY: up test lint protos bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 up: $(STAMP)
