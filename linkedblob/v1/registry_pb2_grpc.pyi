@@ -13,8 +13,8 @@ characters (INVALID_ARGUMENT / NAME_INVALID otherwise). Digests are "sha256:" + 
 "sha512:" + 128 lowercase hex characters (INVALID_ARGUMENT / DIGEST_INVALID otherwise).
 
 Errors carry a google.rpc.ErrorInfo detail (domain "linkedblob.dev"); its `reason` mirrors
-the OCI distribution error codes: DIGEST_INVALID, SIZE_INVALID, NAME_INVALID, BLOB_UNKNOWN,
-BLOB_UPLOAD_UNKNOWN, BLOB_UPLOAD_INVALID, RANGE_INVALID, UNSUPPORTED.
+the OCI distribution error codes. The codes and reasons of every failure are in one table,
+docs/design.md#errors in the linkedblob repository.
 """
 
 from collections import abc as _abc

@@ -4,8 +4,8 @@ isort:skip_file
 The data plane: content-addressed bytes, nothing of repositories.
 
 Errors: every failure carries a google.rpc.ErrorInfo detail (domain "linkedblob.dev") whose
-`reason` is one of the codes in DESIGN.md (DIGEST_INVALID, SIZE_INVALID, BLOB_UNKNOWN,
-BLOB_UPLOAD_UNKNOWN, BLOB_UPLOAD_INVALID, RANGE_INVALID, ...).
+`reason` is one of the codes in docs/design.md#errors (DIGEST_INVALID, SIZE_INVALID,
+BLOB_UNKNOWN, BLOB_UPLOAD_UNKNOWN, BLOB_UPLOAD_INVALID, RANGE_INVALID, ...).
 
 Grants: a blobsvc started with a grant secret requires, on every call, a grant signed with it
 in the "linkedblob-grant" call metadata (see linkedblob/grants.py): "read" of a digest allows

@@ -5,7 +5,8 @@ The metadata plane: repository -> digest links, the index of committed blobs and
 sessions, kept in SQL.
 
 Errors: every failure carries a google.rpc.ErrorInfo detail (domain "linkedblob.dev") whose
-`reason` is one of the codes in DESIGN.md. A transient database failure is UNAVAILABLE (retry).
+`reason` is one of the codes in docs/design.md#errors. A transient database failure is
+UNAVAILABLE (retry).
 """
 
 from collections import abc as _abc
