@@ -176,7 +176,8 @@ def test_a_new_client_reaches_blobsvc_at_once(gateway: Metered, repo: str) -> No
 
 def test_abandoned_reads_are_let_go(gateway: Metered, repo: str) -> None:
     # A read from blobsvc is consumed in the reader's thread; when abandoned, grpc keeps its
-    # call (~35 KiB) until the events of its cancellation are consumed, which the client does.
+    # call (and its memory) until the events of its cancellation are consumed, which the client
+    # does.
     # Seen as grpc's per-call state objects (cygrpc._CallState) left in the process.
     data = os.urandom(4 * MiB)
 

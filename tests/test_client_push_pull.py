@@ -24,9 +24,9 @@ from linkedblob.client import (
     ClientError,
     Descriptor,
     DigestMismatchError,
-    channel_options,
 )
 from linkedblob.config import MiB
+from linkedblob.transport import channel_options
 from tests.stack import Stack, running_stack
 
 Code = grpc.StatusCode

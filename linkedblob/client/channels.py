@@ -1,0 +1,157 @@
+"""The client's channels: the one to the gateway (its unary calls, with the client's timeout and
+errors, and its raw byte streams), the options every client channel shares, and how a response
+stream that is not read to its end is ended."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from linkedblob.client.errors import rpc_errors
+from linkedblob.client.model import Descriptor, Upload
+from linkedblob.transport import PUSH_BLOB, READ_BLOB, WRITE_UPLOAD, ChannelOptions, channel_options
+from linkedblob.v1 import registry_pb2, registry_pb2_grpc
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+T = TypeVar("T")
+
+
+def client_channel_options(*extra: tuple[str, int | str]) -> ChannelOptions:
+    """Options of the client's channels (to the gateway and to blobsvc): a restarted server is
+    reconnected to within a second at most."""
+    return [*channel_options(max_reconnect_backoff_ms=1_000), *extra]
+
+
+class Gateway:
+    """One channel to the gateway; safe to share between threads. Each unary call is bounded by
+    ``timeout`` and raises ClientError."""
+
+    def __init__(self, addr: str, timeout: float | None) -> None:
+        self.addr = addr
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(addr, options=client_channel_options())
+        self.stub = registry_pb2_grpc.RegistryStub(self.channel)
+        # The byte streams, with their data messages built and read without protobuf objects.
+        self.push_blob = self.channel.stream_unary(
+            PUSH_BLOB,
+            request_serializer=None,
+            response_deserializer=registry_pb2.Descriptor.FromString,
+        )
+        self.write_upload = self.channel.stream_unary(
+            WRITE_UPLOAD,
+            request_serializer=None,
+            response_deserializer=registry_pb2.Upload.FromString,
+        )
+        self.read_blob = self.channel.unary_stream(
+            READ_BLOB,
+            request_serializer=registry_pb2.ReadBlobRequest.SerializeToString,
+            response_deserializer=None,
+        )
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def call(
+        self, method: grpc.UnaryUnaryMultiCallable[Request, Response], request: Request
+    ) -> Response:
+        """A unary call of the Registry (``method``, a multicallable of :attr:`stub`)."""
+        with rpc_errors():
+            return method(request, timeout=self.timeout)
+
+    def stat(self, repository: str, digest: str) -> Descriptor:
+        request = registry_pb2.StatBlobRequest(repository=repository, digest=digest)
+        return Descriptor.from_proto(self.call(self.stub.StatBlob, request))
+
+    def put(self, repository: str, data: bytes, media_type: str, digest: str) -> Descriptor:
+        request = registry_pb2.PutBlobRequest(
+            repository=repository, data=data, media_type=media_type, digest=digest
+        )
+        return Descriptor.from_proto(self.call(self.stub.PutBlob, request))
+
+    def mount(
+        self, repository: str, digest: str, from_repository: str, media_type: str
+    ) -> Descriptor:
+        request = registry_pb2.MountBlobRequest(
+            repository=repository,
+            from_repository=from_repository,
+            digest=digest,
+            media_type=media_type,
+        )
+        return Descriptor.from_proto(self.call(self.stub.MountBlob, request))
+
+    def delete(self, repository: str, digest: str) -> None:
+        request = registry_pb2.DeleteBlobRequest(repository=repository, digest=digest)
+        self.call(self.stub.DeleteBlob, request)
+
+    def list_blobs(self, repository: str, page_size: int) -> Iterator[Descriptor]:
+        def page(token: str) -> tuple[Iterable[Descriptor], str]:
+            request = registry_pb2.ListBlobsRequest(
+                repository=repository, page_size=page_size, page_token=token
+            )
+            msg = self.call(self.stub.ListBlobs, request)
+            return (Descriptor.from_proto(b) for b in msg.blobs), msg.next_page_token
+
+        return _paged(page)
+
+    def list_repositories(self, page_size: int) -> Iterator[str]:
+        def page(token: str) -> tuple[Iterable[str], str]:
+            request = registry_pb2.ListRepositoriesRequest(page_size=page_size, page_token=token)
+            msg = self.call(self.stub.ListRepositories, request)
+            return msg.repositories, msg.next_page_token
+
+        return _paged(page)
+
+    def start_upload(self, repository: str, direct: bool) -> Upload:
+        request = registry_pb2.StartUploadRequest(repository=repository, direct=direct)
+        return Upload.from_proto(self.call(self.stub.StartUpload, request))
+
+    def get_upload(self, repository: str, upload_id: str, direct: bool) -> Upload:
+        request = registry_pb2.GetUploadRequest(
+            repository=repository, upload_id=upload_id, direct=direct
+        )
+        return Upload.from_proto(self.call(self.stub.GetUpload, request))
+
+    def commit_upload(self, request: registry_pb2.CommitUploadRequest) -> Descriptor:
+        return Descriptor.from_proto(self.call(self.stub.CommitUpload, request))
+
+    def cancel_upload(self, repository: str, upload_id: str) -> None:
+        request = registry_pb2.CancelUploadRequest(repository=repository, upload_id=upload_id)
+        self.call(self.stub.CancelUpload, request)
+
+    def locate(self, repository: str, digest: str) -> registry_pb2.BlobLocation:
+        request = registry_pb2.LocateBlobRequest(repository=repository, digest=digest)
+        return self.call(self.stub.LocateBlob, request)
+
+
+def _paged(page: Callable[[str], tuple[Iterable[T], str]]) -> Iterator[T]:
+    """The items of every page, fetched as iterated: ``page(token)`` gives a page's items and
+    the next page's token ("" after the last)."""
+    token = ""
+    while True:
+        items, token = page(token)
+        yield from items
+        if not token:
+            return
+
+
+def end_read(stream: Any) -> None:
+    """Cancels a response stream that was not read to its end (a no-op when it was), which
+    stops the transfer, and lets grpc free the call.
+
+    A stream read in the caller's thread (linkedblob.client.direct.READ_IN_CALLER) is driven
+    by its reader alone: grpc keeps an abandoned call (its memory: bench/README.md) until the
+    events of its cancellation are consumed, which takes one wait at most. ``_state`` and
+    ``_consume_next_event`` are private to grpc's _SingleThreadedRendezvous (as of grpcio
+    1.85): without them the call is only cancelled.
+    """
+    if not stream.cancel():
+        return
+    pending = getattr(getattr(stream, "_state", None), "due", None)
+    consume = getattr(stream, "_consume_next_event", None)
+    if pending is None or consume is None:
+        return
+    while pending:  # a cancel completes every pending operation at once
+        consume()
