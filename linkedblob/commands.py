@@ -141,29 +141,21 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _pull(args: argparse.Namespace) -> None:
+    to_stdout = args.output == "-"
     with Client(args.addr) as client:
         size = client.stat(args.repository, args.digest).size
         total = max(size - args.offset, 0) if args.length == 0 else args.length
         with _progress(min(total, max(size - args.offset, 0)), "pull") as progress:
-            if args.output == "-":
-                client.pull(
-                    args.repository,
-                    args.digest,
-                    sys.stdout.buffer,
-                    offset=args.offset,
-                    length=args.length,
-                    progress=progress,
-                )
-                sys.stdout.buffer.flush()
-            else:
-                client.pull(
-                    args.repository,
-                    args.digest,
-                    args.output,
-                    offset=args.offset,
-                    length=args.length,
-                    progress=progress,
-                )
+            client.pull(
+                args.repository,
+                args.digest,
+                sys.stdout.buffer if to_stdout else args.output,
+                offset=args.offset,
+                length=args.length,
+                progress=progress,
+            )
+    if to_stdout:
+        sys.stdout.buffer.flush()
 
 
 def _stat(args: argparse.Namespace) -> None:
