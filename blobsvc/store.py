@@ -1,9 +1,10 @@
 """blobsvc's domain logic: reads, resumable uploads with incremental hashing, commits.
 
-Plain asyncio over a storage driver (blobsvc.storage): every driver call runs in a worker
-thread, so the event loop only moves messages. Callers pass parsed digests and validated
-arguments (the servicer does that at the edge); this layer enforces the upload protocol
-(offsets, exclusivity, verification before anything is stored).
+Plain asyncio over a storage driver and its wrappers (blobsvc.storage.open_storage, which also
+answers for the empty blob): every driver call runs in a worker thread (blobsvc.jobs), so the
+event loop only moves messages. Callers pass parsed digests and validated arguments (the
+servicer does that at the edge); this layer enforces the upload protocol (offsets,
+exclusivity, verification before anything is stored).
 
 Hashing: each upload's hash state is kept in memory as its bytes arrive, so a commit in the
 process that staged them only finalizes it. The state is trusted only while it matches the
@@ -24,17 +25,12 @@ from typing import Protocol, TypeVar
 import grpc
 from prometheus_client import Counter
 
+from blobsvc.jobs import finish, finished, outcome, settle
 from blobsvc.storage import StagedUpload, Storage
 from linkedblob import paging
 from linkedblob.config import STREAM_CHUNK_BYTES
 from linkedblob.digests import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
-from linkedblob.errors import (
-    LinkedBlobError,
-    Reason,
-    invalid_argument,
-    not_found,
-    out_of_range,
-)
+from linkedblob.errors import LinkedBlobError, Reason, invalid_argument, not_found, out_of_range
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +44,9 @@ class _Closable(Protocol):
 _Held = TypeVar("_Held", bound=_Closable | None)
 
 MAX_FIND_MISSING = 1000  # digests per FindMissing call
-# Running hashes kept in memory (a few hundred bytes each); beyond it the oldest are dropped.
+# Defaults of BlobStore's tunables (see its constructor).
 MAX_HASH_STATES = 10_000
-# Chunks of a Write stream queued per lane (write, hash) while the next one is received.
 PIPELINE_DEPTH = 2
-# Chunks of a Read read ahead of the one being sent. Direct reads of uncached blobs go at the
-# device's pace, which wants several requests in flight (a fresh 256 MiB pull here: ~340 MB/s
-# with one chunk ahead, ~610 with two, ~720 with four). Every stream gets one; the others come
-# from a budget shared by all streams, so many concurrent reads hold at most
-# READ_AHEAD_BUDGET_BYTES beyond one chunk each.
 READ_AHEAD = 4
 READ_AHEAD_BUDGET_BYTES = 32 * 1024 * 1024
 # The kind of blobsvc's page tokens (linkedblob.paging).
@@ -108,8 +98,28 @@ class _HashState:
 
 class BlobStore:
     def __init__(
-        self, storage: Storage, io_threads: int = 16, max_hash_states: int = MAX_HASH_STATES
+        self,
+        storage: Storage,
+        io_threads: int = 16,
+        max_hash_states: int = MAX_HASH_STATES,
+        *,
+        pipeline_depth: int = PIPELINE_DEPTH,
+        read_ahead: int = READ_AHEAD,
+        read_ahead_budget_bytes: int = READ_AHEAD_BUDGET_BYTES,
     ) -> None:
+        """The blob store over ``storage``: a driver with its wrappers
+        (blobsvc.storage.open_storage), which answer for the empty blob.
+
+        - ``io_threads``: worker threads for driver calls and hashing;
+        - ``max_hash_states``: running hashes kept in memory (a few hundred bytes each);
+          beyond it the oldest are dropped and their commits re-read the staged bytes;
+        - ``pipeline_depth``: chunks of a Write stream queued per lane (write, hash) while the
+          next one is received;
+        - ``read_ahead``: chunks of a Read read ahead of the one being sent. Direct reads of
+          uncached blobs go at the device's pace, which wants several requests in flight
+          (measured: bench/README.md, section "blobsvc: read-ahead"). Every stream gets one;
+          the others come from ``read_ahead_budget_bytes``, shared by all streams, so many
+          concurrent reads hold at most that beyond one chunk each."""
         self.storage = storage
         # File I/O and hashing of large buffers release the GIL: threads overlap them with
         # the event loop receiving the next message.
@@ -117,7 +127,9 @@ class BlobStore:
         # Running hashes by upload id, oldest first (uploads nobody finishes are forgotten).
         self._hashes: dict[str, _HashState] = {}
         self._max_hash_states = max_hash_states
-        self._read_ahead_budget = READ_AHEAD_BUDGET_BYTES  # bytes of extra read-ahead left
+        self._pipeline_depth = pipeline_depth
+        self._read_ahead = read_ahead
+        self._read_ahead_budget = read_ahead_budget_bytes  # bytes of extra read-ahead left
 
     async def close(self) -> None:
         await asyncio.to_thread(self._executor.shutdown, wait=True)
@@ -125,8 +137,8 @@ class BlobStore:
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) in a worker thread. Cancelling the caller does not stop a job that has
-        started: see _outcome."""
-        return await _outcome(self._executor.submit(fn, *args))
+        started: see blobsvc.jobs.outcome."""
+        return await outcome(self._executor.submit(fn, *args))
 
     async def _open(self, fn: Callable[..., _Held], *args: object) -> _Held:
         """Like _run, for a job that returns something to close (an upload, which holds its
@@ -134,7 +146,7 @@ class BlobStore:
         worker opens it, nobody else would ever close it, so it is closed here."""
         job = self._executor.submit(fn, *args)
         try:
-            return await _outcome(job)
+            return await outcome(job)
         except asyncio.CancelledError:
             if not job.cancelled() and job.exception() is None:
                 held = job.result()
@@ -147,28 +159,23 @@ class BlobStore:
     async def stat(self, digest: Digest) -> int:
         size = await self._run(self.storage.stat, digest)
         if size is None:
-            if digest.is_empty:
-                return 0
             raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} not found")
         return size
 
     async def find_missing(self, digests: list[Digest]) -> list[Digest]:
         def missing() -> list[Digest]:
-            return [d for d in digests if not d.is_empty and self.storage.stat(d) is None]
+            return [d for d in digests if self.storage.stat(d) is None]
 
         return await self._run(missing)
 
     async def read(self, digest: Digest, offset: int, limit: int) -> AsyncIterator[bytes]:
         """The blob's bytes from ``offset`` (at most ``limit``; 0: to the end), in chunks of
-        STREAM_CHUNK_BYTES. The next READ_AHEAD chunks are read while the current one is sent."""
+        STREAM_CHUNK_BYTES. Up to ``read_ahead`` chunks are read while the current one is
+        sent."""
         if offset < 0 or limit < 0:
             raise invalid_argument(Reason.RANGE_INVALID, "offset and limit must not be negative")
         reader = await self._open(self.storage.open_blob, digest)
         if reader is None:
-            if digest.is_empty:
-                if offset > 0:
-                    raise out_of_range(Reason.RANGE_INVALID, f"offset {offset} is beyond size 0")
-                return
             raise not_found(Reason.BLOB_UNKNOWN, f"blob {digest} not found")
         pending: collections.deque[Future[bytes]] = collections.deque()
         borrowed = 0  # of the shared read-ahead budget, for the chunks beyond the first
@@ -182,7 +189,7 @@ class BlobStore:
             position = offset  # of the next chunk to yield
             submitted = offset  # where the next read starts
             while True:
-                while submitted < end and len(pending) < READ_AHEAD:
+                while submitted < end and len(pending) < self._read_ahead:
                     length = min(STREAM_CHUNK_BYTES, end - submitted)
                     if pending:  # one more ahead: only while the shared budget allows
                         if self._read_ahead_budget < STREAM_CHUNK_BYTES:
@@ -193,7 +200,7 @@ class BlobStore:
                     submitted += length
                 if not pending:
                     break
-                chunk = await _outcome(pending[0])
+                chunk = await outcome(pending[0])
                 pending.popleft()
                 if borrowed:  # one chunk fewer ahead
                     borrowed -= STREAM_CHUNK_BYTES
@@ -210,7 +217,7 @@ class BlobStore:
         finally:
             self._read_ahead_budget += borrowed
             for job in pending:  # the generator was closed early: the reads still use fd
-                await _finished(job)
+                await finished(job)
             reader.close()
 
     def _in_order(
@@ -233,10 +240,10 @@ class BlobStore:
         return self._executor.submit(fn, *args)
 
     async def put(self, data: bytes, expected: Digest | None) -> Committed:
-        # One trip to a worker hashes, checks and stores: a thread hop (~50 us here) costs
-        # more than hashing a small blob (~5 us for 4 KiB), and the fsyncs must stay off the
-        # event loop (inline they would hold up every other call, and serialize the fsyncs of
-        # concurrent Puts that the disk could otherwise batch).
+        # One trip to a worker hashes, checks and stores: a thread hop costs more than hashing
+        # a small blob (measured: bench/README.md, section "blobsvc: small blobs"), and the
+        # fsyncs must stay off the event loop (inline they would hold up every other call,
+        # and serialize the fsyncs of concurrent Puts that the disk could otherwise batch).
         return await self._run(self._put, data, expected)
 
     def _put(self, data: bytes, expected: Digest | None) -> Committed:
@@ -248,8 +255,6 @@ class BlobStore:
                 f"data hashes to {actual}, not {expected}",
                 digest=str(actual),
             )
-        if actual.is_empty:
-            return Committed(actual, 0, True)  # the empty blob is always present
         return Committed(actual, len(data), self.storage.put(actual, data))
 
     async def delete(self, digest: Digest) -> bool:
@@ -307,7 +312,7 @@ class BlobStore:
 
         Pipelined: each chunk goes to two lanes, the file write and the running hash, each
         run in order in worker threads, beside each other and beside the caller's iterator
-        receiving the next chunks. At most PIPELINE_DEPTH chunks wait per lane (then receiving
+        receiving the next chunks. At most ``pipeline_depth`` chunks wait per lane (then receiving
         waits), so a stream holds a few chunks at most, whatever the blob's size."""
         if offset < 0:
             raise invalid_argument(Reason.BLOB_UPLOAD_INVALID, f"negative offset {offset}")
@@ -325,7 +330,7 @@ class BlobStore:
                 )
             state = self._hash_state(upload)
             in_flight: list[asyncio.Future[None]] = []  # the lanes' jobs, oldest first
-            most_in_flight = PIPELINE_DEPTH * (1 if state is None else 2)
+            most_in_flight = self._pipeline_depth * (1 if state is None else 2)
             last_write: asyncio.Future[None] | None = None
             last_hash: asyncio.Future[None] | None = None
             try:
@@ -337,11 +342,11 @@ class BlobStore:
                     if state is not None:
                         last_hash = self._in_order(last_hash, state.update, data)
                         in_flight.append(last_hash)
-                    await _finish(in_flight, keep=most_in_flight)
-                await _finish(in_flight)
+                    await finish(in_flight, keep=most_in_flight)
+                await finish(in_flight)
             finally:
                 for future in in_flight:
-                    await _settle(future)
+                    await settle(future)
             size = upload.size
             committed = await self._commit_held(upload, commit) if commit is not None else None
             return WriteResult(size, committed)
@@ -397,11 +402,7 @@ class BlobStore:
                 digest=str(actual),
             )
         # Verified: store it (or find it already stored), and forget the upload.
-        if actual.is_empty:
-            await self._run(upload.discard)  # the empty blob is always present
-            existed = True
-        else:
-            existed = await self._run(upload.store_as, actual)
+        existed = await self._run(upload.store_as, actual)
         self._hashes.pop(upload.upload_id, None)
         return Committed(actual, size, existed)
 
@@ -414,14 +415,6 @@ def _covers(state: _HashState, upload: StagedUpload, algorithm: str) -> bool:
     )
 
 
-async def _finish(futures: list[asyncio.Future[None]], keep: int = 0) -> None:
-    """Awaits the oldest futures until at most ``keep`` are left, removing each once it
-    succeeded (on a failure the caller settles the rest)."""
-    while len(futures) > keep:
-        await futures[0]
-        futures.pop(0)
-
-
 def _hash_staged(upload: StagedUpload, algorithm: str) -> str:
     hasher = new_hasher(algorithm)
     position = 0
@@ -432,38 +425,3 @@ def _hash_staged(upload: StagedUpload, algorithm: str) -> str:
         hasher.update(chunk)
         position += len(chunk)
     return hasher.hexdigest()
-
-
-async def _outcome(job: Future[T]) -> T:
-    """The worker job's result. When the awaiting task is cancelled, a job that has not
-    started is dropped; one that has is waited for before CancelledError goes on, because a
-    thread cannot be stopped and the job may use what the caller's finally blocks are about to
-    release (an upload's file and claim: closing them under a running append or commit lets
-    a second stream in while the first one's bytes still land)."""
-    try:
-        return await asyncio.wrap_future(job)
-    except asyncio.CancelledError:
-        await _finished(job)
-        raise
-
-
-async def _finished(job: Future[T]) -> None:
-    """Drops the job if it has not started, else waits for it to end (through cancellation:
-    CancelledError is raised after it has)."""
-    if not job.cancel():
-        await _settle(asyncio.wrap_future(job))
-
-
-async def _settle(future: asyncio.Future[T]) -> None:
-    """Waits for a worker to finish even if this task is being cancelled: the worker still
-    uses the file we are about to close. Its own outcome is not ours to report here."""
-    cancelled = False
-    while not future.done():
-        try:
-            await asyncio.wait([future])
-        except asyncio.CancelledError:
-            cancelled = True
-    if not future.cancelled():
-        future.exception()  # retrieved, so asyncio does not log it as never retrieved
-    if cancelled:
-        raise asyncio.CancelledError

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from blobsvc import store as store_module
 from blobsvc.storage.filesystem import FilesystemStorage
 from blobsvc.storage.memory import MemoryStorage
 from blobsvc.store import BlobStore, CommitSpec
@@ -110,15 +109,14 @@ def test_a_blob_cut_short_on_disk_is_data_loss(tmp_path: Path, cut: int) -> None
     asyncio.run(scenario())
 
 
-def test_read_ahead_shares_one_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_ahead_shares_one_budget() -> None:
     """Each Read has one chunk read ahead; more only from a budget all reads share: many open
     reads never hold more than it, and every way a read ends gives back what it took."""
-    monkeypatch.setattr(store_module, "READ_AHEAD_BUDGET_BYTES", 3 * STREAM_CHUNK_BYTES)
     data = os.urandom(6 * STREAM_CHUNK_BYTES + 1)
 
     async def scenario() -> None:
-        store = BlobStore(MemoryStorage(), io_threads=4)
         full = 3 * STREAM_CHUNK_BYTES
+        store = BlobStore(MemoryStorage(), io_threads=4, read_ahead_budget_bytes=full)
         assert store._read_ahead_budget == full
         try:
             blob = await store.put(data, None)

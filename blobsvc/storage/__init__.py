@@ -1,11 +1,20 @@
-"""The storage drivers' interface: where blobsvc keeps committed blobs and staged uploads.
+"""The storage driver interface: where blobsvc keeps committed blobs and staged uploads.
 
-A driver is synchronous and thread-safe; the domain layer (blobsvc.store) calls it from worker
-threads so the event loop never blocks on I/O. It knows digests, upload ids and bytes, nothing
-of hashing policy: the domain verifies digests before it asks a driver to store anything.
+Driver words, not domain words: a driver stores the bytes it is given under the digest it is
+given; the blob store (blobsvc.store.BlobStore, the domain) hashes, verifies and enforces the
+upload protocol before it asks a driver for anything.
+
+One interface, ``Storage``, composed of small roles (as containerd composes its content
+``Store`` from ``Provider``, ``Ingester`` and ``Manager``): ``Provider`` reads blobs,
+``Ingester`` stores them (whole, or staged in resumable uploads), ``Manager`` lists and
+deletes them. A driver is synchronous and thread-safe; the blob store calls it from worker
+threads so the event loop never blocks on I/O.
 
 Drivers: ``filesystem`` (the default, blobsvc.storage.filesystem) and ``memory`` (tests,
-blobsvc.storage.memory). Both pass one contract suite (tests/test_blobsvc_storage.py).
+blobsvc.storage.memory). Behaviour common to every driver is a wrapper around one
+(blobsvc.storage.forwarding): the empty blob (blobsvc.storage.empty_blob) and metrics
+(blobsvc.storage.metrics); ``open_storage`` stacks them. Every driver and the stack pass one
+contract suite (blobsvc.storage.contract).
 """
 
 from __future__ import annotations
@@ -89,10 +98,8 @@ class StagedUpload(Protocol):
         ...
 
 
-class Storage(abc.ABC):
-    """A blob store plus staging areas for uploads."""
-
-    # --- committed blobs ---
+class Provider(Protocol):
+    """Reads committed blobs."""
 
     @abc.abstractmethod
     def stat(self, digest: Digest) -> int | None:
@@ -102,21 +109,14 @@ class Storage(abc.ABC):
     def open_blob(self, digest: Digest) -> BlobReader | None:
         """Opens a stored blob for reading, or None when it is not stored."""
 
+
+class Ingester(Protocol):
+    """Stores blobs: whole (small ones), or staged in resumable uploads and then moved in."""
+
     @abc.abstractmethod
     def put(self, digest: Digest, data: bytes) -> bool:
         """Stores ``data`` (verified by the caller) under ``digest``, atomically. Returns True
         when it was already stored."""
-
-    @abc.abstractmethod
-    def delete(self, digest: Digest) -> bool:
-        """Removes a blob; False when it was not stored."""
-
-    @abc.abstractmethod
-    def list(self, after: str, limit: int) -> list[tuple[Digest, int]]:
-        """Up to ``limit`` stored blobs (digest, size) whose digest string sorts after
-        ``after`` ("" for the first page), in digest string order."""
-
-    # --- uploads ---
 
     @abc.abstractmethod
     def upload_size(self, upload_id: str) -> int | None:
@@ -128,8 +128,26 @@ class Storage(abc.ABC):
         algorithm ``create_with``) when ``create_with`` is given, else None is returned.
         Raises ABORTED / BLOB_UPLOAD_INVALID while another holder has it."""
 
-    def close(self) -> None:  # noqa: B027 (optional hook)
-        """Releases the driver's resources."""
+
+class Manager(Protocol):
+    """Lists and deletes committed blobs."""
+
+    @abc.abstractmethod
+    def delete(self, digest: Digest) -> bool:
+        """Removes a blob; False when it was not stored."""
+
+    @abc.abstractmethod
+    def list(self, after: str, limit: int) -> list[tuple[Digest, int]]:
+        """Up to ``limit`` stored blobs (digest, size) whose digest string sorts after
+        ``after`` ("" for the first page), in digest string order."""
+
+
+class Storage(Provider, Ingester, Manager, Protocol):
+    """A storage driver (or a wrapper around one): every role, and a close."""
+
+    def close(self) -> None:
+        """Releases the driver's resources (nothing, unless a driver says otherwise)."""
+        return None
 
 
 class UploadClaims:
@@ -159,8 +177,8 @@ def busy(upload_id: str) -> Exception:
     )
 
 
-def open_storage(kind: str, root: str, direct_io: bool = True) -> Storage:
-    """The driver named by ``--storage`` (``direct_io``: see FilesystemStorage)."""
+def open_driver(kind: str, root: str, direct_io: bool = True) -> Storage:
+    """The bare driver named by ``--storage`` (``direct_io``: see FilesystemStorage)."""
     if kind == "filesystem":
         from blobsvc.storage.filesystem import FilesystemStorage
 
@@ -170,3 +188,20 @@ def open_storage(kind: str, root: str, direct_io: bool = True) -> Storage:
 
         return MemoryStorage()
     raise ValueError(f"unknown storage driver {kind!r}")
+
+
+def with_wrappers(driver: Storage, driver_name: str) -> Storage:
+    """``driver`` with the behaviour every driver gets, outermost first:
+
+    - EmptyBlobStorage: the empty blob is present without being stored;
+    - MetricsStorage: latency and bytes of the driver's own actions, labelled ``driver_name``
+      (inside the empty-blob wrapper, so it counts only what reaches the driver)."""
+    from blobsvc.storage.empty_blob import EmptyBlobStorage
+    from blobsvc.storage.metrics import MetricsStorage
+
+    return EmptyBlobStorage(MetricsStorage(driver, driver_name))
+
+
+def open_storage(kind: str, root: str, direct_io: bool = True) -> Storage:
+    """The driver named by ``--storage``, with its wrappers (see with_wrappers)."""
+    return with_wrappers(open_driver(kind, root, direct_io), kind)
