@@ -31,6 +31,7 @@ from google.protobuf import empty_pb2
 
 from gateway import validation
 from gateway.backends import Backends
+from gateway.blobwrite import WriteCall
 from gateway.direct import DirectAccess
 from gateway.linkcache import LinkCache
 from linkedblob import metrics, wire
@@ -45,7 +46,6 @@ from linkedblob.errors import (
     invalid_argument,
     not_found,
     out_of_range,
-    unavailable,
 )
 from linkedblob.link.v1 import link_pb2
 from linkedblob.rpc import servicer_method
@@ -65,8 +65,6 @@ _COMMITTED = link_pb2.Session.COMMITTED
 
 # Seconds after which a failed PushBlob's staging area is aborted a second time.
 _ABORT_AGAIN_AFTER = 2.0
-# How long a failed send waits for blobsvc's own status of the call.
-_FINAL_STATUS_WAIT = 5.0
 
 # How often a write retries linksvc's compare-and-set of the session size after losing a race.
 _ADVANCE_ATTEMPTS = 4
@@ -685,8 +683,8 @@ class RegistryServicer:
             return await self._relay_write(
                 first, messages, _WRITE_UPLOAD_DATA, _write_upload_data, method
             )
-        except grpc.RpcError as err:
-            if first.offset > 0 and _reason(err) == Reason.BLOB_UPLOAD_UNKNOWN:
+        except LinkedBlobError as err:
+            if first.offset > 0 and err.reason == Reason.BLOB_UPLOAD_UNKNOWN:
                 raise out_of_range(
                     Reason.BLOB_UPLOAD_INVALID,
                     f"upload {first.upload_id} has 0 bytes; cannot write at {first.offset}",
@@ -708,10 +706,10 @@ class RegistryServicer:
         flow control paces the caller to blobsvc). A failure of blobsvc mid-stream (a wrong
         offset, a digest mismatch at commit) is raised with its code and reason.
         """
-        call = self._backends.write_raw(metadata=self._md())  # type: ignore[call-arg]
+        call = WriteCall(self._backends.write_raw(metadata=self._md()))  # type: ignore[call-arg]
         received = len(first.data)
         try:
-            await self._send(call, first.SerializeToString())
+            await call.send(first.SerializeToString())
             if messages is not None:
                 async for raw in messages:
                     payload = wire.data_payload(raw, data_field)
@@ -725,39 +723,14 @@ class RegistryServicer:
                         out = wire.retag(raw, _BLOB_WRITE_DATA) if payload else b""
                         received += len(payload)
                     if out:
-                        await self._send(call, out)
-            await call.done_writing()
-            response: blob_pb2.WriteResponse = await call
+                        await call.send(out)
+            response: blob_pb2.WriteResponse = await call.finish()
             return response
         except BaseException:
             call.cancel()
             raise
         finally:
             metrics.BYTES_IN.labels(method).inc(received)
-
-    @staticmethod
-    async def _send(call: grpc.aio.StreamUnaryCall, raw: bytes) -> None:
-        try:
-            await call.write(raw)
-        except asyncio.InvalidStateError:
-            # blobsvc already ended the call (it refused the stream): raise its status.
-            await call
-            raise  # it ended without an error but before we were done: report it as ours
-        except grpc.RpcError as err:
-            if _code(err) != grpc.StatusCode.INTERNAL or error_info(err) is not None:
-                raise
-            # grpc core fails a send with a bare INTERNAL both when blobsvc has just ended the
-            # call (it refused a wrong offset: its real status is on the call) and when the
-            # connection broke mid-stream. Ask the call first; only a call with no status of
-            # its own means blobsvc went away, which is worth a retry.
-            try:
-                await asyncio.wait_for(call, timeout=_FINAL_STATUS_WAIT)
-            except grpc.RpcError as final:
-                if _code(final) != grpc.StatusCode.INTERNAL or error_info(final) is not None:
-                    raise final from None
-            except TimeoutError:
-                pass
-            raise unavailable(f"blobsvc stream broken: {err.details()}") from err  # type: ignore[attr-defined]
 
     def _drop_staging(self, upload_id: str) -> None:
         """Drops the staging area of a PushBlob that failed (nobody can resume it).
