@@ -1,4 +1,4 @@
-"""The filesystem driver's direct I/O (blobsvc.storage.filesystem.DirectIO): staged bytes go to
+"""The filesystem driver's direct I/O (blobsvc.storage.filesystem.direct_io): staged bytes go to
 the disk with O_DIRECT in whole blocks, the partial last block through the page cache, so the
 file always holds every accepted byte; reads come from the page cache only when the range is
 all there. Checked against the files themselves (another open, another process), and against
@@ -20,13 +20,8 @@ from pathlib import Path
 import pytest
 
 from blobsvc.options import add_arguments
-from blobsvc.storage import filesystem
-from blobsvc.storage.filesystem import (
-    IDLE_DIRECT_BUFFERS,
-    FileStagedUpload,
-    FilesystemStorage,
-)
-from blobsvc.storage.filesystem import _cached_pages as cached_pages
+from blobsvc.storage.filesystem import FileStagedUpload, FilesystemStorage
+from blobsvc.storage.filesystem.direct_io import cached_pages
 from linkedblob.config import MiB
 from linkedblob.digests import Digest
 
@@ -38,7 +33,7 @@ def filesystems(tmp_path: Path) -> Iterator[Callable[..., FilesystemStorage]]:
     """Opens FilesystemStorage on tmp_path (or ``root``); closes them all afterwards."""
     opened: list[FilesystemStorage] = []
 
-    def open_(root: Path = tmp_path, **kwargs: bool) -> FilesystemStorage:
+    def open_(root: Path = tmp_path, **kwargs: int) -> FilesystemStorage:
         opened.append(FilesystemStorage(str(root), **kwargs))
         return opened[-1]
 
@@ -322,17 +317,19 @@ def test_reads_bypass_the_page_cache_unless_cached(
 
 
 def test_buffer_pool_is_bounded(filesystems: Callable[..., FilesystemStorage]) -> None:
-    """Concurrent appends each take an aligned buffer; the pool keeps a few for reuse."""
+    """Concurrent appends each take an aligned buffer; the pool keeps a few for reuse (as many
+    as the driver was told)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    fs = filesystems()
-    uploads = [_open(fs, f"pool{i}", create=True) for i in range(2 * IDLE_DIRECT_BUFFERS)]
+    idle = 3
+    fs = filesystems(idle_direct_buffers=idle)
+    uploads = [_open(fs, f"pool{i}", create=True) for i in range(2 * idle + 2)]
     data = os.urandom(MiB + 5)
     try:
         with ThreadPoolExecutor(len(uploads)) as pool:
             for _ in range(3):
                 list(pool.map(lambda upload: upload.append(data), uploads))
-        assert 0 < len(fs.direct._idle) <= IDLE_DIRECT_BUFFERS
+        assert 0 < len(fs.direct._idle) <= idle
         for upload in uploads:
             assert upload.read_at(0, 3 * len(data)) == data * 3
     finally:
@@ -471,13 +468,12 @@ def test_direct_io_option() -> None:
 
 
 def test_a_blob_read_again_is_cached(
-    disk: Path, filesystems: Callable[..., FilesystemStorage], monkeypatch: pytest.MonkeyPatch
+    disk: Path, filesystems: Callable[..., FilesystemStorage]
 ) -> None:
     """The first read of a blob leaves the page cache alone; a second one while the blob is
     remembered reads it into the cache (a popular blob costs one device read, not one per
-    pull); a blob forgotten (more than RECENT_READS others read since) starts over."""
-    monkeypatch.setattr(filesystem, "RECENT_READS", 2)
-    fs = filesystems(disk)
+    pull); a blob forgotten (more than ``recent_reads`` others read since) starts over."""
+    fs = filesystems(disk, recent_reads=2)
     blobs = {}
     for n in range(4):
         data = os.urandom(2 * MiB + n * 4096)  # whole blocks: none staged through the cache
