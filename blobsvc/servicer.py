@@ -18,7 +18,7 @@ itself. That saves two or three copies of every MiB on the hot path.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -37,6 +37,7 @@ from linkedblob.errors import (
 )
 from linkedblob.grants import INTERNAL, READ, WRITE, Grant, Signer, token_from
 from linkedblob.rpc import servicer_method
+from linkedblob.transport import BLOB_READ, BLOB_READ_DATA, BLOB_WRITE, BLOB_WRITE_DATA
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlobService"].full_name
 
@@ -46,12 +47,15 @@ _bytes_out_read = metrics.BYTES_OUT.labels("Read")
 
 _Data = TypeVar("_Data", bound=bytes | memoryview)
 
-_WRITE_DATA = 3  # WriteRequest.data
-_READ_DATA = 1  # ReadResponse.data
+
+def _method_name(path: str) -> str:
+    """``Method`` of ``/package.Service/Method``."""
+    return path.rsplit("/", 1)[1]
+
 
 # Methods whose requests reach the servicer unparsed / whose responses leave it serialized.
-RAW_REQUESTS = frozenset({"Write"})
-RAW_RESPONSES = frozenset({"Read"})
+RAW_REQUESTS = frozenset({_method_name(BLOB_WRITE)})
+RAW_RESPONSES = frozenset({_method_name(BLOB_READ)})
 
 
 def _check_chunk(data: _Data) -> _Data:
@@ -64,8 +68,11 @@ def _check_chunk(data: _Data) -> _Data:
     return data
 
 
-def _descriptor(committed: Committed) -> pb.Descriptor:
-    return pb.Descriptor(digest=str(committed.digest), size=committed.size)
+def _stored(committed: Committed) -> dict[str, Any]:
+    """The fields of a response that says what was stored: the blob, and whether it was
+    already there."""
+    blob = pb.Descriptor(digest=str(committed.digest), size=committed.size)
+    return {"blob": blob, "already_existed": committed.already_existed}
 
 
 def _optional_digest(text: str) -> Digest | None:
@@ -88,7 +95,7 @@ async def _write_data(
     _bytes_in_write.inc(len(data))
     yield data
     async for raw in rest:
-        view = wire.data_payload(raw, _WRITE_DATA)
+        view = wire.data_payload(raw, BLOB_WRITE_DATA)
         data = _check_chunk(view if view is not None else _parse_write_request(raw).data)
         _bytes_in_write.inc(len(data))
         yield data
@@ -153,7 +160,7 @@ class BlobServicer:
         digest = Digest.parse(request.digest)
         async for chunk in self.store.read(digest, request.offset, request.limit):
             _bytes_out_read.inc(len(chunk))
-            yield wire.data_message(_READ_DATA, chunk)
+            yield wire.data_message(BLOB_READ_DATA, chunk)
 
     @servicer_method
     async def Write(
@@ -182,11 +189,9 @@ class BlobServicer:
         result = await self.store.write(
             upload_id, first.offset, algorithm, _write_data(first, messages), commit
         )
-        response = pb.WriteResponse(size=result.size)
-        if result.committed is not None:
-            response.blob.CopyFrom(_descriptor(result.committed))
-            response.already_existed = result.committed.already_existed
-        return response
+        if result.committed is None:
+            return pb.WriteResponse(size=result.size)
+        return pb.WriteResponse(size=result.size, **_stored(result.committed))
 
     @servicer_method
     async def UploadStatus(
@@ -204,10 +209,7 @@ class BlobServicer:
         upload_id = validate_upload_id(request.upload_id)
         size = request.size if request.HasField("size") else None
         spec = CommitSpec(_optional_digest(request.digest), size)
-        committed = await self.store.commit(upload_id, spec)
-        return pb.CommitResponse(
-            blob=_descriptor(committed), already_existed=committed.already_existed
-        )
+        return pb.CommitResponse(**_stored(await self.store.commit(upload_id, spec)))
 
     @servicer_method
     async def Abort(
@@ -225,10 +227,7 @@ class BlobServicer:
         data = _check_chunk(request.data)
         expected = _optional_digest(request.digest)
         _bytes_in_put.inc(len(data))
-        committed = await self.store.put(data, expected)
-        return pb.PutResponse(
-            blob=_descriptor(committed), already_existed=committed.already_existed
-        )
+        return pb.PutResponse(**_stored(await self.store.put(data, expected)))
 
     @servicer_method
     async def Delete(
