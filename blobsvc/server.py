@@ -19,17 +19,15 @@ from linkedblob.tuning import limit_malloc_arenas
 
 # gRPC's BDP probing grows each stream's HTTP/2 receive window towards the link's bandwidth-delay
 # product, so a client sending faster than we hash and write gets that much ahead, buffered in
-# this process, per stream: a stream whose handler paused had 3-5 MiB accepted ahead with it
-# and less than one 1 MiB message without it. On a machine loaded by other work, rounds of 8
-# concurrent 32 MiB Writes peaked at 146-344 MiB with it, 107-127 MiB without (on a quieter
-# machine both stay near 115 MiB). Without it a stream's window admits the message being
-# read, whatever the blob size, at no throughput cost we could measure on loopback (a link
-# whose round trip is long next to a message's transfer would want a larger window).
+# this process, per stream, and concurrent Writes peak higher. Without it a stream's window
+# admits the message being read, whatever the blob size, at no throughput cost we could measure
+# on loopback (a link whose round trip is long next to a message's transfer would want a larger
+# window). Measured: bench/README.md, section "blobsvc: memory".
 GRPC_OPTIONS = [("grpc.http2.bdp_probe", 0)]
 
-# Two malloc arenas instead of up to 8 per core: on the loaded machine two measured 15-30 MiB
-# lower peaks during 8 concurrent Writes (on a quiet one, no difference), with the same
-# throughput (see linkedblob.tuning.limit_malloc_arenas).
+# Two malloc arenas instead of up to 8 per core: lower peaks during concurrent Writes on a
+# loaded machine, with the same throughput (measured: bench/README.md, section "blobsvc:
+# memory"; see linkedblob.tuning.limit_malloc_arenas).
 MALLOC_ARENAS = 2
 
 
