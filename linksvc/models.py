@@ -1,6 +1,6 @@
 """The schema: SQLAlchemy Core tables for repositories, blobs, links and upload sessions.
 
-The migrations in ``migrations/versions`` create exactly this schema; a test fails when the two
+The migrations in ``linksvc/migrations/versions`` create exactly this schema; a test fails when the two
 disagree (alembic autogenerate finds a difference), so change both together.
 """
 
