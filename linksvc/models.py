@@ -1,7 +1,7 @@
 """The schema: SQLAlchemy Core tables for repositories, blobs, links and upload sessions.
 
-The migrations in ``linksvc/migrations/versions`` create exactly this schema; a test fails when the two
-disagree (alembic autogenerate finds a difference), so change both together.
+The migrations in ``linksvc/migrations/versions`` create exactly this schema; a test fails when
+the two disagree (alembic autogenerate finds a difference), so change both together.
 """
 
 from __future__ import annotations
