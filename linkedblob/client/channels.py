@@ -142,10 +142,10 @@ def end_read(stream: Any) -> None:
     stops the transfer, and lets grpc free the call.
 
     A stream read in the caller's thread (linkedblob.client.direct.READ_IN_CALLER) is driven
-    by its reader alone: grpc keeps an abandoned call (its memory: bench/README.md) until the
-    events of its cancellation are consumed, which takes one wait at most. ``_state`` and
-    ``_consume_next_event`` are private to grpc's _SingleThreadedRendezvous (as of grpcio
-    1.85): without them the call is only cancelled.
+    by its reader alone: grpc keeps an abandoned call, and its memory (measured:
+    bench/README.md), until the events of its cancellation are consumed, which takes one wait
+    at most. ``_state`` and ``_consume_next_event`` are private to grpc's
+    _SingleThreadedRendezvous (as of grpcio 1.85): without them the call is only cancelled.
     """
     if not stream.cancel():
         return

@@ -33,7 +33,7 @@ _CONNECT_TIMEOUT_SECONDS = 5.0
 
 # blobsvc's Read streams are consumed in the reader's thread: each message is handed over once
 # (grpc core -> reader) instead of twice (-> the channel's spin thread -> reader), which pulls
-# faster with less client CPU. Not for the gateway's ReadBlob, where the same measured slower
+# faster with less client CPU. Not for the gateway's ReadBlob, where the same was slower
 # (measured: bench/README.md). Such a stream needs end_read when abandoned.
 READ_IN_CALLER = (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)
 

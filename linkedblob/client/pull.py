@@ -4,7 +4,7 @@ arrive.
 
 A verified read hashes as it receives, in the caller's thread (which also receives from
 blobsvc: see linkedblob.client.direct.READ_IN_CALLER). Hashing in a worker thread fed through
-a bounded queue measured slower (measured: bench/README.md): on two cores blobsvc, grpc and the
+a bounded queue was slower (measured: bench/README.md): on two cores blobsvc, grpc and the
 hash already keep both busy, and the handoffs cost more than the overlap gains.
 """
 
