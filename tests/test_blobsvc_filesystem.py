@@ -14,9 +14,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from blobsvc.storage.contract import d256, d512
 from blobsvc.storage.filesystem import FilesystemStorage
+from linkedblob.digests import Digest
 from linkedblob.errors import LinkedBlobError
+
+
+def d256(data: bytes) -> Digest:
+    return Digest.of(data, "sha256")
+
+
+def d512(data: bytes) -> Digest:
+    return Digest.of(data, "sha512")
 
 
 @pytest.fixture

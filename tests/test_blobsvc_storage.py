@@ -6,10 +6,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from blobsvc.storage import with_wrappers
-from blobsvc.storage.contract import storage_contract
-from blobsvc.storage.filesystem import FilesystemStorage
-from blobsvc.storage.memory import MemoryStorage
+import pytest
+
+# The suite's plain asserts explain their failures as a test module's do.
+pytest.register_assert_rewrite("blobsvc.storage.contract")
+
+from blobsvc.storage import with_wrappers  # noqa: E402
+from blobsvc.storage.contract import storage_contract  # noqa: E402
+from blobsvc.storage.filesystem import FilesystemStorage  # noqa: E402
+from blobsvc.storage.memory import MemoryStorage  # noqa: E402
 
 
 def _no_temporary_file_left(root: str) -> None:

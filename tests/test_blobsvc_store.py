@@ -139,3 +139,26 @@ def test_read_ahead_shares_one_budget() -> None:
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_read_ahead_is_a_parameter() -> None:
+    """With ``read_ahead=1`` a Read keeps only its own chunk ahead: it never borrows from the
+    shared budget, and still reads every byte."""
+    data = os.urandom(4 * STREAM_CHUNK_BYTES + 3)
+
+    async def scenario() -> None:
+        budget = 2 * STREAM_CHUNK_BYTES
+        store = BlobStore(
+            MemoryStorage(), io_threads=4, read_ahead=1, read_ahead_budget_bytes=budget
+        )
+        try:
+            blob = await store.put(data, None)
+            received = bytearray()
+            async for chunk in store.read(blob.digest, 0, 0):
+                received += chunk
+                assert store._read_ahead_budget == budget
+            assert bytes(received) == data
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())

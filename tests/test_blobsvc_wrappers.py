@@ -12,11 +12,14 @@ import pytest
 from prometheus_client import REGISTRY
 
 from blobsvc.storage import with_wrappers
-from blobsvc.storage.contract import d256
 from blobsvc.storage.empty_blob import EmptyBlobStorage
 from blobsvc.storage.memory import MemoryBlobReader, MemoryStorage
 from blobsvc.storage.metrics import MetricsStorage
 from linkedblob.digests import EMPTY, Digest
+
+
+def d256(data: bytes) -> Digest:
+    return Digest.of(data, "sha256")
 
 
 class RecordingStorage(MemoryStorage):
