@@ -7,4 +7,6 @@
   ``storage.memory``, the wrappers every driver gets (``storage.empty_blob``,
   ``storage.metrics``) and the contract suite drivers pass (``storage.contract``)
 - ``server``: ``linkedblob serve blob``
+
+How it fits with the other services: docs/design.md.
 """
