@@ -1,85 +1,124 @@
-"""The gateway's connections to blobsvc and linksvc: one aio channel each, reused by every call.
+"""What the gateway's domain needs of blobsvc and linksvc: two interfaces, free of gRPC.
 
-Metadata calls go through the generated stubs. The two byte-streaming methods of blobsvc (Read,
-Write) are also opened by their full method name with raw-bytes (de)serializers, so the gateway
-can relay data messages without parsing them (see linkedblob.wire).
+The domain (gateway.registry, gateway.uploads) calls only these; failures are
+:class:`~linkedblob.errors.LinkedBlobError` with the code and reason the service answered. The
+implementations: gateway.grpc_blob and gateway.grpc_link (the services over gRPC, where
+grpc.RpcError becomes LinkedBlobError, once), gateway.linkcache.CachedLinks (a LinkBackend
+remembering resolved links), and gateway.fakes (in memory, for tests).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
+from typing import Protocol
 
-import grpc
-
-from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
-from linkedblob.config import STREAM_CHUNK_BYTES, TRANSPORT_LIMIT_BYTES
-from linkedblob.link.v1 import link_pb2_grpc
-
-
-def channel_options() -> list[tuple[str, int | str]]:
-    return [
-        ("grpc.max_receive_message_length", TRANSPORT_LIMIT_BYTES),
-        ("grpc.max_send_message_length", TRANSPORT_LIMIT_BYTES),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        # A restarted backend is found again quickly instead of after grpc's 1-120 s backoff.
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
-        *bounded_windows(),
-    ]
+from gateway.model import (
+    BlobDescriptor,
+    CommitSpec,
+    IncomingData,
+    LinkedBlob,
+    OutgoingData,
+    Page,
+    SessionState,
+    UploadSession,
+    Written,
+)
 
 
-def bounded_windows() -> list[tuple[str, int]]:
-    """HTTP/2 flow control for a relay: a fixed 1 MiB window per stream, both on the gateway's
-    server (client -> gateway) and on its backend channels (blobsvc -> gateway).
+class BlobBackend(Protocol):
+    """blobsvc: bytes by digest, and the staging areas of uploads."""
 
-    With grpc's default BDP probing each stream's receive window grows to at least 4 MiB, and a
-    relayed stream whose sender is faster than the next hop fills it: the gateway grew ~22 MiB
-    per concurrent relayed push (peak ~250-290 MiB under 8 concurrent 32 MiB pushes, kept by the
-    1 GiB trim threshold). With a fixed 1 MiB window it stays at ~115-140 MiB, and relayed
-    throughput is unchanged within this machine's noise (gRPC still opens the window to a whole
-    message while one is being read).
-    """
-    return [
-        ("grpc.http2.bdp_probe", 0),
-        ("grpc.http2.lookahead_bytes", STREAM_CHUNK_BYTES),
-    ]
+    async def stat(self, digest: str) -> BlobDescriptor:
+        """NOT_FOUND / BLOB_UNKNOWN when the store does not hold ``digest``."""
+        ...
+
+    async def put(self, data: bytes, digest: str) -> BlobDescriptor:
+        """Stores a whole blob (checked against ``digest`` unless it is "")."""
+        ...
+
+    async def open_read(
+        self, digest: str, offset: int, length: int, out: OutgoingData
+    ) -> AsyncGenerator[bytes, None]:
+        """Opens a read of ``length`` bytes from ``offset`` (NOT_FOUND / BLOB_UNKNOWN when the
+        store does not hold ``digest``), then yields them as ``out`` asks; DATA_LOSS when the
+        store has fewer."""
+        ...
+
+    async def write(
+        self,
+        upload_id: str,
+        offset: int,
+        data: bytes,
+        incoming: IncomingData | None = None,
+        commit: CommitSpec | None = None,
+    ) -> Written:
+        """Appends ``data`` and then ``incoming``'s data to a staging area at ``offset``
+        (OUT_OF_RANGE / BLOB_UPLOAD_INVALID with metadata ``size`` when that is not its size;
+        offset 0 creates one; past 0 on none: NOT_FOUND / BLOB_UPLOAD_UNKNOWN), then commits it
+        when ``commit`` is given."""
+        ...
+
+    async def upload_size(self, upload_id: str) -> int:
+        """The bytes staged; NOT_FOUND / BLOB_UPLOAD_UNKNOWN when nothing is."""
+        ...
+
+    async def commit(self, upload_id: str, digest: str) -> BlobDescriptor:
+        """Moves the staged bytes into the store under ``digest`` (DIGEST_INVALID when they do
+        not match, and they stay staged)."""
+        ...
+
+    async def abort(self, upload_id: str) -> None: ...
 
 
-@dataclass
-class Backends:
-    blob_channel: grpc.aio.Channel
-    link_channel: grpc.aio.Channel
-    blob: blob_pb2_grpc.BlobServiceAsyncStub
-    link: link_pb2_grpc.LinkServiceAsyncStub
-    # blobsvc Read: ReadRequest in, raw serialized ReadResponse messages out.
-    read_raw: grpc.aio.UnaryStreamMultiCallable
-    # blobsvc Write: raw serialized WriteRequest messages in, WriteResponse out.
-    write_raw: grpc.aio.StreamUnaryMultiCallable
+class LinkBackend(Protocol):
+    """linksvc: the blob index, repositories' links, and upload sessions."""
 
-    @classmethod
-    def connect(cls, blob_addr: str, link_addr: str) -> Backends:
-        """Opens the channels (lazily connected; must run inside the server's event loop)."""
-        blob_channel = grpc.aio.insecure_channel(blob_addr, options=channel_options())
-        link_channel = grpc.aio.insecure_channel(link_addr, options=channel_options())
-        return cls(
-            blob_channel=blob_channel,
-            link_channel=link_channel,
-            blob=blob_pb2_grpc.BlobServiceStub(blob_channel),  # type: ignore[arg-type]
-            link=link_pb2_grpc.LinkServiceStub(link_channel),  # type: ignore[arg-type]
-            read_raw=blob_channel.unary_stream(
-                "/linkedblob.blob.v1.BlobService/Read",
-                request_serializer=blob_pb2.ReadRequest.SerializeToString,
-                response_deserializer=None,
-            ),
-            write_raw=blob_channel.stream_unary(
-                "/linkedblob.blob.v1.BlobService/Write",
-                request_serializer=None,
-                response_deserializer=blob_pb2.WriteResponse.FromString,
-            ),
-        )
+    async def stat_blob(self, digest: str) -> BlobDescriptor:
+        """The recorded blob; NOT_FOUND / BLOB_UNKNOWN when it is not recorded."""
+        ...
 
-    async def close(self) -> None:
-        await self.blob_channel.close(None)
-        await self.link_channel.close(None)
+    async def link(
+        self,
+        repository: str,
+        digest: str,
+        media_type: str,
+        size: int | None = None,
+        finish_session: str = "",
+    ) -> LinkedBlob:
+        """Links a recorded blob (with ``size``: records it first), and finishes
+        ``finish_session`` as committed, in one transaction."""
+        ...
+
+    async def resolve(self, repository: str, digest: str) -> LinkedBlob:
+        """NOT_FOUND / BLOB_UNKNOWN when ``repository`` does not link ``digest``."""
+        ...
+
+    async def unlink(self, repository: str, digest: str) -> None: ...
+
+    async def mount(self, repository: str, source: str, digest: str, media_type: str) -> LinkedBlob:
+        """Links a blob ``source`` links (any repository when "")."""
+        ...
+
+    async def list_links(
+        self, repository: str, page_size: int, page_token: str
+    ) -> Page[LinkedBlob]: ...
+
+    async def list_repositories(self, page_size: int, page_token: str) -> Page[str]: ...
+
+    async def create_session(self, repository: str) -> UploadSession: ...
+
+    async def get_session(self, upload_id: str) -> UploadSession:
+        """NOT_FOUND / BLOB_UPLOAD_UNKNOWN for an unknown session."""
+        ...
+
+    async def advance_session(self, upload_id: str, from_size: int, to_size: int) -> None:
+        """Sets the recorded size if it still is ``from_size``; ABORTED with metadata ``size``
+        (the size another writer set) otherwise."""
+        ...
+
+    async def finish_session(self, upload_id: str, state: SessionState) -> None: ...
+
+    def forget(self, repository: str, digest: str) -> None:
+        """Told that the store lost the blob behind a link: whatever is remembered of that
+        link is dropped (linksvc itself keeps nothing)."""
+        ...

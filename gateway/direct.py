@@ -24,7 +24,9 @@ _INTERNAL_TTL = 3600.0
 Metadata = tuple[tuple[str, str], ...]
 
 
-class DirectAccess:
+class GrantIssuer:
+    """Signs the grants: the clients' (for one digest or one upload) and the gateway's own."""
+
     def __init__(self, secret: str, public_addr: str, ttl: float) -> None:
         self._signer = grants.Signer(secret) if secret else None
         self.public_addr = public_addr

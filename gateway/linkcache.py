@@ -1,4 +1,6 @@
-"""The gateway's cache of resolved links: (repository, digest) -> the descriptor seen through it.
+"""The gateway's cache of resolved links, and CachedLinks: a LinkBackend that keeps them.
+
+LinkCache maps (repository, digest) to the descriptor seen through that link.
 
 A resolution cannot change while the link exists (the digest fixes the bytes and the size; only
 a new Link with a media type changes the media type, and that goes through a gateway, which
@@ -6,10 +8,11 @@ refreshes its entry). What can happen elsewhere is a delete: another gateway unl
 one keeps answering from memory until the entry expires. So every entry lives at most ``ttl``
 seconds; a delete through this gateway drops the entry at once; a Link, Mount, Put or Commit
 through it stores the fresh answer. Misses are not cached (a blob pushed through another gateway
-is visible at once). Bounded: the least recently used entries go first.
+is visible at once). Bounded: the least recently used entries go first. A blob the store lost
+(a read found it gone) drops its entry too.
 
-Keys are the request's strings as validated: a lookup with the raw strings of a request can only
-hit when they are exactly what was validated before, so a hit needs no validation.
+CachedLinks applies these rules around any LinkBackend (as distribution's cached blob statter
+wraps its backend), so the domain code calls it as it would call linksvc.
 
 Plain Python, single-threaded use (the gateway's event loop).
 """
@@ -20,6 +23,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from gateway.backends import LinkBackend
+from gateway.model import BlobDescriptor, LinkedBlob, Page, SessionState, UploadSession
 
 Value = TypeVar("Value")
 Key = tuple[str, str]
@@ -77,3 +83,86 @@ class LinkCache(Generic[Value]):
     def invalidate(self, repository: str, digest: str) -> None:
         self._generation += 1
         self._entries.pop((repository, digest), None)
+
+
+class CachedLinks:
+    """A LinkBackend answering resolutions (and mounts of blobs already linked) from a
+    LinkCache, and keeping it current with what goes through it."""
+
+    def __init__(self, links: LinkBackend, cache: LinkCache[LinkedBlob]) -> None:
+        self._links = links
+        self.cache = cache
+
+    async def resolve(self, repository: str, digest: str) -> LinkedBlob:
+        cached = self.cache.get(repository, digest)
+        if cached is not None:
+            return cached
+        generation = self.cache.generation
+        return self._keep(repository, await self._links.resolve(repository, digest), generation)
+
+    async def link(
+        self,
+        repository: str,
+        digest: str,
+        media_type: str,
+        size: int | None = None,
+        finish_session: str = "",
+    ) -> LinkedBlob:
+        generation = self.cache.generation
+        linked = await self._links.link(repository, digest, media_type, size, finish_session)
+        return self._keep(repository, linked, generation)
+
+    async def mount(self, repository: str, source: str, digest: str, media_type: str) -> LinkedBlob:
+        # Already linked here, from a source that links it (as far as this gateway saw within
+        # the TTL), with no new media type: nothing to change, no call to make.
+        linked = self.cache.get(repository, digest)
+        if (
+            linked is not None
+            and media_type in ("", linked.media_type)
+            and (not source or self.cache.get(source, digest) is not None)
+        ):
+            return linked
+        generation = self.cache.generation
+        mounted = await self._links.mount(repository, source, digest, media_type)
+        return self._keep(repository, mounted, generation)
+
+    async def unlink(self, repository: str, digest: str) -> None:
+        try:
+            await self._links.unlink(repository, digest)
+        finally:
+            # Whatever the unlink's outcome: an answer fetched before it is not kept any more
+            # (see LinkCache.put).
+            self.cache.invalidate(repository, digest)
+
+    def forget(self, repository: str, digest: str) -> None:
+        self.cache.invalidate(repository, digest)
+        self._links.forget(repository, digest)
+
+    def _keep(self, repository: str, linked: LinkedBlob, generation: int) -> LinkedBlob:
+        self.cache.put(repository, linked.digest, linked, generation)
+        return linked
+
+    # --- not cached -----------------------------------------------------------------------------
+
+    async def stat_blob(self, digest: str) -> BlobDescriptor:
+        return await self._links.stat_blob(digest)
+
+    async def list_links(
+        self, repository: str, page_size: int, page_token: str
+    ) -> Page[LinkedBlob]:
+        return await self._links.list_links(repository, page_size, page_token)
+
+    async def list_repositories(self, page_size: int, page_token: str) -> Page[str]:
+        return await self._links.list_repositories(page_size, page_token)
+
+    async def create_session(self, repository: str) -> UploadSession:
+        return await self._links.create_session(repository)
+
+    async def get_session(self, upload_id: str) -> UploadSession:
+        return await self._links.get_session(upload_id)
+
+    async def advance_session(self, upload_id: str, from_size: int, to_size: int) -> None:
+        await self._links.advance_session(upload_id, from_size, to_size)
+
+    async def finish_session(self, upload_id: str, state: SessionState) -> None:
+        await self._links.finish_session(upload_id, state)

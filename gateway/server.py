@@ -7,12 +7,17 @@ import sys
 
 import grpc
 
-from gateway.backends import Backends, bounded_windows
-from gateway.direct import DirectAccess
-from gateway.linkcache import LinkCache
+from gateway.direct import GrantIssuer
+from gateway.grpc_blob import GrpcBlobBackend
+from gateway.grpc_link import GrpcLinkBackend
+from gateway.linkcache import CachedLinks, LinkCache
+from gateway.model import LinkedBlob
+from gateway.registry import Registry
 from gateway.servicer import RegistryServicer
+from gateway.uploads import Uploads
 from linkedblob.server import Service, add_handlers, run
 from linkedblob.server import method_handlers as server_method_handlers
+from linkedblob.transport import bounded_windows
 from linkedblob.v1 import registry_pb2
 
 SERVICE_NAME = "linkedblob.v1.Registry"
@@ -38,32 +43,42 @@ def add_registry(servicer: RegistryServicer, server: grpc.aio.Server) -> None:
     add_handlers(server, SERVICE_NAME, method_handlers(servicer))
 
 
+def _server_windows() -> list[tuple[str, int]]:
+    """The relay's fixed stream windows (transport.bounded_windows) on the gateway's server too,
+    client -> gateway, as on its backend channels."""
+    return [(name, int(value)) for name, value in bounded_windows()]
+
+
 def serve(args: argparse.Namespace) -> int | None:
     try:
-        direct = DirectAccess(
+        grants = GrantIssuer(
             args.grant_secret, args.blob_public_addr or args.blob_addr, args.grant_ttl
         )
     except ValueError as exc:
         print(f"linkedblob gateway: --grant-secret: {exc}", file=sys.stderr)
         return 2
-    cache: LinkCache[registry_pb2.Descriptor] = LinkCache(args.link_cache_ttl, args.link_cache_size)
-    opened: list[Backends] = []
+    cache: LinkCache[LinkedBlob] = LinkCache(args.link_cache_ttl, args.link_cache_size)
+    opened: list[GrpcBlobBackend | GrpcLinkBackend] = []
 
     def register(server: grpc.aio.Server) -> None:
         # Runs inside the server's event loop, where aio channels must be created.
-        backends = Backends.connect(args.blob_addr, args.link_addr)
-        opened.append(backends)
+        blobs = GrpcBlobBackend(args.blob_addr, grants.internal_metadata)
+        links = GrpcLinkBackend(args.link_addr)
+        opened.extend((blobs, links))
+        cached_links = CachedLinks(links, cache)
         servicer = RegistryServicer(
-            backends, enable_delete=args.enable_delete, direct=direct, cache=cache
+            Registry(blobs, cached_links, enable_delete=args.enable_delete),
+            Uploads(blobs, cached_links),
+            grants,
         )
         add_registry(servicer, server)
 
     async def on_stop() -> None:
-        for backends in opened:
-            await backends.close()
+        for backend in opened:
+            await backend.close()
 
     run(
-        Service("gateway", [SERVICE_NAME], register, on_stop, bounded_windows()),
+        Service("gateway", [SERVICE_NAME], register, on_stop, _server_windows()),
         args.host,
         args.port,
         args.grace,

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from gateway.blobwrite import WriteCall
+from gateway.grpc_calls import WriteCall
 from linkedblob.errors import LinkedBlobError, Reason, error_info
 from linkedblob.v1 import registry_pb2 as pb
 from tests.stack import Stack, registry, running_stack

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from gateway import validation
-from gateway.direct import DirectAccess
+from gateway.direct import GrantIssuer
 from gateway.linkcache import LinkCache
 from gateway.server import method_handlers
 from gateway.servicer import RegistryServicer
@@ -185,9 +185,9 @@ def test_link_cache_off(ttl: float, size: int) -> None:
 # --- direct access -------------------------------------------------------------------------------
 
 
-def test_direct_access_grants() -> None:
+def test_grant_issuer_grants() -> None:
     secret = "s" * 32
-    direct = DirectAccess(secret, "blobsvc:50052", 60.0)
+    direct = GrantIssuer(secret, "blobsvc:50052", 60.0)
     assert direct.offered
     signer = grants.Signer(secret)
     read = direct.read("sha256:" + "a" * 64)
@@ -207,7 +207,7 @@ def test_direct_access_grants() -> None:
 
 
 def test_no_secret_no_direct_access() -> None:
-    direct = DirectAccess("", "blobsvc:50052", 60.0)
+    direct = GrantIssuer("", "blobsvc:50052", 60.0)
     assert not direct.offered
     assert direct.internal_metadata() is None
     assert reason_of(direct.read, "sha256:" + "a" * 64) == (
@@ -219,4 +219,4 @@ def test_no_secret_no_direct_access() -> None:
         "UNSUPPORTED",
     )
     with pytest.raises(ValueError):
-        DirectAccess("short", "blobsvc:50052", 60.0)
+        GrantIssuer("short", "blobsvc:50052", 60.0)

@@ -1,21 +1,28 @@
-"""One blobsvc Write call as the gateway streams into it: sends that fail report blobsvc's status.
+"""gRPC calls as the backend adapters make them: errors become LinkedBlobError on the way out.
+
+:func:`answer` awaits a unary call. :class:`WriteCall` is a client stream (blobsvc's Write)
+whose failed sends report the status the server ended the call with:
 
 blobsvc ends a Write it refuses (a wrong offset, a full disk) at once, while the gateway may still
 be sending. grpc core then fails the gateway's next send, and grpc.aio replaces the status blobsvc
 sent with a local INTERNAL "Internal error from Core" when the failed send is handled after the
-status arrived (grpc/grpc#36066). So the status is kept as it arrives (a done callback, which
-grpc runs each time it sets one), and a failed send waits, with a bound, for the call to end and
-reports that status; only a call that ends with none of blobsvc's is the stream broken.
+status arrived (grpc/grpc#36066). So a failed send waits, with a bound, for the call to end and
+reports the status blobsvc sent: kept by a done callback when it came first (grpc runs the
+callback once, at the first status), else the one awaiting the call gives. Only a call that ends
+with none of blobsvc's is the stream broken (UNAVAILABLE: worth a retry).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import grpc
 
 from linkedblob.errors import LinkedBlobError, Reason, from_rpc_error, unavailable
+
+Response = TypeVar("Response")
 
 # How long a failed send waits for the status blobsvc ends the call with.
 FINAL_STATUS_WAIT = 5.0
@@ -25,6 +32,14 @@ _LOCAL_DETAILS = "Internal error from Core"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # The failures of a send or of the half-close on a call that has ended.
 _SEND_FAILURES = (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.InternalError)
+
+
+async def answer(call: Awaitable[Response]) -> Response:
+    """The response of a unary call; its failure as a LinkedBlobError."""
+    try:
+        return await call
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None
 
 
 class WriteCall:

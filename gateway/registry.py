@@ -1,0 +1,177 @@
+"""The registry's operations on blobs through links: stat, read, store (in one call), mount,
+delete and list.
+
+Access goes through links: a blob is stat'ed or read only after the link backend resolved the
+repository's link. A blob is stored in the order that keeps docs/design.md's invariants: bytes
+durable in blobsvc, then recorded and linked (one linksvc transaction, Link with ``size``).
+
+Callers pass validated values (gateway.validation); failures are LinkedBlobError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncGenerator
+
+from grpc import StatusCode  # the codes of LinkedBlobError
+
+from gateway.backends import BlobBackend, LinkBackend
+from gateway.model import CommitSpec, IncomingData, LinkedBlob, OutgoingData, Page
+from linkedblob.digests import Digest
+from linkedblob.errors import (
+    LinkedBlobError,
+    Reason,
+    failed_precondition,
+    invalid_argument,
+    out_of_range,
+)
+
+# Seconds after which a failed PushBlob's staging area is aborted a second time.
+ABORT_AGAIN_AFTER = 2.0
+
+
+class Registry:
+    def __init__(
+        self, blobs: BlobBackend, links: LinkBackend, *, enable_delete: bool = False
+    ) -> None:
+        self._blobs = blobs
+        self._links = links
+        self._enable_delete = enable_delete
+        self._cleanups: set[asyncio.Task[None]] = set()  # aborts in flight (kept referenced)
+
+    # --- reading --------------------------------------------------------------------------------
+
+    async def stat(self, repository: str, digest: str) -> LinkedBlob:
+        return await self._links.resolve(repository, digest)
+
+    async def read(
+        self, repository: str, blob: LinkedBlob, offset: int, length: int, out: OutgoingData
+    ) -> AsyncGenerator[bytes, None] | None:
+        """The bytes of a resolved blob from ``offset`` (``length`` 0: to the end), as ``out``
+        asks; None when there are none to send (only ``out.head`` is)."""
+        if offset > blob.size:
+            raise out_of_range(
+                Reason.RANGE_INVALID,
+                f"offset {offset} is beyond the end of the blob ({blob.size} bytes)",
+                size=blob.size,
+            )
+        available = blob.size - offset
+        want = available if length == 0 else min(length, available)
+        if want == 0:
+            return None
+        try:
+            return await self._blobs.open_read(blob.digest, offset, want, out)
+        except LinkedBlobError as err:
+            if err.code == StatusCode.NOT_FOUND:  # linked, but gone from the store
+                self._links.forget(repository, blob.digest)
+            raise
+
+    # --- storing in one call --------------------------------------------------------------------
+
+    async def put(
+        self, repository: str, media_type: str, digest: Digest | None, data: bytes
+    ) -> LinkedBlob:
+        stored = await self._blobs.put(data, str(digest) if digest else "")
+        return await self._links.link(repository, stored.digest, media_type, stored.size)
+
+    async def push(
+        self,
+        repository: str,
+        media_type: str,
+        digest: Digest | None,
+        size: int | None,
+        data: IncomingData,
+    ) -> LinkedBlob:
+        """Stores the blob ``data`` streams and links it; a blob already recorded under
+        ``digest`` is linked without reading the data."""
+        if digest is not None:
+            linked = await self._link_if_recorded(repository, digest, size, media_type)
+            if linked is not None:
+                return linked
+        # A staging area of its own: nobody else knows the id, nobody can resume it.
+        upload_id = f"push-{secrets.token_urlsafe(18)}"
+        commit = CommitSpec(str(digest) if digest else "", size, digest.algorithm if digest else "")
+        try:
+            written = await self._blobs.write(upload_id, 0, b"", data, commit)
+        except BaseException:
+            self._drop_staging(upload_id)
+            raise
+        assert written.blob is not None  # a write that commits answers with the blob
+        return await self._links.link(
+            repository, written.blob.digest, media_type, written.blob.size
+        )
+
+    async def _link_if_recorded(
+        self, repository: str, digest: Digest, size: int | None, media_type: str
+    ) -> LinkedBlob | None:
+        """Links a blob linksvc has recorded (bytes already durable); None when it has not."""
+        try:
+            recorded = await self._links.stat_blob(str(digest))
+        except LinkedBlobError as err:
+            if err.code == StatusCode.NOT_FOUND:
+                return None
+            raise
+        if size is not None and size != recorded.size:
+            raise invalid_argument(
+                Reason.SIZE_INVALID,
+                f"{digest} is {recorded.size} bytes, not the declared {size}",
+                size=recorded.size,
+            )
+        try:
+            return await self._links.link(repository, str(digest), media_type)
+        except LinkedBlobError as err:
+            if err.code == StatusCode.NOT_FOUND:  # collected in between: upload it after all
+                return None
+            raise
+
+    def _drop_staging(self, upload_id: str) -> None:
+        """Drops the staging area of a push that failed (nobody can resume it).
+
+        In tasks of their own, so that a handler being cancelled (its caller went away) cannot
+        stop them. A blobsvc Write this gateway cancelled may still be settling (and re-create
+        the staging area with the bytes it received) when the first abort arrives, so a second
+        one follows once it has settled. Best effort: a crash in between leaves the staged
+        bytes to blobsvc's purge of stale uploads.
+        """
+        loop = asyncio.get_running_loop()
+        for after in (0.0, ABORT_AGAIN_AFTER):
+            task = loop.create_task(self._abort_quietly(upload_id, after))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+
+    async def _abort_quietly(self, upload_id: str, after: float) -> None:
+        if after:
+            await asyncio.sleep(after)
+        with contextlib.suppress(LinkedBlobError):
+            await self._blobs.abort(upload_id)
+
+    # --- links ----------------------------------------------------------------------------------
+
+    async def mount(
+        self, repository: str, source: str, digest: Digest, media_type: str
+    ) -> LinkedBlob:
+        # With no source, any repository that links the blob will do. This is where
+        # authorization will restrict the candidates to the repositories the caller may read.
+        return await self._links.mount(repository, source, str(digest), media_type)
+
+    def check_delete_enabled(self) -> None:
+        """FAILED_PRECONDITION / UNSUPPORTED unless deletes are enabled (checked before
+        anything else of a delete)."""
+        if not self._enable_delete:
+            raise failed_precondition(
+                Reason.UNSUPPORTED, "deletes are disabled on this gateway (--enable-delete)"
+            )
+
+    async def delete(self, repository: str, digest: Digest) -> None:
+        self.check_delete_enabled()
+        await self._links.unlink(repository, str(digest))
+
+    async def list_blobs(
+        self, repository: str, page_size: int, page_token: str
+    ) -> Page[LinkedBlob]:
+        return await self._links.list_links(repository, page_size, page_token)
+
+    async def list_repositories(self, page_size: int, page_token: str) -> Page[str]:
+        return await self._links.list_repositories(page_size, page_token)
