@@ -1,7 +1,7 @@
 """Validation of the gateway's requests, before anything reaches a backend.
 
 Each function returns the validated value (parsed where that helps) or raises a
-LinkedBlobError with the reason of DESIGN.md's error table.
+LinkedBlobError with the reason of the error table in docs/design.md.
 """
 
 from __future__ import annotations
