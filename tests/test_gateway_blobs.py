@@ -1,6 +1,7 @@
 """End to end through a real gateway on real blobsvc and linksvc processes (SQLite and
 PostgreSQL): the OCI conformance suite's blob scenarios in gRPC form, for everything but the
-resumable upload (tests/test_gateway_uploads.py).
+resumable upload (tests/test_gateway_uploads.py); backends that fail or go away are in
+tests/test_gateway_backend_failures.py.
 
 Each test works in repositories of its own and with random bytes, so the module shares one
 stack per database kind.
@@ -11,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import threading
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,7 +20,7 @@ import pytest
 from linkedblob.config import MAX_CHUNK_BYTES, MiB
 from linkedblob.v1 import registry_pb2 as pb
 from linkedblob.v1 import registry_pb2_grpc
-from tests.stack import DB_KINDS, Stack, registry, rpc_error, running_stack, spawn_gateway
+from tests.stack import DB_KINDS, Stack, registry, rpc_error, running_stack
 
 Code = grpc.StatusCode
 
@@ -519,120 +518,3 @@ def test_bad_pages(
 def test_a_page_token_linksvc_did_not_issue(rpc: registry_pb2_grpc.RegistryStub, repo: str) -> None:
     with rpc_error(Code.INVALID_ARGUMENT, "PAGINATION_INVALID"):
         rpc.ListBlobs(pb.ListBlobsRequest(repository=repo, page_token="not-a-token!"))
-
-
-# --- backends ------------------------------------------------------------------------------------
-
-
-def test_a_backend_that_is_down_is_unavailable(tmp_path: Path) -> None:
-    # Ports nobody listens on (bound and closed again).
-    import socket
-
-    dead = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            dead.append(f"127.0.0.1:{s.getsockname()[1]}")
-    gateway = spawn_gateway(dead[0], dead[1])
-    try:
-        rpc = registry(gateway.address)
-        digest = digest_of(b"x")
-        with rpc_error(Code.UNAVAILABLE, "UNAVAILABLE"):
-            rpc.StatBlob(pb.StatBlobRequest(repository="a", digest=digest))
-        with rpc_error(Code.UNAVAILABLE, "UNAVAILABLE"):
-            rpc.PutBlob(pb.PutBlobRequest(repository="a", data=b"x"))
-        with rpc_error(Code.UNAVAILABLE, "UNAVAILABLE"):
-            push(rpc, "a", [b"x"])
-    finally:
-        gateway.stop()
-
-
-# A blobsvc bug found through the gateway (fixed in a8ca0cb): a Write stream that its client
-# cancelled after sending data sometimes kept its upload locked for good, so a failed
-# PushBlob's staged bytes could not be dropped. The first test shows it on blobsvc alone.
-
-
-def test_blobsvc_releases_an_upload_whose_write_was_cancelled(stack: Stack) -> None:
-    """The gateway cancels its blobsvc Write when its own caller goes away or sends bad input,
-    then aborts the staging area: blobsvc must let go of the upload soon after the cancel."""
-    import asyncio
-    import time
-
-    from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
-
-    async def attempts() -> list[str]:
-        stuck: list[str] = []
-        async with grpc.aio.insecure_channel(stack.blob.address) as channel:
-            blob = blob_pb2_grpc.BlobServiceStub(channel)
-            for i in range(30):
-                upload_id = f"cancelled-{secrets.token_hex(6)}"
-                call = blob.Write(metadata=stack.blob_metadata())
-                await call.write(blob_pb2.WriteRequest(upload_id=upload_id, commit=True))
-                await call.write(blob_pb2.WriteRequest(data=os.urandom(MiB if i % 2 else 3)))
-                call.cancel()
-                deadline = time.monotonic() + 5
-                while True:
-                    try:
-                        await blob.Abort(
-                            blob_pb2.AbortRequest(upload_id=upload_id),
-                            metadata=stack.blob_metadata(),
-                        )
-                        break
-                    except grpc.aio.AioRpcError as err:
-                        if err.code() != Code.ABORTED or time.monotonic() > deadline:
-                            stuck.append(f"{upload_id}: {err.code().name}")
-                            break
-                        await asyncio.sleep(0.05)
-                if stuck:
-                    break  # one is enough
-        return stuck
-
-    assert asyncio.run(attempts()) == []
-
-
-def test_a_failed_or_abandoned_push_leaves_no_staged_bytes(
-    stack: Stack, rpc: registry_pb2_grpc.RegistryStub, repo: str
-) -> None:
-    """PushBlob stages under an id of its own that nobody can resume: whatever ends it early
-    (bad input, a digest mismatch, the caller going away) must drop what was staged."""
-    import time
-
-    with rpc_error(Code.INVALID_ARGUMENT, "BLOB_UPLOAD_INVALID"):
-        rpc.PushBlob(
-            iter(
-                [
-                    pb.PushBlobRequest(header=pb.PushBlobRequest.Header(repository=repo)),
-                    pb.PushBlobRequest(data=os.urandom(MiB)),
-                    pb.PushBlobRequest(header=pb.PushBlobRequest.Header(repository=repo)),
-                ]
-            )
-        )
-    with rpc_error(Code.INVALID_ARGUMENT, "DIGEST_INVALID"):
-        push(rpc, repo, split(os.urandom(2 * MiB), MiB), digest=digest_of(b"other"))
-    # The caller goes away in the middle of the stream.
-    sent_some = threading.Event()
-    release = threading.Event()
-
-    def messages() -> Iterator[pb.PushBlobRequest]:
-        yield pb.PushBlobRequest(header=pb.PushBlobRequest.Header(repository=repo))
-        for _ in range(3):
-            yield pb.PushBlobRequest(data=os.urandom(MiB))
-        sent_some.set()
-        release.wait(30)
-
-    future = rpc.PushBlob.future(messages())
-    assert sent_some.wait(30)
-    time.sleep(0.2)  # let the chunks reach blobsvc
-    future.cancel()
-    release.set()
-
-    uploads = stack.data / "blobs"
-
-    def staged() -> list[Path]:
-        return [p for p in uploads.rglob("push-*") if p.is_dir()]
-
-    deadline = time.monotonic() + 15
-    while staged() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert staged() == []
-    assert not rpc.ListBlobs(pb.ListBlobsRequest(repository=repo)).blobs
