@@ -3,7 +3,7 @@
 A failed call becomes a LinkedBlobError here, once (from_rpc_error: blobsvc's code and reason
 kept, a transport failure UNAVAILABLE). The two byte streams (Read, Write) are opened by their
 method paths with raw-bytes (de)serializers, and their data messages re-tagged, not parsed,
-between the caller's field and blobsvc's (linkedblob.wire): no copy beyond the re-tag.
+between the caller's field and blobsvc's (linkedblob.wire): one copy per message, the re-tag.
 """
 
 from __future__ import annotations

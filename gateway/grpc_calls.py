@@ -56,10 +56,11 @@ class WriteCall:
         # Called once, when the call first gets a status. grpc.aio has no synchronous accessor
         # for it; its own __await__ reads this attribute.
         status = getattr(getattr(call, "_cython_call", None), "_status", None)
-        if status is not None and not _is_local(
-            _CODES.get(status.code(), grpc.StatusCode.UNKNOWN), status.details()
-        ):
-            self._status = status
+        if status is None:
+            return
+        code = _CODES.get(status.code(), grpc.StatusCode.UNKNOWN)
+        if code is not grpc.StatusCode.CANCELLED and not _is_local(code, status.details()):
+            self._status = status  # not grpc.aio's stand-in, nor this side's cancel
 
     async def send(self, raw: bytes) -> None:
         try:

@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from gateway import grpc_calls
 from gateway.grpc_calls import WriteCall
 from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
 from linkedblob.config import MiB
@@ -263,3 +264,55 @@ def test_a_failed_or_abandoned_push_leaves_no_staged_bytes(stack: Stack) -> None
         time.sleep(0.1)
     assert staged() == []
     assert not rpc.ListBlobs(pb.ListBlobsRequest(repository=repo)).blobs
+
+
+class _StandInCall:
+    """A Write call whose sends fail: it ends with ``response`` (OK) once awaited, or, with
+    None, never gets a status (a connection that broke without one)."""
+
+    def __init__(self, response: bytes | None) -> None:
+        self._end: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        if response is not None:
+            self._end.set_result(response)
+
+    def add_done_callback(self, callback: Callable[[object], None]) -> None:
+        pass  # no status to report
+
+    async def write(self, raw: bytes) -> None:
+        if self._end.done():
+            raise asyncio.InvalidStateError("RPC already finished.")
+        raise grpc.aio.AioRpcError(
+            Code.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(), "Internal error from Core"
+        )
+
+    def done(self) -> bool:
+        return self._end.done()
+
+    def cancelled(self) -> bool:
+        return self._end.cancelled()
+
+    def cancel(self) -> bool:
+        return self._end.cancel()
+
+    def __await__(self) -> Iterator[object]:
+        return self._end.__await__()
+
+
+@pytest.mark.parametrize(
+    ("response", "code", "message"),
+    [
+        (None, Code.UNAVAILABLE, "blobsvc stream broken"),
+        (b"", Code.INTERNAL, "blobsvc ended the write before it was sent all of it"),
+    ],
+)
+def test_a_failed_send_without_a_status_from_blobsvc(
+    monkeypatch: pytest.MonkeyPatch, response: bytes | None, code: Code, message: str
+) -> None:
+    monkeypatch.setattr(grpc_calls, "FINAL_STATUS_WAIT", 0.05)
+
+    async def send() -> None:
+        await WriteCall(_StandInCall(response)).send(b"data")  # type: ignore[arg-type]
+
+    with pytest.raises(LinkedBlobError) as exc_info:
+        asyncio.run(send())
+    assert exc_info.value.code == code and message in exc_info.value.message
