@@ -82,7 +82,7 @@ class LinkedblobPostgres:
 
         self.server_url = server_url
         self.database = f"linkedblob_bench_{secrets.token_hex(6)}"
-        _admin(server_url, f'CREATE DATABASE "{self.database}"')
+        admin_execute(server_url, f'CREATE DATABASE "{self.database}"')
         db_url = sa.make_url(server_url).set(database=self.database)
         self.processes: list[Process] = []
         granting = {GRANT_SECRET_ENV: secrets.token_urlsafe(32)}
@@ -122,19 +122,22 @@ class LinkedblobPostgres:
             for process in reversed(self.processes):
                 process.stop(timeout=60)
         finally:
-            _admin(self.server_url, f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+            admin_execute(
+                self.server_url, f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'
+            )
 
 
 def postgres_reachable(server_url: str) -> str | None:
     """None when the server answers, else why not."""
     try:
-        _admin(server_url, "SELECT 1")
+        admin_execute(server_url, "SELECT 1")
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
 
 
-def _admin(server_url: str, sql: str) -> None:
+def admin_execute(server_url: str, sql: str) -> None:
+    """Runs one statement outside a transaction (CREATE / DROP DATABASE); the tests use it too."""
     import sqlalchemy as sa
 
     engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")

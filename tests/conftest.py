@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from bench.linkedblob_side import admin_execute
+
 PG_ENV = "LINKEDBLOB_TEST_PG"
 
 _pg_skipped: list[str] = []
@@ -24,17 +26,6 @@ def pg_server_url() -> str | None:
     if not url and os.environ.get("CI"):
         pytest.fail(f"CI requires PostgreSQL: set {PG_ENV}", pytrace=False)
     return url
-
-
-def _admin_execute(server_url: str, sql: str) -> None:
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(sql)
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture
@@ -48,7 +39,7 @@ def pg_database_url() -> Iterator[str]:
         pytest.skip(f"PostgreSQL not configured ({PG_ENV} unset)")
     name = f"linkedblob_test_{secrets.token_hex(6)}"
     try:
-        _admin_execute(server, f'CREATE DATABASE "{name}"')
+        admin_execute(server, f'CREATE DATABASE "{name}"')
     except sa.exc.OperationalError as exc:
         if os.environ.get("CI"):
             pytest.fail(f"cannot reach PostgreSQL at {server}: {exc}", pytrace=False)
@@ -58,7 +49,7 @@ def pg_database_url() -> Iterator[str]:
     try:
         yield url
     finally:
-        _admin_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
