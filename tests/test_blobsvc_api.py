@@ -25,10 +25,6 @@ from tests.blobsvc_api_helpers import (
     write_requests,
 )
 
-# Re-exported: test_blobsvc_ops and test_blobsvc_grants import these helpers from here.
-from tests.blobsvc_api_helpers import HeldStream as HeldStream
-from tests.blobsvc_api_helpers import wait_for_size as wait_for_size
-
 # pytest finds fixtures by name in the test module: these are the module's.
 FIXTURES = (blobsvc, stub)
 

@@ -18,8 +18,8 @@ import pytest
 from linkedblob.blob.v1 import blob_pb2 as pb
 from linkedblob.blob.v1 import blob_pb2_grpc
 from linkedblob.grants import INTERNAL, METADATA_KEY, READ, WRITE, Signer
+from tests.blobsvc_api_helpers import read_all, refused, write_requests
 from tests.services import ServiceProcess, running
-from tests.test_blobsvc_api import read_all, refused, write_requests
 
 Code = grpc.StatusCode
 SECRET = "blobsvc-test-secret-" + "0123456789abcdef"

@@ -22,8 +22,7 @@ import pytest
 from linkedblob.blob.v1 import blob_pb2 as pb
 from linkedblob.blob.v1 import blob_pb2_grpc
 from linkedblob.errors import Reason
-from tests.services import ServiceProcess, running, spawn
-from tests.test_blobsvc_api import (
+from tests.blobsvc_api_helpers import (
     HeldStream,
     read_all,
     refused,
@@ -32,6 +31,7 @@ from tests.test_blobsvc_api import (
     wait_for_size,
     write_requests,
 )
+from tests.services import ServiceProcess, running, spawn
 
 MiB = 1024 * 1024
 Code = grpc.StatusCode
