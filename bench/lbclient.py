@@ -8,12 +8,15 @@ step-by-step upload calls, one write stream per chunk, as the registry gets one 
 The client takes the direct path that ``linkedblob up`` offers (as the registry's clients follow
 its redirects to storage): pulls read from blobsvc after LocateBlob, pushes and the resumable
 upload's chunks are written to blobsvc under the gateway's grant and committed through the
-gateway. Stat, mount and small pushes are gateway calls.
+gateway. Stat, mount and small pushes are gateway calls. ``python -m bench --relay`` turns the
+direct path off, so the bytes cross the gateway's relay too (what callers without a route to
+blobsvc get).
 """
 
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterable
 from typing import IO, cast
 
@@ -22,12 +25,17 @@ from bench.systems import BenchError
 from linkedblob.client import Client, Descriptor
 from linkedblob.config import STREAM_CHUNK_BYTES
 
+# Set by ``python -m bench --relay``: the client does not take the direct path.
+RELAY_ENV = "LINKEDBLOB_BENCH_RELAY"
+
+
+def relayed() -> bool:
+    return os.environ.get(RELAY_ENV) == "1"
+
 
 def client_note() -> str:
-    return (
-        "linkedblob.client.Client (sync grpc, one channel each), 1 MiB data messages, "
-        "direct to blobsvc when offered"
-    )
+    path = "relayed by the gateway (--relay)" if relayed() else "direct to blobsvc when offered"
+    return f"linkedblob.client.Client (sync grpc, one channel each), 1 MiB data messages, {path}"
 
 
 class _Discard(io.RawIOBase):
@@ -42,7 +50,8 @@ class _Discard(io.RawIOBase):
 
 class LinkedblobClient:
     def __init__(self, address: str) -> None:
-        self.client = Client(address, timeout=120)
+        self.direct = not relayed()
+        self.client = Client(address, timeout=120, direct=self.direct)
         self._sink = cast(IO[bytes], _Discard())
 
     def close(self) -> None:
@@ -54,7 +63,7 @@ class LinkedblobClient:
         _check(self.client.push(repository, pieces, digest=blob.digest), blob)
 
     def push_chunked(self, repository: str, blob: Blob, chunk_bytes: int) -> None:
-        upload = self.client.start_upload(repository, direct=True)
+        upload = self.client.start_upload(repository, direct=self.direct)
         for start in range(0, blob.size, chunk_bytes):
             stop = min(start + chunk_bytes, blob.size)
             pieces = blob.views(STREAM_CHUNK_BYTES, start, stop)

@@ -35,7 +35,10 @@ class LinkedblobUp:
     """``linkedblob up`` on a fresh data directory, all ports picked by the system."""
 
     name = "linkedblob"
-    client_note = client_note()
+
+    @property
+    def client_note(self) -> str:
+        return client_note()
 
     def __init__(self, workdir: Path) -> None:
         data = str(workdir / "data")
@@ -75,7 +78,10 @@ class LinkedblobPostgres:
     """The three services run one by one, linksvc on a PostgreSQL database made for the run."""
 
     name = "linkedblob/pg"
-    client_note = client_note()
+
+    @property
+    def client_note(self) -> str:
+        return client_note()
 
     def __init__(self, workdir: Path, server_url: str) -> None:
         import sqlalchemy as sa

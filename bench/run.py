@@ -18,6 +18,7 @@ from types import FrameType
 from typing import Any
 
 from bench import registry
+from bench.lbclient import RELAY_ENV
 from bench.linkedblob_side import DEFAULT_PG, LinkedblobPostgres, LinkedblobUp, postgres_reachable
 from bench.memory import PeakRss
 from bench.payload import Payload
@@ -47,6 +48,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile-native", action="store_true", help="with --profile: C frames too (py-spy -n)"
+    )
+    parser.add_argument(
+        "--relay",
+        action="store_true",
+        help="linkedblob's client without the direct path: bytes cross the gateway's relay",
     )
     parser.add_argument("--json", type=Path, help="also write the raw results there")
     parser.add_argument(
@@ -191,6 +197,8 @@ def _no_profile(figure: str, system: System) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.relay:
+        os.environ[RELAY_ENV] = "1"
     sizes = QUICK if args.quick else FULL
     if args.rounds:
         sizes = dataclasses.replace(sizes, rounds=args.rounds)

@@ -39,7 +39,10 @@ class System(Protocol):
     """A running system: its server processes (for memory) and its clients."""
 
     name: str
-    client_note: str
+
+    @property
+    def client_note(self) -> str:
+        """How its clients are set up, for the report."""
 
     def services(self) -> dict[str, int]:
         """Server process ids by service name."""
