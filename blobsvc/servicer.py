@@ -247,3 +247,10 @@ class BlobServicer:
             blobs=[pb.Descriptor(digest=str(d), size=size) for d, size in page],
             next_page_token=next_token,
         )
+
+    @servicer_method
+    async def ListUploads(
+        self, request: pb.ListUploadsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListUploadsResponse:
+        self._allow(context, INTERNAL)
+        raise LinkedBlobError(grpc.StatusCode.UNIMPLEMENTED, Reason.UNSUPPORTED, "not yet")

@@ -27,6 +27,9 @@ class Reason(enum.StrEnum):
     BLOB_UNKNOWN = "BLOB_UNKNOWN"
     BLOB_UPLOAD_UNKNOWN = "BLOB_UPLOAD_UNKNOWN"
     BLOB_UPLOAD_INVALID = "BLOB_UPLOAD_INVALID"
+    # Not an OCI code: the blob is being deleted by garbage collection (ABORTED: retry, and
+    # the upload goes through once the deletion has finished).
+    BLOB_DELETING = "BLOB_DELETING"
     RANGE_INVALID = "RANGE_INVALID"
     PAGINATION_INVALID = "PAGINATION_INVALID"
     UNSUPPORTED = "UNSUPPORTED"

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from linkedblob.errors import Reason, invalid_argument
+from linkedblob.errors import LinkedBlobError, Reason, invalid_argument
 from linkedblob.link.v1 import link_pb2, link_pb2_grpc
 from linkedblob.rpc import servicer_method
 from linksvc import validation as check
@@ -224,3 +224,61 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         session_id = check.session_id(request.id)
         await self.db.run_hot(self.store.purge_session, session_id)
         return link_pb2.PurgeSessionResponse()
+
+    @servicer_method
+    async def Lease(
+        self, request: link_pb2.LeaseRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.LeaseResponse:
+        raise _not_yet()
+
+    @servicer_method
+    async def MarkUnreferenced(
+        self, request: link_pb2.MarkUnreferencedRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.MarkUnreferencedResponse:
+        raise _not_yet()
+
+    @servicer_method
+    async def ListCollectable(
+        self, request: link_pb2.ListCollectableRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.ListCollectableResponse:
+        raise _not_yet()
+
+    @servicer_method
+    async def FenceBlob(
+        self, request: link_pb2.FenceBlobRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.FenceBlobResponse:
+        raise _not_yet()
+
+    @servicer_method
+    async def ForgetBlob(
+        self, request: link_pb2.ForgetBlobRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.ForgetBlobResponse:
+        raise _not_yet()
+
+    @servicer_method
+    async def AdoptBlob(
+        self, request: link_pb2.AdoptBlobRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.AdoptBlobResponse:
+        raise _not_yet()
+
+    @servicer_method
+    async def ListBlobs(
+        self, request: link_pb2.ListBlobsRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.ListBlobsResponse:
+        raise _not_yet()
+
+    @servicer_method
+    async def AcquireRunnerLock(
+        self, request: link_pb2.AcquireRunnerLockRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.AcquireRunnerLockResponse:
+        raise _not_yet()
+
+    @servicer_method
+    async def ReleaseRunnerLock(
+        self, request: link_pb2.ReleaseRunnerLockRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.ReleaseRunnerLockResponse:
+        raise _not_yet()
+
+
+def _not_yet() -> LinkedBlobError:
+    return LinkedBlobError(grpc.StatusCode.UNIMPLEMENTED, Reason.UNSUPPORTED, "not built yet")

@@ -22,57 +22,64 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dlinkedblob/blob/v1/blob.proto\x12\x12linkedblob.blob.v1\"*\n\nDescriptor\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\"\x1d\n\x0bStatRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"<\n\x0cStatResponse\x12,\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\"%\n\x12\x46indMissingRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"&\n\x13\x46indMissingResponse\x12\x0f\n\x07missing\x18\x01 \x03(\t\"<\n\x0bReadRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x03\"\x1c\n\x0cReadResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xa3\x01\n\x0cWriteRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08\x12\x15\n\rcommit_digest\x18\x04 \x01(\t\x12\x18\n\x0b\x63ommit_size\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\talgorithm\x18\x06 \x01(\tB\x0e\n\x0c_commit_size\"d\n\rWriteResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12,\n\x04\x62lob\x18\x02 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0f\x61lready_existed\x18\x03 \x01(\x08\"(\n\x13UploadStatusRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"$\n\x14UploadStatusResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\"N\n\rCommitRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x11\n\x04size\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_size\"W\n\x0e\x43ommitResponse\x12,\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\"!\n\x0c\x41\x62ortRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"*\n\nPutRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"T\n\x0bPutResponse\x12,\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\"\x1f\n\rDeleteRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"4\n\x0bListRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x0cListResponse\x12-\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xbb\x06\n\x0b\x42lobService\x12I\n\x04Stat\x12\x1f.linkedblob.blob.v1.StatRequest\x1a .linkedblob.blob.v1.StatResponse\x12^\n\x0b\x46indMissing\x12&.linkedblob.blob.v1.FindMissingRequest\x1a\'.linkedblob.blob.v1.FindMissingResponse\x12K\n\x04Read\x12\x1f.linkedblob.blob.v1.ReadRequest\x1a .linkedblob.blob.v1.ReadResponse0\x01\x12N\n\x05Write\x12 .linkedblob.blob.v1.WriteRequest\x1a!.linkedblob.blob.v1.WriteResponse(\x01\x12\x61\n\x0cUploadStatus\x12\'.linkedblob.blob.v1.UploadStatusRequest\x1a(.linkedblob.blob.v1.UploadStatusResponse\x12O\n\x06\x43ommit\x12!.linkedblob.blob.v1.CommitRequest\x1a\".linkedblob.blob.v1.CommitResponse\x12L\n\x05\x41\x62ort\x12 .linkedblob.blob.v1.AbortRequest\x1a!.linkedblob.blob.v1.AbortResponse\x12\x46\n\x03Put\x12\x1e.linkedblob.blob.v1.PutRequest\x1a\x1f.linkedblob.blob.v1.PutResponse\x12O\n\x06\x44\x65lete\x12!.linkedblob.blob.v1.DeleteRequest\x1a\".linkedblob.blob.v1.DeleteResponse\x12I\n\x04List\x12\x1f.linkedblob.blob.v1.ListRequest\x1a .linkedblob.blob.v1.ListResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dlinkedblob/blob/v1/blob.proto\x12\x12linkedblob.blob.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"*\n\nDescriptor\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\"\x1d\n\x0bStatRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"<\n\x0cStatResponse\x12,\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\"%\n\x12\x46indMissingRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"&\n\x13\x46indMissingResponse\x12\x0f\n\x07missing\x18\x01 \x03(\t\"<\n\x0bReadRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x03\"\x1c\n\x0cReadResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xa3\x01\n\x0cWriteRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08\x12\x15\n\rcommit_digest\x18\x04 \x01(\t\x12\x18\n\x0b\x63ommit_size\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\talgorithm\x18\x06 \x01(\tB\x0e\n\x0c_commit_size\"{\n\rWriteResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12,\n\x04\x62lob\x18\x02 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0f\x61lready_existed\x18\x03 \x01(\x08\x12\x15\n\rstaged_digest\x18\x04 \x01(\t\"(\n\x13UploadStatusRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"T\n\x14UploadStatusResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12.\n\nupdated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\rCommitRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x11\n\x04size\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_size\"W\n\x0e\x43ommitResponse\x12,\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\"!\n\x0c\x41\x62ortRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"*\n\nPutRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"T\n\x0bPutResponse\x12,\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\"\x1f\n\rDeleteRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"4\n\x0bListRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x0cListResponse\x12-\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x1e.linkedblob.blob.v1.Descriptor\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x12ListUploadsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x0cStagedUpload\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x13ListUploadsResponse\x12\x31\n\x07uploads\x18\x01 \x03(\x0b\x32 .linkedblob.blob.v1.StagedUpload\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x9b\x07\n\x0b\x42lobService\x12I\n\x04Stat\x12\x1f.linkedblob.blob.v1.StatRequest\x1a .linkedblob.blob.v1.StatResponse\x12^\n\x0b\x46indMissing\x12&.linkedblob.blob.v1.FindMissingRequest\x1a\'.linkedblob.blob.v1.FindMissingResponse\x12K\n\x04Read\x12\x1f.linkedblob.blob.v1.ReadRequest\x1a .linkedblob.blob.v1.ReadResponse0\x01\x12N\n\x05Write\x12 .linkedblob.blob.v1.WriteRequest\x1a!.linkedblob.blob.v1.WriteResponse(\x01\x12\x61\n\x0cUploadStatus\x12\'.linkedblob.blob.v1.UploadStatusRequest\x1a(.linkedblob.blob.v1.UploadStatusResponse\x12O\n\x06\x43ommit\x12!.linkedblob.blob.v1.CommitRequest\x1a\".linkedblob.blob.v1.CommitResponse\x12L\n\x05\x41\x62ort\x12 .linkedblob.blob.v1.AbortRequest\x1a!.linkedblob.blob.v1.AbortResponse\x12\x46\n\x03Put\x12\x1e.linkedblob.blob.v1.PutRequest\x1a\x1f.linkedblob.blob.v1.PutResponse\x12O\n\x06\x44\x65lete\x12!.linkedblob.blob.v1.DeleteRequest\x1a\".linkedblob.blob.v1.DeleteResponse\x12I\n\x04List\x12\x1f.linkedblob.blob.v1.ListRequest\x1a .linkedblob.blob.v1.ListResponse\x12^\n\x0bListUploads\x12&.linkedblob.blob.v1.ListUploadsRequest\x1a\'.linkedblob.blob.v1.ListUploadsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'linkedblob.blob.v1.blob_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DESCRIPTOR']._serialized_start=53
-  _globals['_DESCRIPTOR']._serialized_end=95
-  _globals['_STATREQUEST']._serialized_start=97
-  _globals['_STATREQUEST']._serialized_end=126
-  _globals['_STATRESPONSE']._serialized_start=128
-  _globals['_STATRESPONSE']._serialized_end=188
-  _globals['_FINDMISSINGREQUEST']._serialized_start=190
-  _globals['_FINDMISSINGREQUEST']._serialized_end=227
-  _globals['_FINDMISSINGRESPONSE']._serialized_start=229
-  _globals['_FINDMISSINGRESPONSE']._serialized_end=267
-  _globals['_READREQUEST']._serialized_start=269
-  _globals['_READREQUEST']._serialized_end=329
-  _globals['_READRESPONSE']._serialized_start=331
-  _globals['_READRESPONSE']._serialized_end=359
-  _globals['_WRITEREQUEST']._serialized_start=362
-  _globals['_WRITEREQUEST']._serialized_end=525
-  _globals['_WRITERESPONSE']._serialized_start=527
-  _globals['_WRITERESPONSE']._serialized_end=627
-  _globals['_UPLOADSTATUSREQUEST']._serialized_start=629
-  _globals['_UPLOADSTATUSREQUEST']._serialized_end=669
-  _globals['_UPLOADSTATUSRESPONSE']._serialized_start=671
-  _globals['_UPLOADSTATUSRESPONSE']._serialized_end=707
-  _globals['_COMMITREQUEST']._serialized_start=709
-  _globals['_COMMITREQUEST']._serialized_end=787
-  _globals['_COMMITRESPONSE']._serialized_start=789
-  _globals['_COMMITRESPONSE']._serialized_end=876
-  _globals['_ABORTREQUEST']._serialized_start=878
-  _globals['_ABORTREQUEST']._serialized_end=911
-  _globals['_ABORTRESPONSE']._serialized_start=913
-  _globals['_ABORTRESPONSE']._serialized_end=928
-  _globals['_PUTREQUEST']._serialized_start=930
-  _globals['_PUTREQUEST']._serialized_end=972
-  _globals['_PUTRESPONSE']._serialized_start=974
-  _globals['_PUTRESPONSE']._serialized_end=1058
-  _globals['_DELETEREQUEST']._serialized_start=1060
-  _globals['_DELETEREQUEST']._serialized_end=1091
-  _globals['_DELETERESPONSE']._serialized_start=1093
-  _globals['_DELETERESPONSE']._serialized_end=1126
-  _globals['_LISTREQUEST']._serialized_start=1128
-  _globals['_LISTREQUEST']._serialized_end=1180
-  _globals['_LISTRESPONSE']._serialized_start=1182
-  _globals['_LISTRESPONSE']._serialized_end=1268
-  _globals['_BLOBSERVICE']._serialized_start=1271
-  _globals['_BLOBSERVICE']._serialized_end=2098
+  _globals['_DESCRIPTOR']._serialized_start=86
+  _globals['_DESCRIPTOR']._serialized_end=128
+  _globals['_STATREQUEST']._serialized_start=130
+  _globals['_STATREQUEST']._serialized_end=159
+  _globals['_STATRESPONSE']._serialized_start=161
+  _globals['_STATRESPONSE']._serialized_end=221
+  _globals['_FINDMISSINGREQUEST']._serialized_start=223
+  _globals['_FINDMISSINGREQUEST']._serialized_end=260
+  _globals['_FINDMISSINGRESPONSE']._serialized_start=262
+  _globals['_FINDMISSINGRESPONSE']._serialized_end=300
+  _globals['_READREQUEST']._serialized_start=302
+  _globals['_READREQUEST']._serialized_end=362
+  _globals['_READRESPONSE']._serialized_start=364
+  _globals['_READRESPONSE']._serialized_end=392
+  _globals['_WRITEREQUEST']._serialized_start=395
+  _globals['_WRITEREQUEST']._serialized_end=558
+  _globals['_WRITERESPONSE']._serialized_start=560
+  _globals['_WRITERESPONSE']._serialized_end=683
+  _globals['_UPLOADSTATUSREQUEST']._serialized_start=685
+  _globals['_UPLOADSTATUSREQUEST']._serialized_end=725
+  _globals['_UPLOADSTATUSRESPONSE']._serialized_start=727
+  _globals['_UPLOADSTATUSRESPONSE']._serialized_end=811
+  _globals['_COMMITREQUEST']._serialized_start=813
+  _globals['_COMMITREQUEST']._serialized_end=891
+  _globals['_COMMITRESPONSE']._serialized_start=893
+  _globals['_COMMITRESPONSE']._serialized_end=980
+  _globals['_ABORTREQUEST']._serialized_start=982
+  _globals['_ABORTREQUEST']._serialized_end=1015
+  _globals['_ABORTRESPONSE']._serialized_start=1017
+  _globals['_ABORTRESPONSE']._serialized_end=1032
+  _globals['_PUTREQUEST']._serialized_start=1034
+  _globals['_PUTREQUEST']._serialized_end=1076
+  _globals['_PUTRESPONSE']._serialized_start=1078
+  _globals['_PUTRESPONSE']._serialized_end=1162
+  _globals['_DELETEREQUEST']._serialized_start=1164
+  _globals['_DELETEREQUEST']._serialized_end=1195
+  _globals['_DELETERESPONSE']._serialized_start=1197
+  _globals['_DELETERESPONSE']._serialized_end=1230
+  _globals['_LISTREQUEST']._serialized_start=1232
+  _globals['_LISTREQUEST']._serialized_end=1284
+  _globals['_LISTRESPONSE']._serialized_start=1286
+  _globals['_LISTRESPONSE']._serialized_end=1372
+  _globals['_LISTUPLOADSREQUEST']._serialized_start=1374
+  _globals['_LISTUPLOADSREQUEST']._serialized_end=1433
+  _globals['_STAGEDUPLOAD']._serialized_start=1435
+  _globals['_STAGEDUPLOAD']._serialized_end=1530
+  _globals['_LISTUPLOADSRESPONSE']._serialized_start=1532
+  _globals['_LISTUPLOADSRESPONSE']._serialized_end=1629
+  _globals['_BLOBSERVICE']._serialized_start=1632
+  _globals['_BLOBSERVICE']._serialized_end=2555
 # @@protoc_insertion_point(module_scope)

@@ -84,6 +84,11 @@ class BlobServiceStub:
                 request_serializer=linkedblob_dot_blob_dot_v1_dot_blob__pb2.ListRequest.SerializeToString,
                 response_deserializer=linkedblob_dot_blob_dot_v1_dot_blob__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.ListUploads = channel.unary_unary(
+                '/linkedblob.blob.v1.BlobService/ListUploads',
+                request_serializer=linkedblob_dot_blob_dot_v1_dot_blob__pb2.ListUploadsRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_blob_dot_v1_dot_blob__pb2.ListUploadsResponse.FromString,
+                _registered_method=True)
 
 
 class BlobServiceServicer:
@@ -163,6 +168,14 @@ class BlobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUploads(self, request, context):
+        """Pages through the staging areas in upload-id order, with their size and last write (for
+        purging abandoned uploads and for fsck).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +228,11 @@ def add_BlobServiceServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=linkedblob_dot_blob_dot_v1_dot_blob__pb2.ListRequest.FromString,
                     response_serializer=linkedblob_dot_blob_dot_v1_dot_blob__pb2.ListResponse.SerializeToString,
+            ),
+            'ListUploads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUploads,
+                    request_deserializer=linkedblob_dot_blob_dot_v1_dot_blob__pb2.ListUploadsRequest.FromString,
+                    response_serializer=linkedblob_dot_blob_dot_v1_dot_blob__pb2.ListUploadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -487,6 +505,33 @@ class BlobService:
             '/linkedblob.blob.v1.BlobService/List',
             linkedblob_dot_blob_dot_v1_dot_blob__pb2.ListRequest.SerializeToString,
             linkedblob_dot_blob_dot_v1_dot_blob__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUploads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.blob.v1.BlobService/ListUploads',
+            linkedblob_dot_blob_dot_v1_dot_blob__pb2.ListUploadsRequest.SerializeToString,
+            linkedblob_dot_blob_dot_v1_dot_blob__pb2.ListUploadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

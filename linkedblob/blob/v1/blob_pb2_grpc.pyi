@@ -69,6 +69,10 @@ class BlobServiceStub:
     """
     List: _grpc.UnaryUnaryMultiCallable[_blob_pb2.ListRequest, _blob_pb2.ListResponse]
     """Pages through the stored blobs in digest order (for reconciliation with linksvc)."""
+    ListUploads: _grpc.UnaryUnaryMultiCallable[_blob_pb2.ListUploadsRequest, _blob_pb2.ListUploadsResponse]
+    """Pages through the staging areas in upload-id order, with their size and last write (for
+    purging abandoned uploads and for fsck).
+    """
 
 @_typing.type_check_only
 class BlobServiceAsyncStub(BlobServiceStub):
@@ -100,6 +104,10 @@ class BlobServiceAsyncStub(BlobServiceStub):
     """
     List: _aio.UnaryUnaryMultiCallable[_blob_pb2.ListRequest, _blob_pb2.ListResponse]  # type: ignore[assignment]
     """Pages through the stored blobs in digest order (for reconciliation with linksvc)."""
+    ListUploads: _aio.UnaryUnaryMultiCallable[_blob_pb2.ListUploadsRequest, _blob_pb2.ListUploadsResponse]  # type: ignore[assignment]
+    """Pages through the staging areas in upload-id order, with their size and last write (for
+    purging abandoned uploads and for fsck).
+    """
 
 class BlobServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -188,5 +196,15 @@ class BlobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_blob_pb2.ListResponse, _abc.Awaitable[_blob_pb2.ListResponse]]:
         """Pages through the stored blobs in digest order (for reconciliation with linksvc)."""
+
+    @_abc_1.abstractmethod
+    def ListUploads(
+        self,
+        request: _blob_pb2.ListUploadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_blob_pb2.ListUploadsResponse, _abc.Awaitable[_blob_pb2.ListUploadsResponse]]:
+        """Pages through the staging areas in upload-id order, with their size and last write (for
+        purging abandoned uploads and for fsck).
+        """
 
 def add_BlobServiceServicer_to_server(servicer: BlobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -49,6 +49,11 @@ class LinkServiceStub:
                 request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.LinkRequest.SerializeToString,
                 response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.LinkResponse.FromString,
                 _registered_method=True)
+        self.Lease = channel.unary_unary(
+                '/linkedblob.link.v1.LinkService/Lease',
+                request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.LeaseResponse.FromString,
+                _registered_method=True)
         self.Resolve = channel.unary_unary(
                 '/linkedblob.link.v1.LinkService/Resolve',
                 request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ResolveRequest.SerializeToString,
@@ -104,6 +109,46 @@ class LinkServiceStub:
                 request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.PurgeSessionRequest.SerializeToString,
                 response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.PurgeSessionResponse.FromString,
                 _registered_method=True)
+        self.MarkUnreferenced = channel.unary_unary(
+                '/linkedblob.link.v1.LinkService/MarkUnreferenced',
+                request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.MarkUnreferencedRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.MarkUnreferencedResponse.FromString,
+                _registered_method=True)
+        self.ListCollectable = channel.unary_unary(
+                '/linkedblob.link.v1.LinkService/ListCollectable',
+                request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListCollectableRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListCollectableResponse.FromString,
+                _registered_method=True)
+        self.FenceBlob = channel.unary_unary(
+                '/linkedblob.link.v1.LinkService/FenceBlob',
+                request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.FenceBlobRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.FenceBlobResponse.FromString,
+                _registered_method=True)
+        self.ForgetBlob = channel.unary_unary(
+                '/linkedblob.link.v1.LinkService/ForgetBlob',
+                request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ForgetBlobRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ForgetBlobResponse.FromString,
+                _registered_method=True)
+        self.AdoptBlob = channel.unary_unary(
+                '/linkedblob.link.v1.LinkService/AdoptBlob',
+                request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.AdoptBlobRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.AdoptBlobResponse.FromString,
+                _registered_method=True)
+        self.ListBlobs = channel.unary_unary(
+                '/linkedblob.link.v1.LinkService/ListBlobs',
+                request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListBlobsRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListBlobsResponse.FromString,
+                _registered_method=True)
+        self.AcquireRunnerLock = channel.unary_unary(
+                '/linkedblob.link.v1.LinkService/AcquireRunnerLock',
+                request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.AcquireRunnerLockRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.AcquireRunnerLockResponse.FromString,
+                _registered_method=True)
+        self.ReleaseRunnerLock = channel.unary_unary(
+                '/linkedblob.link.v1.LinkService/ReleaseRunnerLock',
+                request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ReleaseRunnerLockRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ReleaseRunnerLockResponse.FromString,
+                _registered_method=True)
 
 
 class LinkServiceServicer:
@@ -127,7 +172,23 @@ class LinkServiceServicer:
     def Link(self, request, context):
         """Links a recorded blob into a repository (creating the repository on its first link).
         Idempotent; a digest that is not recorded is NOT_FOUND / BLOB_UNKNOWN unless `size` is set,
-        in which case the blob is recorded in the same transaction (record, then link).
+        in which case the blob is recorded in the same transaction (record, then link). Recording
+        a blob needs the live lease the caller took before committing its bytes (`lease_id`);
+        without one, or with one that expired while garbage collection may have deleted the
+        bytes, it is ABORTED / BLOB_UPLOAD_INVALID: upload again. A marked blob is revived (active
+        again); one being deleted is ABORTED / BLOB_DELETING (retry: upload again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Lease(self, request, context):
+        """Protects a digest from garbage collection while the caller commits its bytes in blobsvc
+        and links them (containerd's leases): garbage collection never fences a blob with a live
+        lease, and Link consumes the lease. A marked blob is revived; one being deleted is
+        ABORTED / BLOB_DELETING (retry shortly: the deletion is finishing). With `link_repository`
+        and a recorded, live blob, links it at once instead and takes no lease (the caller need
+        not send the bytes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -216,6 +277,75 @@ class LinkServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MarkUnreferenced(self, request, context):
+        """--- garbage collection (docs/design.md#lifecycle); for the collector only ---------------
+
+        Marks every active blob that no repository links and no live lease protects, and turns
+        marked blobs that are linked again back to active. Returns how many it marked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCollectable(self, request, context):
+        """Blobs the collector may act on, in digest order, paged: marked for longer than the grace
+        period, and deleting for longer than the takeover time (a collector that stopped midway).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FenceBlob(self, request, context):
+        """Fences one blob for deletion, as one transaction: if it still has the version the caller
+        read, is marked (or deleting, for a takeover), has no link and no live lease, it becomes
+        deleting with a new version. Otherwise nothing changes (a linked blob goes back to active)
+        and `fenced` is false.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetBlob(self, request, context):
+        """Removes the row of a fenced blob whose bytes blobsvc deleted, if it still has the version
+        the fence gave it. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdoptBlob(self, request, context):
+        """fsck's repair: indexes bytes that blobsvc holds and linksvc did not know, as marked (so
+        garbage collection reclaims them after the grace period unless something links them).
+        A recorded blob is left as it is (`adopted` false); a size that disagrees is
+        FAILED_PRECONDITION / SIZE_INVALID.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBlobs(self, request, context):
+        """Every indexed blob with its state, in digest order, paged (fsck).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcquireRunnerLock(self, request, context):
+        """The collectors' lock, so that one runs at a time cluster-wide: a lease on a named row,
+        taken when free or expired, renewed by its holder. Correctness never depends on it (the
+        fence does), only efficiency.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseRunnerLock(self, request, context):
+        """Gives the lock back (only its holder can). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LinkServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +363,11 @@ def add_LinkServiceServicer_to_server(servicer, server):
                     servicer.Link,
                     request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.LinkRequest.FromString,
                     response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.LinkResponse.SerializeToString,
+            ),
+            'Lease': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lease,
+                    request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.LeaseRequest.FromString,
+                    response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.LeaseResponse.SerializeToString,
             ),
             'Resolve': grpc.unary_unary_rpc_method_handler(
                     servicer.Resolve,
@@ -288,6 +423,46 @@ def add_LinkServiceServicer_to_server(servicer, server):
                     servicer.PurgeSession,
                     request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.PurgeSessionRequest.FromString,
                     response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.PurgeSessionResponse.SerializeToString,
+            ),
+            'MarkUnreferenced': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkUnreferenced,
+                    request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.MarkUnreferencedRequest.FromString,
+                    response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.MarkUnreferencedResponse.SerializeToString,
+            ),
+            'ListCollectable': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCollectable,
+                    request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListCollectableRequest.FromString,
+                    response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListCollectableResponse.SerializeToString,
+            ),
+            'FenceBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.FenceBlob,
+                    request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.FenceBlobRequest.FromString,
+                    response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.FenceBlobResponse.SerializeToString,
+            ),
+            'ForgetBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetBlob,
+                    request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ForgetBlobRequest.FromString,
+                    response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ForgetBlobResponse.SerializeToString,
+            ),
+            'AdoptBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdoptBlob,
+                    request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.AdoptBlobRequest.FromString,
+                    response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.AdoptBlobResponse.SerializeToString,
+            ),
+            'ListBlobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBlobs,
+                    request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListBlobsRequest.FromString,
+                    response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListBlobsResponse.SerializeToString,
+            ),
+            'AcquireRunnerLock': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireRunnerLock,
+                    request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.AcquireRunnerLockRequest.FromString,
+                    response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.AcquireRunnerLockResponse.SerializeToString,
+            ),
+            'ReleaseRunnerLock': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseRunnerLock,
+                    request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ReleaseRunnerLockRequest.FromString,
+                    response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ReleaseRunnerLockResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -371,6 +546,33 @@ class LinkService:
             '/linkedblob.link.v1.LinkService/Link',
             linkedblob_dot_link_dot_v1_dot_link__pb2.LinkRequest.SerializeToString,
             linkedblob_dot_link_dot_v1_dot_link__pb2.LinkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.link.v1.LinkService/Lease',
+            linkedblob_dot_link_dot_v1_dot_link__pb2.LeaseRequest.SerializeToString,
+            linkedblob_dot_link_dot_v1_dot_link__pb2.LeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -668,6 +870,222 @@ class LinkService:
             '/linkedblob.link.v1.LinkService/PurgeSession',
             linkedblob_dot_link_dot_v1_dot_link__pb2.PurgeSessionRequest.SerializeToString,
             linkedblob_dot_link_dot_v1_dot_link__pb2.PurgeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkUnreferenced(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.link.v1.LinkService/MarkUnreferenced',
+            linkedblob_dot_link_dot_v1_dot_link__pb2.MarkUnreferencedRequest.SerializeToString,
+            linkedblob_dot_link_dot_v1_dot_link__pb2.MarkUnreferencedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCollectable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.link.v1.LinkService/ListCollectable',
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ListCollectableRequest.SerializeToString,
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ListCollectableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FenceBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.link.v1.LinkService/FenceBlob',
+            linkedblob_dot_link_dot_v1_dot_link__pb2.FenceBlobRequest.SerializeToString,
+            linkedblob_dot_link_dot_v1_dot_link__pb2.FenceBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.link.v1.LinkService/ForgetBlob',
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ForgetBlobRequest.SerializeToString,
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ForgetBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdoptBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.link.v1.LinkService/AdoptBlob',
+            linkedblob_dot_link_dot_v1_dot_link__pb2.AdoptBlobRequest.SerializeToString,
+            linkedblob_dot_link_dot_v1_dot_link__pb2.AdoptBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.link.v1.LinkService/ListBlobs',
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ListBlobsRequest.SerializeToString,
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ListBlobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireRunnerLock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.link.v1.LinkService/AcquireRunnerLock',
+            linkedblob_dot_link_dot_v1_dot_link__pb2.AcquireRunnerLockRequest.SerializeToString,
+            linkedblob_dot_link_dot_v1_dot_link__pb2.AcquireRunnerLockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseRunnerLock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.link.v1.LinkService/ReleaseRunnerLock',
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ReleaseRunnerLockRequest.SerializeToString,
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ReleaseRunnerLockResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,7 +46,19 @@ class LinkServiceStub:
     Link: _grpc.UnaryUnaryMultiCallable[_link_pb2.LinkRequest, _link_pb2.LinkResponse]
     """Links a recorded blob into a repository (creating the repository on its first link).
     Idempotent; a digest that is not recorded is NOT_FOUND / BLOB_UNKNOWN unless `size` is set,
-    in which case the blob is recorded in the same transaction (record, then link).
+    in which case the blob is recorded in the same transaction (record, then link). Recording
+    a blob needs the live lease the caller took before committing its bytes (`lease_id`);
+    without one, or with one that expired while garbage collection may have deleted the
+    bytes, it is ABORTED / BLOB_UPLOAD_INVALID: upload again. A marked blob is revived (active
+    again); one being deleted is ABORTED / BLOB_DELETING (retry: upload again).
+    """
+    Lease: _grpc.UnaryUnaryMultiCallable[_link_pb2.LeaseRequest, _link_pb2.LeaseResponse]
+    """Protects a digest from garbage collection while the caller commits its bytes in blobsvc
+    and links them (containerd's leases): garbage collection never fences a blob with a live
+    lease, and Link consumes the lease. A marked blob is revived; one being deleted is
+    ABORTED / BLOB_DELETING (retry shortly: the deletion is finishing). With `link_repository`
+    and a recorded, live blob, links it at once instead and takes no lease (the caller need
+    not send the bytes).
     """
     Resolve: _grpc.UnaryUnaryMultiCallable[_link_pb2.ResolveRequest, _link_pb2.ResolveResponse]
     """The descriptor of a blob through a repository's link. NOT_FOUND / BLOB_UNKNOWN when the
@@ -81,6 +93,41 @@ class LinkServiceStub:
     """
     PurgeSession: _grpc.UnaryUnaryMultiCallable[_link_pb2.PurgeSessionRequest, _link_pb2.PurgeSessionResponse]
     """Deletes a session's row (after its staged bytes were aborted in blobsvc). Idempotent."""
+    MarkUnreferenced: _grpc.UnaryUnaryMultiCallable[_link_pb2.MarkUnreferencedRequest, _link_pb2.MarkUnreferencedResponse]
+    """--- garbage collection (docs/design.md#lifecycle); for the collector only ---------------
+
+    Marks every active blob that no repository links and no live lease protects, and turns
+    marked blobs that are linked again back to active. Returns how many it marked.
+    """
+    ListCollectable: _grpc.UnaryUnaryMultiCallable[_link_pb2.ListCollectableRequest, _link_pb2.ListCollectableResponse]
+    """Blobs the collector may act on, in digest order, paged: marked for longer than the grace
+    period, and deleting for longer than the takeover time (a collector that stopped midway).
+    """
+    FenceBlob: _grpc.UnaryUnaryMultiCallable[_link_pb2.FenceBlobRequest, _link_pb2.FenceBlobResponse]
+    """Fences one blob for deletion, as one transaction: if it still has the version the caller
+    read, is marked (or deleting, for a takeover), has no link and no live lease, it becomes
+    deleting with a new version. Otherwise nothing changes (a linked blob goes back to active)
+    and `fenced` is false.
+    """
+    ForgetBlob: _grpc.UnaryUnaryMultiCallable[_link_pb2.ForgetBlobRequest, _link_pb2.ForgetBlobResponse]
+    """Removes the row of a fenced blob whose bytes blobsvc deleted, if it still has the version
+    the fence gave it. Idempotent.
+    """
+    AdoptBlob: _grpc.UnaryUnaryMultiCallable[_link_pb2.AdoptBlobRequest, _link_pb2.AdoptBlobResponse]
+    """fsck's repair: indexes bytes that blobsvc holds and linksvc did not know, as marked (so
+    garbage collection reclaims them after the grace period unless something links them).
+    A recorded blob is left as it is (`adopted` false); a size that disagrees is
+    FAILED_PRECONDITION / SIZE_INVALID.
+    """
+    ListBlobs: _grpc.UnaryUnaryMultiCallable[_link_pb2.ListBlobsRequest, _link_pb2.ListBlobsResponse]
+    """Every indexed blob with its state, in digest order, paged (fsck)."""
+    AcquireRunnerLock: _grpc.UnaryUnaryMultiCallable[_link_pb2.AcquireRunnerLockRequest, _link_pb2.AcquireRunnerLockResponse]
+    """The collectors' lock, so that one runs at a time cluster-wide: a lease on a named row,
+    taken when free or expired, renewed by its holder. Correctness never depends on it (the
+    fence does), only efficiency.
+    """
+    ReleaseRunnerLock: _grpc.UnaryUnaryMultiCallable[_link_pb2.ReleaseRunnerLockRequest, _link_pb2.ReleaseRunnerLockResponse]
+    """Gives the lock back (only its holder can). Idempotent."""
 
 @_typing.type_check_only
 class LinkServiceAsyncStub(LinkServiceStub):
@@ -94,7 +141,19 @@ class LinkServiceAsyncStub(LinkServiceStub):
     Link: _aio.UnaryUnaryMultiCallable[_link_pb2.LinkRequest, _link_pb2.LinkResponse]  # type: ignore[assignment]
     """Links a recorded blob into a repository (creating the repository on its first link).
     Idempotent; a digest that is not recorded is NOT_FOUND / BLOB_UNKNOWN unless `size` is set,
-    in which case the blob is recorded in the same transaction (record, then link).
+    in which case the blob is recorded in the same transaction (record, then link). Recording
+    a blob needs the live lease the caller took before committing its bytes (`lease_id`);
+    without one, or with one that expired while garbage collection may have deleted the
+    bytes, it is ABORTED / BLOB_UPLOAD_INVALID: upload again. A marked blob is revived (active
+    again); one being deleted is ABORTED / BLOB_DELETING (retry: upload again).
+    """
+    Lease: _aio.UnaryUnaryMultiCallable[_link_pb2.LeaseRequest, _link_pb2.LeaseResponse]  # type: ignore[assignment]
+    """Protects a digest from garbage collection while the caller commits its bytes in blobsvc
+    and links them (containerd's leases): garbage collection never fences a blob with a live
+    lease, and Link consumes the lease. A marked blob is revived; one being deleted is
+    ABORTED / BLOB_DELETING (retry shortly: the deletion is finishing). With `link_repository`
+    and a recorded, live blob, links it at once instead and takes no lease (the caller need
+    not send the bytes).
     """
     Resolve: _aio.UnaryUnaryMultiCallable[_link_pb2.ResolveRequest, _link_pb2.ResolveResponse]  # type: ignore[assignment]
     """The descriptor of a blob through a repository's link. NOT_FOUND / BLOB_UNKNOWN when the
@@ -129,6 +188,41 @@ class LinkServiceAsyncStub(LinkServiceStub):
     """
     PurgeSession: _aio.UnaryUnaryMultiCallable[_link_pb2.PurgeSessionRequest, _link_pb2.PurgeSessionResponse]  # type: ignore[assignment]
     """Deletes a session's row (after its staged bytes were aborted in blobsvc). Idempotent."""
+    MarkUnreferenced: _aio.UnaryUnaryMultiCallable[_link_pb2.MarkUnreferencedRequest, _link_pb2.MarkUnreferencedResponse]  # type: ignore[assignment]
+    """--- garbage collection (docs/design.md#lifecycle); for the collector only ---------------
+
+    Marks every active blob that no repository links and no live lease protects, and turns
+    marked blobs that are linked again back to active. Returns how many it marked.
+    """
+    ListCollectable: _aio.UnaryUnaryMultiCallable[_link_pb2.ListCollectableRequest, _link_pb2.ListCollectableResponse]  # type: ignore[assignment]
+    """Blobs the collector may act on, in digest order, paged: marked for longer than the grace
+    period, and deleting for longer than the takeover time (a collector that stopped midway).
+    """
+    FenceBlob: _aio.UnaryUnaryMultiCallable[_link_pb2.FenceBlobRequest, _link_pb2.FenceBlobResponse]  # type: ignore[assignment]
+    """Fences one blob for deletion, as one transaction: if it still has the version the caller
+    read, is marked (or deleting, for a takeover), has no link and no live lease, it becomes
+    deleting with a new version. Otherwise nothing changes (a linked blob goes back to active)
+    and `fenced` is false.
+    """
+    ForgetBlob: _aio.UnaryUnaryMultiCallable[_link_pb2.ForgetBlobRequest, _link_pb2.ForgetBlobResponse]  # type: ignore[assignment]
+    """Removes the row of a fenced blob whose bytes blobsvc deleted, if it still has the version
+    the fence gave it. Idempotent.
+    """
+    AdoptBlob: _aio.UnaryUnaryMultiCallable[_link_pb2.AdoptBlobRequest, _link_pb2.AdoptBlobResponse]  # type: ignore[assignment]
+    """fsck's repair: indexes bytes that blobsvc holds and linksvc did not know, as marked (so
+    garbage collection reclaims them after the grace period unless something links them).
+    A recorded blob is left as it is (`adopted` false); a size that disagrees is
+    FAILED_PRECONDITION / SIZE_INVALID.
+    """
+    ListBlobs: _aio.UnaryUnaryMultiCallable[_link_pb2.ListBlobsRequest, _link_pb2.ListBlobsResponse]  # type: ignore[assignment]
+    """Every indexed blob with its state, in digest order, paged (fsck)."""
+    AcquireRunnerLock: _aio.UnaryUnaryMultiCallable[_link_pb2.AcquireRunnerLockRequest, _link_pb2.AcquireRunnerLockResponse]  # type: ignore[assignment]
+    """The collectors' lock, so that one runs at a time cluster-wide: a lease on a named row,
+    taken when free or expired, renewed by its holder. Correctness never depends on it (the
+    fence does), only efficiency.
+    """
+    ReleaseRunnerLock: _aio.UnaryUnaryMultiCallable[_link_pb2.ReleaseRunnerLockRequest, _link_pb2.ReleaseRunnerLockResponse]  # type: ignore[assignment]
+    """Gives the lock back (only its holder can). Idempotent."""
 
 class LinkServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -157,7 +251,25 @@ class LinkServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_link_pb2.LinkResponse, _abc.Awaitable[_link_pb2.LinkResponse]]:
         """Links a recorded blob into a repository (creating the repository on its first link).
         Idempotent; a digest that is not recorded is NOT_FOUND / BLOB_UNKNOWN unless `size` is set,
-        in which case the blob is recorded in the same transaction (record, then link).
+        in which case the blob is recorded in the same transaction (record, then link). Recording
+        a blob needs the live lease the caller took before committing its bytes (`lease_id`);
+        without one, or with one that expired while garbage collection may have deleted the
+        bytes, it is ABORTED / BLOB_UPLOAD_INVALID: upload again. A marked blob is revived (active
+        again); one being deleted is ABORTED / BLOB_DELETING (retry: upload again).
+        """
+
+    @_abc_1.abstractmethod
+    def Lease(
+        self,
+        request: _link_pb2.LeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_link_pb2.LeaseResponse, _abc.Awaitable[_link_pb2.LeaseResponse]]:
+        """Protects a digest from garbage collection while the caller commits its bytes in blobsvc
+        and links them (containerd's leases): garbage collection never fences a blob with a live
+        lease, and Link consumes the lease. A marked blob is revived; one being deleted is
+        ABORTED / BLOB_DELETING (retry shortly: the deletion is finishing). With `link_repository`
+        and a recorded, live blob, links it at once instead and takes no lease (the caller need
+        not send the bytes).
         """
 
     @_abc_1.abstractmethod
@@ -258,5 +370,88 @@ class LinkServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_link_pb2.PurgeSessionResponse, _abc.Awaitable[_link_pb2.PurgeSessionResponse]]:
         """Deletes a session's row (after its staged bytes were aborted in blobsvc). Idempotent."""
+
+    @_abc_1.abstractmethod
+    def MarkUnreferenced(
+        self,
+        request: _link_pb2.MarkUnreferencedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_link_pb2.MarkUnreferencedResponse, _abc.Awaitable[_link_pb2.MarkUnreferencedResponse]]:
+        """--- garbage collection (docs/design.md#lifecycle); for the collector only ---------------
+
+        Marks every active blob that no repository links and no live lease protects, and turns
+        marked blobs that are linked again back to active. Returns how many it marked.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCollectable(
+        self,
+        request: _link_pb2.ListCollectableRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_link_pb2.ListCollectableResponse, _abc.Awaitable[_link_pb2.ListCollectableResponse]]:
+        """Blobs the collector may act on, in digest order, paged: marked for longer than the grace
+        period, and deleting for longer than the takeover time (a collector that stopped midway).
+        """
+
+    @_abc_1.abstractmethod
+    def FenceBlob(
+        self,
+        request: _link_pb2.FenceBlobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_link_pb2.FenceBlobResponse, _abc.Awaitable[_link_pb2.FenceBlobResponse]]:
+        """Fences one blob for deletion, as one transaction: if it still has the version the caller
+        read, is marked (or deleting, for a takeover), has no link and no live lease, it becomes
+        deleting with a new version. Otherwise nothing changes (a linked blob goes back to active)
+        and `fenced` is false.
+        """
+
+    @_abc_1.abstractmethod
+    def ForgetBlob(
+        self,
+        request: _link_pb2.ForgetBlobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_link_pb2.ForgetBlobResponse, _abc.Awaitable[_link_pb2.ForgetBlobResponse]]:
+        """Removes the row of a fenced blob whose bytes blobsvc deleted, if it still has the version
+        the fence gave it. Idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def AdoptBlob(
+        self,
+        request: _link_pb2.AdoptBlobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_link_pb2.AdoptBlobResponse, _abc.Awaitable[_link_pb2.AdoptBlobResponse]]:
+        """fsck's repair: indexes bytes that blobsvc holds and linksvc did not know, as marked (so
+        garbage collection reclaims them after the grace period unless something links them).
+        A recorded blob is left as it is (`adopted` false); a size that disagrees is
+        FAILED_PRECONDITION / SIZE_INVALID.
+        """
+
+    @_abc_1.abstractmethod
+    def ListBlobs(
+        self,
+        request: _link_pb2.ListBlobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_link_pb2.ListBlobsResponse, _abc.Awaitable[_link_pb2.ListBlobsResponse]]:
+        """Every indexed blob with its state, in digest order, paged (fsck)."""
+
+    @_abc_1.abstractmethod
+    def AcquireRunnerLock(
+        self,
+        request: _link_pb2.AcquireRunnerLockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_link_pb2.AcquireRunnerLockResponse, _abc.Awaitable[_link_pb2.AcquireRunnerLockResponse]]:
+        """The collectors' lock, so that one runs at a time cluster-wide: a lease on a named row,
+        taken when free or expired, renewed by its holder. Correctness never depends on it (the
+        fence does), only efficiency.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseRunnerLock(
+        self,
+        request: _link_pb2.ReleaseRunnerLockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_link_pb2.ReleaseRunnerLockResponse, _abc.Awaitable[_link_pb2.ReleaseRunnerLockResponse]]:
+        """Gives the lock back (only its holder can). Idempotent."""
 
 def add_LinkServiceServicer_to_server(servicer: LinkServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
