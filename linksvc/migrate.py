@@ -23,10 +23,11 @@ if TYPE_CHECKING:
 # The alembic environment (env.py, script.py.mako, versions/), package data of linksvc.
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
-# The revisions in linksvc/migrations/versions, oldest first: the last one is the head. The server
-# checks a database against these without importing alembic (~11 MiB of a serving linksvc's
-# memory, which only --migrate needs); a test compares them with alembic's own reading of the
-# scripts, so a new migration that is not added here fails it.
+# The revisions in linksvc/migrations/versions, oldest first: the last one is the head. The
+# server checks a database against these without importing alembic (megabytes of a serving
+# linksvc's memory that only --migrate needs; bench/README.md, "linksvc: alembic's memory"); a
+# test compares them with alembic's own reading of the scripts, so a new migration that is not
+# added here fails it.
 REVISIONS = ("0001",)
 VERSION_TABLE = "alembic_version"  # alembic's default, as linksvc/migrations/env.py leaves it
 
@@ -60,8 +61,9 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 
 def upgrade_in_child(url: str) -> str | None:
-    """Runs :func:`upgrade` in a forked child process, so that alembic (~11 MiB once imported)
-    never enters the calling server's memory. Returns None on success, else why it failed."""
+    """Runs :func:`upgrade` in a forked child process, so that alembic never enters the
+    calling server's memory (bench/README.md, "linksvc: alembic's memory"). Returns None on
+    success, else why it failed."""
     import multiprocessing
 
     context = multiprocessing.get_context("fork")

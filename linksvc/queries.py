@@ -26,7 +26,7 @@ class DriverQuery:
 
     The hot calls (Resolve behind every stat, Link and Mount behind every push and mount) skip
     SQLAlchemy's per-execution machinery this way: measured inside the server, it cost several
-    times the statement itself (~40 us of SQLAlchemy against ~5 us of SQLite per statement).
+    times the statement itself (bench/README.md, "linksvc: driver queries").
     Parameters go through their types' bind processors (UTC datetimes become SQLite text);
     result columns are returned as the driver gives them, so select only plain numbers and
     strings.
