@@ -171,9 +171,8 @@ async def release_memory_when_quiet(quiet: float = QUIET_SECONDS) -> None:
 
     The servers keep freed message buffers for reuse (linkedblob.tuning: glibc's trim threshold
     at 1 GiB, which streaming needs), so without this a burst of concurrent streams left the
-    process at its peak for good (blobsvc ~110 MiB after 8 concurrent 32 MiB Writes, ~60 MiB
-    once trimmed; idle ~51). Never while a call is in flight: trimming mid-stream would make
-    the next messages fault their pages in again.
+    process at its peak for good (bench/README.md, "idle trim"). Never while a call is in
+    flight: trimming mid-stream would make the next messages fault their pages in again.
     """
     activity = metrics.ACTIVITY
     seen = activity.started

@@ -24,16 +24,16 @@ _tune_lock = threading.Lock()
 def tune_malloc() -> bool:
     """Keeps glibc from mmap-ing and unmapping every large message buffer.
 
-    With the default (dynamic, 128 KiB .. 32 MiB) thresholds each ~1 MiB gRPC message is a fresh
-    mmap and the process spends its time in page faults; raising the mmap threshold to 64 MiB and
-    the trim threshold to 1 GiB lets the heap reuse those buffers, which roughly triples
-    streaming throughput on this project's machines. No-op off glibc.
+    With the default (dynamic) thresholds each ~1 MiB gRPC message is a fresh mmap and the
+    process spends its time in page faults; raising the mmap threshold to 64 MiB and the trim
+    threshold to 1 GiB lets the heap reuse those buffers, for much higher streaming throughput
+    (bench/README.md, "malloc tuning"). No-op off glibc.
 
-    The trim threshold only governs the top of the main heap: with 16, 64 or 128 MiB instead of
-    1 GiB, blobsvc's RSS after a burst of 8 concurrent 32 MiB Writes stayed the same (~115 MiB,
-    idle ~51), the freed buffers being in the middle of the heap and in thread arenas, and 16 MiB
-    cost streaming throughput. What hands them back is :func:`release_free_memory`, which the
-    servers call once they go quiet (see linkedblob.server).
+    A lower trim threshold does not bring the memory back: it only governs the top of the main
+    heap, while the freed buffers sit in the middle of it and in thread arenas, and a low one
+    costs streaming throughput (bench/README.md, "malloc tuning"). What hands them back is
+    :func:`release_free_memory`, which the servers call once they go quiet (see
+    linkedblob.server).
 
     Runs once per process: later calls (from any thread) return the first call's result.
     """
@@ -58,9 +58,10 @@ def _set_streaming_thresholds() -> bool:
 
 
 def release_free_memory() -> bool:
-    """malloc_trim(0): returns the free pages of every malloc arena to the OS (~110 -> ~60 MiB
-    for blobsvc after a burst of concurrent Writes). It walks the whole heap under the arenas'
-    locks, so call it when the process is idle, not between messages. No-op off glibc."""
+    """malloc_trim(0): returns the free pages of every malloc arena to the OS (most of what a
+    burst of concurrent Writes left: bench/README.md, "idle trim"). It walks the whole heap
+    under the arenas' locks, so call it when the process is idle, not between messages. No-op
+    off glibc."""
     libc = _libc()
     try:
         return bool(libc is not None and libc.malloc_trim(0))

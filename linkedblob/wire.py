@@ -2,11 +2,11 @@
 
 Most messages of a blob stream carry one `bytes` field and nothing else. Parsing such a message
 into a protobuf object, reading the field out and building the next hop's message copies the
-payload three or four times (about 2 GB/s of CPU per hop on this project's machines). On the
-wire a data-only message is just ``tag, varint length, payload``, so a relay can check that
-shape, take a zero-copy view of the payload, or re-tag it for a message whose data field has
-another number, with at most one copy. Anything of another shape (extra fields, a future
-version of the message) is left to the caller's ordinary protobuf path.
+payload three or four times, a CPU cost paid at every hop (bench/README.md, "zero-parse
+relay"). On the wire a data-only message is just ``tag, varint length, payload``, so a relay
+can check that shape, take a zero-copy view of the payload, or re-tag it for a message whose
+data field has another number, with at most one copy. Anything of another shape (extra fields,
+a future version of the message) is left to the caller's ordinary protobuf path.
 
 Used with gRPC method handlers / multicallables whose (de)serializer is None (raw bytes).
 """
