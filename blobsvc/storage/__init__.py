@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 from linkedblob.digests import Digest
@@ -37,6 +38,16 @@ def validate_upload_id(upload_id: str) -> str:
             f"malformed upload id {upload_id[:200]!r}: 1-128 characters of [A-Za-z0-9_-]",
         )
     return upload_id
+
+
+@dataclass(frozen=True, slots=True)
+class UploadInfo:
+    """A staging area as listed: its upload id, bytes staged, and when it was last written
+    (or created), in seconds since the epoch."""
+
+    upload_id: str
+    size: int
+    updated_at: float
 
 
 class BlobReader(Protocol):
@@ -121,6 +132,16 @@ class Ingester(Protocol):
     @abc.abstractmethod
     def upload_size(self, upload_id: str) -> int | None:
         """Bytes staged for an upload (without taking it), or None when it is unknown."""
+
+    @abc.abstractmethod
+    def upload_info(self, upload_id: str) -> UploadInfo | None:
+        """An upload's size and last write (without taking it), or None when it is unknown."""
+
+    @abc.abstractmethod
+    def list_uploads(self, after: str, limit: int) -> list[UploadInfo]:
+        """Up to ``limit`` staging areas whose upload id sorts after ``after`` ("" for the
+        first page), in upload id order, without taking any of them: a held upload is listed
+        as it stands (its size may be behind a write in flight)."""
 
     @abc.abstractmethod
     def open_upload(self, upload_id: str, create_with: str | None = None) -> StagedUpload | None:

@@ -17,6 +17,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 
@@ -241,3 +242,79 @@ class StorageContract:
             assert sorted(results) == [False] + [True] * (n - 1)
             assert storage.list("", 10) == [(d256(data), len(data))]
             assert all(storage.upload_size(f"c{i}") is None for i in range(n))
+
+    def test_list_uploads_in_upload_id_order_with_sizes(self) -> None:
+        with self.storage() as storage:
+            assert storage.list_uploads("", 10) == []
+            sizes = {f"l{i:02d}": i for i in range(12)} | {"L-x": 3, "l_z": 0}
+            held = []
+            before = time.time() - 1  # filesystem clocks may be coarser than time.time()
+            for upload_id, size in sizes.items():
+                upload = storage.open_upload(upload_id, "sha256")
+                assert upload is not None
+                upload.append(b"x" * size)
+                held.append(upload)
+            held[0].close()  # listed alike whether held or not
+            everything = storage.list_uploads("", 1000)
+            assert [u.upload_id for u in everything] == sorted(sizes)
+            assert {u.upload_id: u.size for u in everything} == sizes
+            assert all(before <= u.updated_at <= time.time() + 1 for u in everything)
+            for info in everything:
+                assert storage.upload_info(info.upload_id) == info
+            paged = []
+            after = ""
+            while page := storage.list_uploads(after, 5):
+                assert len(page) <= 5
+                paged.extend(page)
+                after = page[-1].upload_id
+            assert paged == everything
+            assert storage.list_uploads("l05", 2) == everything[7:9]
+            for upload in held[1:]:
+                upload.close()
+            # committed and discarded uploads are no longer listed
+            done = storage.open_upload("l03")
+            assert done is not None
+            done.store_as(d256(b"xxx"))
+            done.close()
+            dropped = storage.open_upload("l07")
+            assert dropped is not None
+            dropped.discard()
+            dropped.close()
+            listed = [u.upload_id for u in storage.list_uploads("", 1000)]
+            assert listed == sorted(set(sizes) - {"l03", "l07"})
+            assert storage.upload_info("l03") is None and storage.upload_info("l07") is None
+
+    def test_an_uploads_last_write_moves_with_each_append(self) -> None:
+        with self.storage() as storage:
+            assert storage.upload_info("t1") is None
+            upload = storage.open_upload("t1", "sha256")
+            assert upload is not None
+            try:
+                created = storage.upload_info("t1")
+                assert created is not None and created.size == 0
+                time.sleep(0.05)  # beyond a coarse filesystem clock's tick
+                upload.append(b"abc")
+                written = storage.upload_info("t1")
+                assert written is not None and written.size == 3
+                assert written.updated_at > created.updated_at
+                time.sleep(0.05)
+                assert storage.upload_info("t1") == written  # reading does not move it
+                upload.append(os.urandom(10_000))
+                again = storage.upload_info("t1")
+                assert again is not None and again.size == 10_003
+                assert again.updated_at > written.updated_at
+            finally:
+                upload.close()
+            reopened = storage.open_upload("t1")  # taking it back does not move it either
+            assert reopened is not None
+            reopened.close()
+            assert storage.upload_info("t1") == again
+
+    def test_upload_info_refuses_malformed_ids(self) -> None:
+        with self.storage() as storage:
+            for upload_id in MALFORMED_UPLOAD_IDS:
+                _refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    partial(storage.upload_info, upload_id),
+                    upload_id,
+                )

@@ -6,7 +6,7 @@ distribution's ``base.Base`` do) by overriding only the calls that behaviour con
 
 from __future__ import annotations
 
-from blobsvc.storage import BlobReader, StagedUpload, Storage
+from blobsvc.storage import BlobReader, StagedUpload, Storage, UploadInfo
 from linkedblob.digests import Digest
 
 
@@ -27,6 +27,12 @@ class ForwardingStorage(Storage):
 
     def upload_size(self, upload_id: str) -> int | None:
         return self.base.upload_size(upload_id)
+
+    def upload_info(self, upload_id: str) -> UploadInfo | None:
+        return self.base.upload_info(upload_id)
+
+    def list_uploads(self, after: str, limit: int) -> list[UploadInfo]:
+        return self.base.list_uploads(after, limit)
 
     def open_upload(self, upload_id: str, create_with: str | None = None) -> StagedUpload | None:
         return self.base.open_upload(upload_id, create_with)

@@ -6,11 +6,13 @@ whole in memory (the bounded-memory guarantee is the filesystem driver's).
 
 from __future__ import annotations
 
+import builtins
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 
-from blobsvc.storage import Storage, UploadClaims, validate_upload_id
+from blobsvc.storage import Storage, UploadClaims, UploadInfo, validate_upload_id
 from linkedblob.digests import Digest
 
 
@@ -34,6 +36,7 @@ class _Staging:
     algorithm: str
     data: bytearray = field(default_factory=bytearray)
     generation: str = field(default_factory=lambda: secrets.token_hex(8))
+    updated_at: float = field(default_factory=time.time)  # the last append (or creation)
 
 
 class MemoryStagedUpload:
@@ -62,6 +65,7 @@ class MemoryStagedUpload:
     def append(self, data: bytes | memoryview) -> None:
         with self._storage.lock:  # upload_size() reads concurrently
             self._staging.data += data
+            self._staging.updated_at = time.time()
 
     def read_at(self, offset: int, length: int) -> bytes:
         with self._storage.lock:
@@ -128,6 +132,17 @@ class MemoryStorage(Storage):
             staging = self.uploads.get(upload_id)
             return None if staging is None else len(staging.data)
 
+    def upload_info(self, upload_id: str) -> UploadInfo | None:
+        validate_upload_id(upload_id)
+        with self.lock:
+            staging = self.uploads.get(upload_id)
+            return None if staging is None else _info(upload_id, staging)
+
+    def list_uploads(self, after: str, limit: int) -> builtins.list[UploadInfo]:
+        with self.lock:
+            names = sorted(name for name in self.uploads if name > after)[:limit]
+            return [_info(name, self.uploads[name]) for name in names]
+
     def open_upload(
         self, upload_id: str, create_with: str | None = None
     ) -> MemoryStagedUpload | None:
@@ -140,3 +155,7 @@ class MemoryStorage(Storage):
             self.claims.release(upload_id)
             return None
         return MemoryStagedUpload(self, upload_id, staging)
+
+
+def _info(upload_id: str, staging: _Staging) -> UploadInfo:
+    return UploadInfo(upload_id, len(staging.data), staging.updated_at)

@@ -4,18 +4,19 @@
 - ``linkedblob_storage_action_seconds{driver,action}`` (histogram)
 - ``linkedblob_storage_bytes_total{driver,action}`` (counter)
 
-Actions, one observation per call: ``stat``, ``open`` (a blob for reading), ``put``,
-``delete``, ``list``, ``upload_size``, ``open_upload``, ``store`` (an upload's bytes moved in
-as a blob), ``discard``. Byte streams are observed once per open reader or held upload, when
-it closes: ``read`` (a blob), ``append`` and ``read_staged`` (an upload), with the seconds its
-calls spent in the driver, added up (read-ahead overlaps them), and the bytes they moved.
-Once per stream because a stream makes a call per chunk, and an observation costs a lock and
-a bucket search while a chunk from memory costs tens of microseconds. Bytes are also counted
-for ``put``.
+Actions, one observation per call: ``stat``, ``open`` (a blob for reading), ``put``, ``delete``,
+``list``, ``upload_size``, ``upload_info``, ``list_uploads``, ``open_upload``, ``store`` (an
+upload's bytes moved in as a blob), ``discard``. Byte streams are observed once per open reader or
+held upload, when it closes: ``read`` (a blob), ``append`` and ``read_staged`` (an upload), with the
+seconds its calls spent in the driver, added up (read-ahead overlaps them), and the bytes they
+moved. Once per stream because a stream makes a call per chunk, and an observation costs a lock and
+a bucket search while a chunk from memory costs tens of microseconds. Bytes are also counted for
+``put``.
 """
 
 from __future__ import annotations
 
+import builtins
 import threading
 from collections.abc import Callable
 from time import perf_counter
@@ -23,7 +24,7 @@ from typing import TypeVar
 
 from prometheus_client import Counter, Histogram
 
-from blobsvc.storage import BlobReader, StagedUpload, Storage
+from blobsvc.storage import BlobReader, StagedUpload, Storage, UploadInfo
 from blobsvc.storage.forwarding import ForwardingStagedUpload, ForwardingStorage
 from linkedblob.digests import Digest
 
@@ -115,6 +116,8 @@ class MetricsStorage(ForwardingStorage):
         self._delete = seconds(driver, "delete")
         self._list = seconds(driver, "list")
         self._upload_size = seconds(driver, "upload_size")
+        self._upload_info = seconds(driver, "upload_info")
+        self._list_uploads = seconds(driver, "list_uploads")
         self._open_upload = seconds(driver, "open_upload")
         self._store = seconds(driver, "store")
         self._discard = seconds(driver, "discard")
@@ -142,6 +145,12 @@ class MetricsStorage(ForwardingStorage):
 
     def upload_size(self, upload_id: str) -> int | None:
         return _timed(self._upload_size, self.base.upload_size, upload_id)
+
+    def upload_info(self, upload_id: str) -> UploadInfo | None:
+        return _timed(self._upload_info, self.base.upload_info, upload_id)
+
+    def list_uploads(self, after: str, limit: int) -> builtins.list[UploadInfo]:
+        return _timed(self._list_uploads, self.base.list_uploads, after, limit)
 
     def open_upload(self, upload_id: str, create_with: str | None = None) -> StagedUpload | None:
         upload = _timed(self._open_upload, self.base.open_upload, upload_id, create_with)

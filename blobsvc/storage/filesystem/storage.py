@@ -13,12 +13,13 @@ again while remembered is read into it (see .read_admission).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import secrets
 import time
 
-from blobsvc.storage import Storage, UploadClaims, validate_upload_id
+from blobsvc.storage import Storage, UploadClaims, UploadInfo, validate_upload_id
 from blobsvc.storage.filesystem import uploads
 from blobsvc.storage.filesystem.anonymous_files import (
     ANONYMOUS_FILES_READY,
@@ -223,6 +224,12 @@ class FilesystemStorage(Storage):
             return os.stat(self.upload_data_path(upload_id)).st_size
         except FileNotFoundError:
             return None
+
+    def upload_info(self, upload_id: str) -> UploadInfo | None:
+        return uploads.upload_info(self, upload_id)
+
+    def list_uploads(self, after: str, limit: int) -> builtins.list[UploadInfo]:
+        return uploads.list_uploads(self, after, limit)
 
     def open_upload(
         self, upload_id: str, create_with: str | None = None

@@ -4,6 +4,10 @@ I/O: whole blocks with O_DIRECT, a partial last block through the page cache).
 
     ROOT/uploads/<upload id>/data   an upload's staged bytes (append-only)
     ROOT/uploads/<upload id>/info   "<algorithm> <generation>" of the upload
+
+A staging area's size and last write are its data file's size and mtime, read with stat(2):
+listing opens nothing and takes no lock, so it never waits for (or disturbs) a holder. Every
+append changes the mtime (O_DIRECT writes too), and creating the file sets it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import secrets
 from typing import TYPE_CHECKING
 
-from blobsvc.storage import busy
+from blobsvc.storage import UploadInfo, busy
 from blobsvc.storage.filesystem.direct_io import pwrite_all
 from blobsvc.storage.filesystem.durable import (
     link_into_place,
@@ -24,6 +28,7 @@ from blobsvc.storage.filesystem.durable import (
     write_all,
 )
 from linkedblob.digests import ALGORITHMS, Digest
+from linkedblob.names import is_upload_id
 
 if TYPE_CHECKING:
     from blobsvc.storage.filesystem.storage import FilesystemStorage
@@ -260,3 +265,30 @@ def _upload_info(directory: str, create_with: str | None) -> tuple[str, str]:
     with open(path, "w", encoding="ascii") as f:
         f.write(f"{algorithm} {generation}\n")
     return algorithm, generation
+
+
+def upload_info(storage: FilesystemStorage, upload_id: str) -> UploadInfo | None:
+    """The upload's size and last write from its data file's metadata (no open, no lock)."""
+    try:
+        st = os.stat(storage.upload_data_path(upload_id))
+    except FileNotFoundError:
+        return None
+    return UploadInfo(upload_id, st.st_size, st.st_mtime_ns / 1e9)
+
+
+def list_uploads(storage: FilesystemStorage, after: str, limit: int) -> list[UploadInfo]:
+    """See Storage.list_uploads. A directory without a data file (being created, or being
+    removed by a commit or an abort) is not a staging area and is skipped."""
+    root = os.path.join(storage.root, "uploads")
+    with os.scandir(root) as entries:
+        names = sorted(e.name for e in entries if e.name > after and is_upload_id(e.name))
+    found: list[UploadInfo] = []
+    for name in names:
+        try:
+            st = os.stat(os.path.join(root, name, "data"))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        found.append(UploadInfo(name, st.st_size, st.st_mtime_ns / 1e9))
+        if len(found) >= limit:
+            break
+    return found
