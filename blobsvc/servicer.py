@@ -2,10 +2,10 @@
 edge, calls the domain (blobsvc.store), maps the results. Errors become statuses in
 linkedblob.rpc.servicer_method.
 
-Grants: given a Signer (``--grant-secret``), every call must carry a grant (linkedblob.grants)
-that allows it, checked before the request touches storage: "read" of a digest for Stat/Read of
-it, "write" of an upload id for Write/UploadStatus of it, "internal" for everything (and the
-only one for Commit, Abort, Put, Delete, List and FindMissing). The token is verified when the
+Grants: given a Signer (``--grant-secret``), every call must carry a grant (linkedblob.grants) that
+allows it, checked before the request touches storage: "read" of a digest for Stat/Read of it,
+"write" of an upload id for Write/UploadStatus of it, "internal" for everything (and the only one
+for Commit, Abort, Put, Delete, List, ListUploads and FindMissing). The token is verified when the
 call starts (UNAUTHENTICATED / UNAUTHORIZED), its scope once the request names its subject
 (PERMISSION_DENIED / DENIED); for Write, after the first message and before any byte is written.
 
@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from blobsvc.storage import validate_upload_id
+from blobsvc.storage import UploadInfo, validate_upload_id
 from blobsvc.store import MAX_FIND_MISSING, BlobStore, CommitSpec, Committed
 from linkedblob import metrics, wire
 from linkedblob.blob.v1 import blob_pb2 as pb
@@ -73,6 +74,18 @@ def _stored(committed: Committed) -> dict[str, Any]:
     already there."""
     blob = pb.Descriptor(digest=str(committed.digest), size=committed.size)
     return {"blob": blob, "already_existed": committed.already_existed}
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(round(seconds * 1e9))
+    return ts
+
+
+def _staged(info: UploadInfo) -> pb.StagedUpload:
+    return pb.StagedUpload(
+        upload_id=info.upload_id, size=info.size, updated_at=_timestamp(info.updated_at)
+    )
 
 
 def _optional_digest(text: str) -> Digest | None:
@@ -190,7 +203,8 @@ class BlobServicer:
             upload_id, first.offset, algorithm, _write_data(first, messages), commit
         )
         if result.committed is None:
-            return pb.WriteResponse(size=result.size)
+            staged = str(result.staged_digest) if result.staged_digest else ""
+            return pb.WriteResponse(size=result.size, staged_digest=staged)
         return pb.WriteResponse(size=result.size, **_stored(result.committed))
 
     @servicer_method
@@ -198,8 +212,8 @@ class BlobServicer:
         self, request: pb.UploadStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.UploadStatusResponse:
         self._allow(context, WRITE, request.upload_id)
-        size = await self.store.upload_size(validate_upload_id(request.upload_id))
-        return pb.UploadStatusResponse(size=size)
+        info = await self.store.upload_info(validate_upload_id(request.upload_id))
+        return pb.UploadStatusResponse(size=info.size, updated_at=_timestamp(info.updated_at))
 
     @servicer_method
     async def Commit(
@@ -253,4 +267,7 @@ class BlobServicer:
         self, request: pb.ListUploadsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListUploadsResponse:
         self._allow(context, INTERNAL)
-        raise LinkedBlobError(grpc.StatusCode.UNIMPLEMENTED, Reason.UNSUPPORTED, "not yet")
+        page, next_token = await self.store.list_uploads(request.page_size, request.page_token)
+        return pb.ListUploadsResponse(
+            uploads=[_staged(info) for info in page], next_page_token=next_token
+        )

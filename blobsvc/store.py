@@ -6,15 +6,16 @@ event loop only moves messages. Callers pass parsed digests and validated argume
 servicer does that at the edge); this layer enforces the upload protocol (offsets,
 exclusivity, verification before anything is stored).
 
-Hashing: each upload's hash state is kept in memory as its bytes arrive, so a commit in the
-process that staged them only finalizes it. The state is trusted only while it matches the
-upload exactly (generation, size, algorithm); otherwise (after a restart, when another replica
-wrote, or for a commit with another algorithm) the commit re-reads the staged bytes.
+Hashing: each upload's hash state is kept in memory as its bytes arrive (blobsvc.hashing), so
+a commit, or the staged digest a Write without commit answers, only reads it. When no state
+covers the staged bytes (after a restart, when another replica wrote, or for a commit with
+another algorithm) they are re-read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -25,11 +26,12 @@ from typing import Protocol, TypeVar
 import grpc
 from prometheus_client import Counter
 
+from blobsvc.hashing import HashStates, RunningHash, hash_staged
 from blobsvc.jobs import finish, finished, outcome, settle
-from blobsvc.storage import StagedUpload, Storage
+from blobsvc.storage import StagedUpload, Storage, UploadInfo, validate_upload_id
 from linkedblob import paging
 from linkedblob.config import STREAM_CHUNK_BYTES
-from linkedblob.digests import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
+from linkedblob.digests import DEFAULT_ALGORITHM, Digest
 from linkedblob.errors import LinkedBlobError, Reason, invalid_argument, not_found, out_of_range
 
 log = logging.getLogger(__name__)
@@ -49,12 +51,14 @@ MAX_HASH_STATES = 10_000
 PIPELINE_DEPTH = 2
 READ_AHEAD = 4
 READ_AHEAD_BUDGET_BYTES = 32 * 1024 * 1024
-# The kind of blobsvc's page tokens (linkedblob.paging).
+# The kinds of blobsvc's page tokens (linkedblob.paging).
 _BLOBS_TOKEN = "blobs"
+_UPLOADS_TOKEN = "uploads"
 
 REHASHES = Counter(
     "linkedblob_blob_commit_rehash_total",
-    "Commits that re-read the staged bytes to hash them (no matching in-memory hash state)",
+    "Times the staged bytes were re-read to hash them (no matching in-memory hash state): "
+    "for a commit, or for the staged digest of a Write without commit",
 )
 
 
@@ -77,23 +81,8 @@ class CommitSpec:
 class WriteResult:
     size: int  # bytes staged after the stream
     committed: Committed | None
-
-
-@dataclass
-class _HashState:
-    """A running hash over an upload's first ``size`` staged bytes."""
-
-    generation: str
-    algorithm: str
-    hasher: Hasher
-    size: int = 0
-
-    def update(self, data: bytes | memoryview) -> None:
-        """Worker thread (hashlib releases the GIL on large buffers). Runs beside the write
-        of the same bytes: if that write fails, the file's size no longer matches ``size``
-        and the state is not trusted again."""
-        self.hasher.update(data)
-        self.size += len(data)
+    # Without commit: the digest of all the staged bytes, with the upload's algorithm.
+    staged_digest: Digest | None = None
 
 
 class BlobStore:
@@ -124,9 +113,7 @@ class BlobStore:
         # File I/O and hashing of large buffers release the GIL: threads overlap them with
         # the event loop receiving the next message.
         self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix="blob-io")
-        # Running hashes by upload id, oldest first (uploads nobody finishes are forgotten).
-        self._hashes: dict[str, _HashState] = {}
-        self._max_hash_states = max_hash_states
+        self._hashes = HashStates(max_hash_states)
         self._pipeline_depth = pipeline_depth
         self._read_ahead = read_ahead
         self._read_ahead_budget = read_ahead_budget_bytes  # bytes of extra read-ahead left
@@ -274,16 +261,31 @@ class BlobStore:
 
     # --- uploads ---
 
-    async def upload_size(self, upload_id: str) -> int:
-        size = await self._run(self.storage.upload_size, upload_id)
-        if size is None:
+    async def upload_info(self, upload_id: str) -> UploadInfo:
+        """The upload's size and last write (NOT_FOUND / BLOB_UPLOAD_UNKNOWN when unknown)."""
+        info = await self._run(self.storage.upload_info, upload_id)
+        if info is None:
             raise not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} not found")
-        return size
+        return info
+
+    async def list_uploads(
+        self, page_size: int, page_token: str
+    ) -> tuple[builtins.list[UploadInfo], str]:
+        """One page of staging areas in upload id order, and the token of the next page (""
+        at the end)."""
+        page_size = paging.page_size(page_size)
+        after = paging.decode_page_token(page_token, _UPLOADS_TOKEN, "", validate_upload_id)
+        found = await self._run(self.storage.list_uploads, after, page_size + 1)
+        page = found[:page_size]
+        next_token = ""
+        if len(found) > page_size:
+            next_token = paging.encode_page_token(_UPLOADS_TOKEN, "", page[-1].upload_id)
+        return page, next_token
 
     async def abort(self, upload_id: str) -> None:
         """Drops the upload's staged bytes; an unknown upload is fine (idempotent)."""
         upload = await self._open(self.storage.open_upload, upload_id)
-        self._hashes.pop(upload_id, None)
+        self._hashes.forget(upload_id)
         if upload is None:
             return
         try:
@@ -308,7 +310,7 @@ class BlobStore:
     ) -> WriteResult:
         """Appends ``chunks`` to the upload at ``offset`` (which must equal its staged size;
         offset 0 creates an unknown upload hashing with ``algorithm``), then commits when
-        ``commit`` is given.
+        ``commit`` is given; otherwise the result has the digest of all the staged bytes.
 
         Pipelined: each chunk goes to two lanes, the file write and the running hash, each
         run in order in worker threads, beside each other and beside the caller's iterator
@@ -328,7 +330,7 @@ class BlobStore:
                     f"upload {upload_id} has {upload.size} bytes staged; cannot write at {offset}",
                     size=upload.size,
                 )
-            state = self._hash_state(upload)
+            state = self._hashes.for_write(upload)
             in_flight: list[asyncio.Future[None]] = []  # the lanes' jobs, oldest first
             most_in_flight = self._pipeline_depth * (1 if state is None else 2)
             last_write: asyncio.Future[None] | None = None
@@ -348,32 +350,35 @@ class BlobStore:
                 for future in in_flight:
                     await settle(future)
             size = upload.size
-            committed = await self._commit_held(upload, commit) if commit is not None else None
-            return WriteResult(size, committed)
+            if commit is not None:
+                return WriteResult(size, await self._commit_held(upload, commit))
+            return WriteResult(size, None, await self._staged_digest(upload))
         finally:
             upload.close()
+
+    async def _staged_digest(self, upload: StagedUpload) -> Digest:
+        """The digest of all of the (held) upload's bytes with its algorithm: from a copy of
+        the running hash (the live one keeps going), else re-read and kept as the state."""
+        state = self._hashes.trusted(upload, upload.algorithm)
+        if state is not None:
+            return Digest(upload.algorithm, state.hasher.copy().hexdigest())
+        hasher = await self._rehash(upload, upload.algorithm)
+        self._hashes.keep(upload, hasher)
+        return Digest(upload.algorithm, hasher.copy().hexdigest())
+
+    async def _rehash(self, upload: StagedUpload, algorithm: str) -> RunningHash:
+        log.info(
+            "re-hashing staged bytes",
+            extra={"upload_id": upload.upload_id, "size": upload.size, "algorithm": algorithm},
+        )
+        REHASHES.inc()
+        return await self._run(hash_staged, upload, algorithm)
 
     async def _open_existing(self, upload_id: str) -> StagedUpload:
         upload = await self._open(self.storage.open_upload, upload_id)
         if upload is None:
             raise not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} not found")
         return upload
-
-    def _hash_state(self, upload: StagedUpload) -> _HashState | None:
-        """The running hash to extend while writing this (held) upload, or None when the
-        bytes already staged are not covered by one (then the commit re-reads them)."""
-        state = self._hashes.get(upload.upload_id)
-        if state is not None and _covers(state, upload, upload.algorithm):
-            return state
-        if upload.size == 0:
-            state = _HashState(upload.generation, upload.algorithm, new_hasher(upload.algorithm))
-            while len(self._hashes) >= self._max_hash_states:
-                # Bounded memory: the oldest upload's commit will re-read its bytes instead.
-                del self._hashes[next(iter(self._hashes))]
-            self._hashes[upload.upload_id] = state
-            return state
-        self._hashes.pop(upload.upload_id, None)
-        return None
 
     async def _commit_held(self, upload: StagedUpload, spec: CommitSpec) -> Committed:
         size = upload.size
@@ -384,16 +389,11 @@ class BlobStore:
                 size=size,
             )
         algorithm = spec.digest.algorithm if spec.digest else upload.algorithm
-        state = self._hashes.get(upload.upload_id)
-        if state is not None and _covers(state, upload, algorithm):
+        state = self._hashes.trusted(upload, algorithm)
+        if state is not None:
             hexdigest = state.hasher.hexdigest()  # does not finalize: a retry can reuse it
         else:
-            log.info(
-                "re-hashing staged bytes",
-                extra={"upload_id": upload.upload_id, "size": size, "algorithm": algorithm},
-            )
-            REHASHES.inc()
-            hexdigest = await self._run(_hash_staged, upload, algorithm)
+            hexdigest = (await self._rehash(upload, algorithm)).hexdigest()
         actual = Digest(algorithm, hexdigest)
         if spec.digest is not None and actual != spec.digest:
             raise invalid_argument(
@@ -403,25 +403,5 @@ class BlobStore:
             )
         # Verified: store it (or find it already stored), and forget the upload.
         existed = await self._run(upload.store_as, actual)
-        self._hashes.pop(upload.upload_id, None)
+        self._hashes.forget(upload.upload_id)
         return Committed(actual, size, existed)
-
-
-def _covers(state: _HashState, upload: StagedUpload, algorithm: str) -> bool:
-    return (state.generation, state.size, state.algorithm) == (
-        upload.generation,
-        upload.size,
-        algorithm,
-    )
-
-
-def _hash_staged(upload: StagedUpload, algorithm: str) -> str:
-    hasher = new_hasher(algorithm)
-    position = 0
-    while position < upload.size:
-        chunk = upload.read_at(position, STREAM_CHUNK_BYTES)
-        if not chunk:
-            break
-        hasher.update(chunk)
-        position += len(chunk)
-    return hasher.hexdigest()
