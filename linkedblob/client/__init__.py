@@ -45,6 +45,11 @@ from linkedblob.client.model import (
     Source,
     Upload,
 )
+from linkedblob.transport import channel_options as channel_options
+
+# Deprecated aliases of names this package had before it was split; they go in a later release.
+# DirectAccess is now DirectGrant; channel_options lives in linkedblob.transport.
+DirectAccess = DirectGrant
 
 __all__ = [
     "ADDR_ENV",
