@@ -102,6 +102,10 @@ def test_filesystem_upload_is_exclusive_across_processes(
             fs.open_upload("shared")
         assert excinfo.value.code == grpc.StatusCode.ABORTED
         assert fs.upload_size("shared") == len(b"from the other process")
+        # listing reads the staging file's metadata: it neither waits for nor needs the lock
+        info = fs.upload_info("shared")
+        assert info is not None and info.size == len(b"from the other process")
+        assert fs.list_uploads("", 10) == [info]
         other.stdin.write("\n")
         other.stdin.flush()
         assert other.wait(10) == 0
@@ -186,3 +190,26 @@ def test_filesystem_crash_leaves_no_temporary_files(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "tmp") == []
     stored = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
     assert [p.read_bytes() for p in stored] == [b"stored before the crash"]
+
+
+def test_filesystem_lists_only_staging_areas(
+    tmp_path: Path, filesystems: Callable[..., FilesystemStorage]
+) -> None:
+    """A directory without a data file (being created or removed), a stray file and a name
+    outside the upload id grammar are not staging areas; the last write is the data file's
+    mtime."""
+    fs = filesystems()
+    upload = fs.open_upload("real", "sha256")
+    assert upload is not None
+    upload.append(b"abc")
+    upload.close()
+    uploads = tmp_path / "uploads"
+    (uploads / "empty-dir").mkdir()
+    (uploads / "stray-file").write_bytes(b"x")
+    (uploads / "not.an.id").mkdir()
+    (uploads / "not.an.id" / "data").write_bytes(b"x")
+    os.utime(uploads / "real" / "data", ns=(1_000_000_000_000, 1_234_567_890_123_456_789))
+    listed = fs.list_uploads("", 100)
+    assert [(u.upload_id, u.size) for u in listed] == [("real", 3)]
+    assert listed[0].updated_at == 1_234_567_890.123456789
+    assert fs.upload_info("empty-dir") is None

@@ -117,6 +117,10 @@ def _list(s: blob_pb2_grpc.BlobServiceStub, w: World, md: Metadata) -> object:
     return s.List(pb.ListRequest(), metadata=md)
 
 
+def _list_uploads(s: blob_pb2_grpc.BlobServiceStub, w: World, md: Metadata) -> object:
+    return s.ListUploads(pb.ListUploadsRequest(), metadata=md)
+
+
 def _find_missing(s: blob_pb2_grpc.BlobServiceStub, w: World, md: Metadata) -> object:
     return s.FindMissing(pb.FindMissingRequest(digests=[w.digest]), metadata=md)
 
@@ -133,6 +137,7 @@ CALLS: dict[str, tuple[Call, Callable[[World], tuple[str, str]] | None]] = {
     "Put": (_put, None),
     "Delete": (_delete, None),
     "List": (_list, None),
+    "ListUploads": (_list_uploads, None),
     "FindMissing": (_find_missing, None),
 }
 
@@ -250,6 +255,12 @@ def test_an_internal_grant_allows_every_call(
     put = stub.Put(pb.PutRequest(data=world.new_data), metadata=md)
     listed = {d.digest for d in stub.List(pb.ListRequest(page_size=1000), metadata=md).blobs}
     assert {world.digest, sha256(b"abcdefg"), put.blob.digest} <= listed
+    staged = stub.ListUploads(pb.ListUploadsRequest(page_size=1000), metadata=md).uploads
+    staged_ids = {u.upload_id for u in staged}
+    assert world.new_upload_id not in staged_ids and world.upload_id not in staged_ids
+    stub.Write(write_requests(world.new_upload_id, b"fresh"), metadata=md)
+    staged = stub.ListUploads(pb.ListUploadsRequest(page_size=1000), metadata=md).uploads
+    assert {u.upload_id: u.size for u in staged}[world.new_upload_id] == 5
     assert stub.Delete(pb.DeleteRequest(digest=world.digest), metadata=md).deleted
     missing = stub.FindMissing(pb.FindMissingRequest(digests=[world.digest]), metadata=md)
     assert list(missing.missing) == [world.digest]
