@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from collector.model import SessionState
-from tests.collector_world import HOUR, World
+from collector.testing import HOUR, World
 
 EXPIRY = 24 * HOUR
 

@@ -8,7 +8,7 @@ import pytest
 from collector.fakes import Crash
 from collector.model import BlobState
 from collector.stats import LOCK_LOST, OK, SKIPPED, STOPPED
-from tests.collector_world import HOUR, World
+from collector.testing import HOUR, World
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The collector's unit-test world: the in-memory linksvc and blobsvc (collector.fakes) on one
+"""A world for tests of the collector: the in-memory linksvc and blobsvc (collector.fakes) on one
 clock, with the gateway's moves (push, unlink, uploads) as one-liners."""
 
 from __future__ import annotations
