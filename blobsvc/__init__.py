@@ -2,7 +2,7 @@
 
 - ``servicer``: the gRPC surface (validation at the edge; Write/Read data messages raw)
 - ``store``: the domain (BlobStore): reads, resumable uploads hashed as they arrive, verified
-  commits; ``jobs``: how it awaits its worker threads
+  commits; ``hashing``: the uploads' running hashes; ``jobs``: how it awaits its worker threads
 - ``storage``: the driver interface (Storage), the drivers ``storage.filesystem`` and
   ``storage.memory``, the wrappers every driver gets (``storage.empty_blob``,
   ``storage.metrics``) and the contract suite drivers pass (``storage.contract``)

@@ -212,4 +212,6 @@ def test_filesystem_lists_only_staging_areas(
     listed = fs.list_uploads("", 100)
     assert [(u.upload_id, u.size) for u in listed] == [("real", 3)]
     assert listed[0].updated_at == 1_234_567_890.123456789
+    assert fs.list_uploads("", 1) == listed  # a page is filled past the entries skipped
+    assert fs.list_uploads("real", 1) == []
     assert fs.upload_info("empty-dir") is None

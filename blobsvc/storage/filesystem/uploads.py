@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import heapq
 import os
 import secrets
 from typing import TYPE_CHECKING
@@ -280,15 +281,19 @@ def list_uploads(storage: FilesystemStorage, after: str, limit: int) -> list[Upl
     """See Storage.list_uploads. A directory without a data file (being created, or being
     removed by a commit or an abort) is not a staging area and is skipped."""
     root = os.path.join(storage.root, "uploads")
-    with os.scandir(root) as entries:
-        names = sorted(e.name for e in entries if e.name > after and is_upload_id(e.name))
     found: list[UploadInfo] = []
-    for name in names:
-        try:
-            st = os.stat(os.path.join(root, name, "data"))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        found.append(UploadInfo(name, st.st_size, st.st_mtime_ns / 1e9))
-        if len(found) >= limit:
+    while len(found) < limit:
+        # The next names only (not a sort of them all); again if some were not staging areas.
+        with os.scandir(root) as entries:
+            candidates = (e.name for e in entries if e.name > after and is_upload_id(e.name))
+            names = heapq.nsmallest(limit - len(found), candidates)
+        if not names:
             break
+        for name in names:
+            try:
+                st = os.stat(os.path.join(root, name, "data"))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            found.append(UploadInfo(name, st.st_size, st.st_mtime_ns / 1e9))
+        after = names[-1]
     return found
