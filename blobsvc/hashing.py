@@ -13,9 +13,12 @@ import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
+import grpc
+
 from blobsvc.storage import StagedUpload
 from linkedblob.config import STREAM_CHUNK_BYTES
 from linkedblob.digests import Hasher
+from linkedblob.errors import LinkedBlobError, Reason
 
 
 class RunningHash(Hasher, Protocol):
@@ -95,13 +98,17 @@ class HashStates:
 
 def hash_staged(upload: StagedUpload, algorithm: str) -> RunningHash:
     """Worker thread: the hash of all of the (held) upload's staged bytes, read a chunk at a
-    time."""
+    time. DATA_LOSS when they end before its size (nobody else writes a held upload)."""
     hasher = new_running_hash(algorithm)
     position = 0
     while position < upload.size:
         chunk = upload.read_at(position, STREAM_CHUNK_BYTES)
         if not chunk:
-            break
+            raise LinkedBlobError(
+                grpc.StatusCode.DATA_LOSS,
+                Reason.INTERNAL,
+                f"upload {upload.upload_id} ends at {position}, before its size {upload.size}",
+            )
         hasher.update(chunk)
         position += len(chunk)
     return hasher

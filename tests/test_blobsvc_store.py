@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from blobsvc.storage import BlobReader
+from blobsvc.storage import BlobReader, StagedUpload
 from blobsvc.storage.filesystem import FilesystemStorage
-from blobsvc.storage.forwarding import ForwardingStorage
+from blobsvc.storage.forwarding import ForwardingStagedUpload, ForwardingStorage
 from blobsvc.storage.memory import MemoryStorage
 from blobsvc.store import BlobStore, CommitSpec
 from linkedblob.config import STREAM_CHUNK_BYTES
@@ -195,5 +195,45 @@ def test_read_ahead_is_a_parameter() -> None:
             assert bytes(received) == data
         finally:
             await store.close()
+
+    asyncio.run(scenario())
+
+
+class _ShortStagedReads(ForwardingStorage):
+    """Staged bytes that read back shorter than the upload's size (damage under the lock)."""
+
+    def open_upload(self, upload_id: str, create_with: str | None = None) -> StagedUpload | None:
+        upload = self.base.open_upload(upload_id, create_with)
+        if upload is None:
+            return None
+
+        class Short(ForwardingStagedUpload):
+            def read_at(self, offset: int, length: int) -> bytes:
+                return self.base.read_at(offset, length)[:-1]
+
+        return Short(upload)
+
+
+def test_staged_bytes_read_short_are_data_loss_not_a_digest() -> None:
+    """When the staged bytes must be re-read (another store wrote them) and they end early,
+    neither the staged digest nor a commit answers a digest of fewer bytes."""
+
+    async def scenario() -> None:
+        shared = _ShortStagedReads(MemoryStorage())
+        a, b = BlobStore(shared, io_threads=2), BlobStore(shared, io_threads=2)
+        try:
+            written = await a.write("u", 0, "sha256", chunks(b"first "))
+            assert written.staged_digest == digest(b"first ")  # a's running hash: no read
+            for call in (
+                b.write("u", 6, "sha256", chunks(b"second")),
+                b.commit("u", CommitSpec()),
+            ):
+                with pytest.raises(LinkedBlobError) as err:
+                    await call
+                assert err.value.code.name == "DATA_LOSS"
+            assert shared.list("", 10) == []
+        finally:
+            await a.close()
+            await b.close()
 
     asyncio.run(scenario())
