@@ -1,9 +1,10 @@
 """The servicer side of every service: one decorator per concern, and their composition.
 
 - :func:`maps_errors` turns what a servicer method raises into a gRPC status, once, at the
-  service's edge: a LinkedBlobError keeps its code and reason; a backend's grpc.RpcError is
-  relayed with its code and reason; anything else becomes INTERNAL and is logged with its
-  traceback.
+  service's edge: a LinkedBlobError keeps its code and reason; anything else becomes INTERNAL
+  and is logged with its traceback. That includes a grpc.RpcError: no servicer makes gRPC calls
+  itself (the gateway's backend adapters turn their calls' failures into LinkedBlobError, see
+  gateway.grpc_calls), so one reaching here is a leak, to be seen, not relayed.
 - :func:`records_metrics` counts calls by method and final code, times them, and keeps the
   in-flight count the bootstrap uses to see when the server is quiet.
 - :func:`servicer_method` is both, the way every servicer method is wrapped.
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 import grpc
 
 from linkedblob import metrics
-from linkedblob.errors import LinkedBlobError, Reason, from_rpc_error
+from linkedblob.errors import LinkedBlobError, Reason
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def to_linkedblob_error(method: str, exc: BaseException) -> LinkedBlobError:
-    """What a failure of ``method`` answers: itself, a relayed backend error, or INTERNAL."""
+    """What a failure of ``method`` answers: itself if a LinkedBlobError, else INTERNAL."""
     if isinstance(exc, LinkedBlobError):
         return exc
-    if isinstance(exc, grpc.RpcError):
-        return from_rpc_error(exc)
     log.exception("unexpected error in %s", method, exc_info=exc)
     return LinkedBlobError(
         grpc.StatusCode.INTERNAL, Reason.INTERNAL, f"internal error: {type(exc).__name__}"
