@@ -32,8 +32,9 @@ class BlobBackend(Protocol):
         """NOT_FOUND / BLOB_UNKNOWN when the store does not hold ``digest``."""
         ...
 
-    async def put(self, data: bytes, digest: str) -> BlobDescriptor:
-        """Stores a whole blob (checked against ``digest`` unless it is "")."""
+    async def put(self, data: bytes, digest: str, counted_as: str = "") -> BlobDescriptor:
+        """Stores a whole blob (checked against ``digest`` unless it is ""). ``counted_as``: the
+        public method the bytes came in by, for the byte counters ("": not counted)."""
         ...
 
     async def open_read(
@@ -51,11 +52,14 @@ class BlobBackend(Protocol):
         data: bytes,
         incoming: IncomingData | None = None,
         commit: CommitSpec | None = None,
+        counted_as: str = "",
     ) -> Written:
         """Appends ``data`` and then ``incoming``'s data to a staging area at ``offset``
         (OUT_OF_RANGE / BLOB_UPLOAD_INVALID with metadata ``size`` when that is not its size;
         offset 0 creates one; past 0 on none: NOT_FOUND / BLOB_UPLOAD_UNKNOWN), then commits it
-        when ``commit`` is given."""
+        when ``commit`` is given. Each of ``incoming``'s messages goes through its
+        ``check_size``. The bytes are counted under ``incoming.method``, else under
+        ``counted_as`` ("": not counted)."""
         ...
 
     async def upload_size(self, upload_id: str) -> int:
@@ -89,8 +93,9 @@ class LinkBackend(Protocol):
         ``finish_session`` as committed, in one transaction."""
         ...
 
-    async def resolve(self, repository: str, digest: str) -> LinkedBlob:
-        """NOT_FOUND / BLOB_UNKNOWN when ``repository`` does not link ``digest``."""
+    async def resolve(self, repository: str, digest: str, fresh: bool = False) -> LinkedBlob:
+        """NOT_FOUND / BLOB_UNKNOWN when ``repository`` does not link ``digest``. ``fresh``:
+        asks linksvc itself, whatever a cache in front of it remembers."""
         ...
 
     async def unlink(self, repository: str, digest: str) -> None: ...

@@ -88,7 +88,7 @@ class FakeBlobBackend:
             raise _unknown_blob(digest)
         return BlobDescriptor(digest, len(self.blobs[digest]))
 
-    async def put(self, data: bytes, digest: str) -> BlobDescriptor:
+    async def put(self, data: bytes, digest: str, counted_as: str = "") -> BlobDescriptor:
         self.failures.check("put")
         return self._store(data, CommitSpec(digest))
 
@@ -120,6 +120,7 @@ class FakeBlobBackend:
         data: bytes,
         incoming: IncomingData | None = None,
         commit: CommitSpec | None = None,
+        counted_as: str = "",
     ) -> Written:
         self.failures.check("write")
         staged = self.staged.get(upload_id)
@@ -137,7 +138,9 @@ class FakeBlobBackend:
         if incoming is not None:
             async for raw in incoming.messages:
                 payload = wire.data_payload(raw, incoming.data_field)
-                staged += payload if payload is not None else incoming.parse(raw)
+                chunk = payload if payload is not None else incoming.parse(raw)
+                incoming.check_size(len(chunk))
+                staged += chunk
         if commit is None:
             return Written(len(staged))
         blob = self._store(bytes(staged), commit)
@@ -218,7 +221,7 @@ class FakeLinkBackend:
         self.links[key] = media_type or self.links.get(key, "")
         return LinkedBlob(digest, recorded, self.links[key])
 
-    async def resolve(self, repository: str, digest: str) -> LinkedBlob:
+    async def resolve(self, repository: str, digest: str, fresh: bool = False) -> LinkedBlob:
         self.failures.check("resolve")
         if (repository, digest) not in self.links:
             raise _unknown_blob(digest)

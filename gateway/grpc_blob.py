@@ -1,9 +1,12 @@
 """The BlobBackend over gRPC: blobsvc, on one aio channel reused by every call.
 
-A failed call becomes a LinkedBlobError here, once (from_rpc_error: blobsvc's code and reason
-kept, a transport failure UNAVAILABLE). The two byte streams (Read, Write) are opened by their
-method paths with raw-bytes (de)serializers, and their data messages re-tagged, not parsed,
-between the caller's field and blobsvc's (linkedblob.wire): one copy per message, the re-tag.
+A failed call becomes a LinkedBlobError here, once (gateway.grpc_calls: blobsvc's code and
+reason kept; a transport failure, or a call on the channel once it is closed, UNAVAILABLE).
+The bytes relayed are counted here too (metrics.BYTES_IN, BYTES_OUT: by the public method they
+came in or go out by), since this is where they pass. The two byte streams (Read, Write) are
+opened by their method paths with raw-bytes (de)serializers, and their data messages
+re-tagged, not parsed, between the caller's field and blobsvc's (linkedblob.wire): one copy
+per message, the re-tag.
 """
 
 from __future__ import annotations
@@ -13,8 +16,13 @@ from typing import Any
 
 import grpc
 
-from gateway import validation
-from gateway.grpc_calls import WriteCall, answer
+from gateway.grpc_calls import (
+    CHANNEL_FAILURES,
+    FINAL_STATUS_WAIT,
+    WriteCall,
+    answer,
+    channel_failure,
+)
 from gateway.model import BlobDescriptor, CommitSpec, IncomingData, OutgoingData, Written
 from linkedblob import metrics, transport, wire
 from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
@@ -30,9 +38,18 @@ def _blob(descriptor: blob_pb2.Descriptor) -> BlobDescriptor:
 
 
 class GrpcBlobBackend:
-    def __init__(self, address: str, metadata: Callable[[], Metadata | None]) -> None:
+    def __init__(
+        self,
+        address: str,
+        metadata: Callable[[], Metadata | None],
+        *,
+        final_status_wait: float = FINAL_STATUS_WAIT,
+    ) -> None:
         """Opens the channel (lazily connected; must run inside the server's event loop).
-        ``metadata`` gives every call's metadata: the gateway's internal grant, if any."""
+        ``metadata`` gives every call's metadata: the gateway's internal grant, if any.
+        ``final_status_wait``: how long a failed send of a Write waits for the status blobsvc
+        ends the call with (gateway.grpc_calls.WriteCall)."""
+        self._final_status_wait = final_status_wait
         self._channel = grpc.aio.insecure_channel(
             address, options=[*transport.channel_options(), *transport.bounded_windows()]
         )
@@ -56,49 +73,52 @@ class GrpcBlobBackend:
 
     async def stat(self, digest: str) -> BlobDescriptor:
         stat = await answer(
-            self._stub.Stat(blob_pb2.StatRequest(digest=digest), metadata=self._metadata())
+            self._stub.Stat, blob_pb2.StatRequest(digest=digest), metadata=self._metadata()
         )
         return _blob(stat.blob)
 
-    async def put(self, data: bytes, digest: str) -> BlobDescriptor:
+    async def put(self, data: bytes, digest: str, counted_as: str = "") -> BlobDescriptor:
         stored = await answer(
-            self._stub.Put(blob_pb2.PutRequest(data=data, digest=digest), metadata=self._metadata())
+            self._stub.Put, blob_pb2.PutRequest(data=data, digest=digest), metadata=self._metadata()
         )
+        if counted_as:
+            metrics.BYTES_IN.labels(counted_as).inc(stored.blob.size)
         return _blob(stored.blob)
 
     async def upload_size(self, upload_id: str) -> int:
         status = await answer(
-            self._stub.UploadStatus(
-                blob_pb2.UploadStatusRequest(upload_id=upload_id), metadata=self._metadata()
-            )
+            self._stub.UploadStatus,
+            blob_pb2.UploadStatusRequest(upload_id=upload_id),
+            metadata=self._metadata(),
         )
         return int(status.size)
 
     async def commit(self, upload_id: str, digest: str) -> BlobDescriptor:
         committed = await answer(
-            self._stub.Commit(
-                blob_pb2.CommitRequest(upload_id=upload_id, digest=digest),
-                metadata=self._metadata(),
-            )
+            self._stub.Commit,
+            blob_pb2.CommitRequest(upload_id=upload_id, digest=digest),
+            metadata=self._metadata(),
         )
         return _blob(committed.blob)
 
     async def abort(self, upload_id: str) -> None:
         await answer(
-            self._stub.Abort(blob_pb2.AbortRequest(upload_id=upload_id), metadata=self._metadata())
+            self._stub.Abort, blob_pb2.AbortRequest(upload_id=upload_id), metadata=self._metadata()
         )
 
     async def open_read(
         self, digest: str, offset: int, length: int, out: OutgoingData
     ) -> AsyncGenerator[bytes, None]:
-        call = self._read_raw(
-            blob_pb2.ReadRequest(digest=digest, offset=offset, limit=length),
-            metadata=self._metadata(),
-        )
         try:
+            call = self._read_raw(
+                blob_pb2.ReadRequest(digest=digest, offset=offset, limit=length),
+                metadata=self._metadata(),
+            )
             first = await call.read()  # blobsvc refuses a digest it lacks before any data
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        except CHANNEL_FAILURES as err:
+            raise channel_failure(err) from None
         return _relay_read(call, first, length, out, digest)
 
     async def write(
@@ -108,7 +128,11 @@ class GrpcBlobBackend:
         data: bytes,
         incoming: IncomingData | None = None,
         commit: CommitSpec | None = None,
+        counted_as: str = "",
     ) -> Written:
+        """See BlobBackend.write. The bytes are counted under ``incoming.method``, or under
+        ``counted_as`` ("": not counted) when there is no ``incoming``: ``data`` once it was
+        sent to blobsvc, each relayed message as it is taken from ``incoming``."""
         first = blob_pb2.WriteRequest(upload_id=upload_id, offset=offset, data=data)
         if commit is not None:
             first.commit = True
@@ -116,21 +140,33 @@ class GrpcBlobBackend:
             first.algorithm = commit.algorithm
             if commit.size is not None:
                 first.commit_size = commit.size
-        call = WriteCall(self._write_raw(metadata=self._metadata()))  # type: ignore[call-arg]
-        received = len(data)
+        try:
+            raw_call = self._write_raw(metadata=self._metadata())  # type: ignore[call-arg]
+        except CHANNEL_FAILURES as err:
+            raise channel_failure(err) from None
+        call = WriteCall(raw_call, self._final_status_wait)
+        # A caller's first message was received whatever becomes of it; data of the domain's
+        # own (a commit's last chunk) counts once it was sent.
+        received = len(data) if incoming is not None else 0
+        counter = incoming.method if incoming is not None else counted_as
         try:
             await call.send(first.SerializeToString())
+            received = len(data)
             if incoming is not None:
-                data_field, parse = incoming.data_field, incoming.parse
+                data_field, parse, check_size = (
+                    incoming.data_field,
+                    incoming.parse,
+                    incoming.check_size,
+                )
                 async for raw in incoming.messages:
                     payload = wire.data_payload(raw, data_field)
                     if payload is None:
                         chunk = parse(raw)
-                        validation.data_size(len(chunk))
+                        check_size(len(chunk))
                         out = wire.data_message(transport.BLOB_WRITE_DATA, chunk)
                         received += len(chunk)
                     else:
-                        validation.data_size(len(payload))
+                        check_size(len(payload))
                         out = wire.retag(raw, transport.BLOB_WRITE_DATA) if payload else b""
                         received += len(payload)
                     if out:
@@ -140,8 +176,8 @@ class GrpcBlobBackend:
             call.cancel()
             raise
         finally:
-            if incoming is not None:
-                metrics.BYTES_IN.labels(incoming.method).inc(received)
+            if counter:
+                metrics.BYTES_IN.labels(counter).inc(received)
         return Written(written.size, _blob(written.blob) if written.HasField("blob") else None)
 
 
@@ -172,6 +208,8 @@ async def _relay_read(
             raw = await call.read()
     except grpc.RpcError as err:
         raise from_rpc_error(err) from None
+    except CHANNEL_FAILURES as err:
+        raise channel_failure(err) from None
     finally:
         if not call.done():
             call.cancel()  # the caller went away

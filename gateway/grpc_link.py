@@ -48,7 +48,7 @@ class GrpcLinkBackend:
         await self._channel.close(None)
 
     async def stat_blob(self, digest: str) -> BlobDescriptor:
-        recorded = await answer(self._stub.StatBlob(link_pb2.StatBlobRequest(digest=digest)))
+        recorded = await answer(self._stub.StatBlob, link_pb2.StatBlobRequest(digest=digest))
         return BlobDescriptor(recorded.digest, recorded.size)
 
     async def link(
@@ -66,30 +66,29 @@ class GrpcLinkBackend:
             size=size,
             finish_session_id=finish_session,
         )
-        linked = await answer(self._stub.Link(request))
+        linked = await answer(self._stub.Link, request)
         return _linked(linked.blob)
 
-    async def resolve(self, repository: str, digest: str) -> LinkedBlob:
+    async def resolve(self, repository: str, digest: str, fresh: bool = False) -> LinkedBlob:
         resolved = await answer(
-            self._stub.Resolve(link_pb2.ResolveRequest(repository=repository, digest=digest))
+            self._stub.Resolve, link_pb2.ResolveRequest(repository=repository, digest=digest)
         )
         return _linked(resolved.blob)
 
     async def unlink(self, repository: str, digest: str) -> None:
         await answer(
-            self._stub.Unlink(link_pb2.UnlinkRequest(repository=repository, digest=digest))
+            self._stub.Unlink, link_pb2.UnlinkRequest(repository=repository, digest=digest)
         )
 
     async def mount(self, repository: str, source: str, digest: str, media_type: str) -> LinkedBlob:
         mounted = await answer(
-            self._stub.Mount(
-                link_pb2.MountRequest(
-                    repository=repository,
-                    from_repository=source,
-                    digest=digest,
-                    media_type=media_type,
-                )
-            )
+            self._stub.Mount,
+            link_pb2.MountRequest(
+                repository=repository,
+                from_repository=source,
+                digest=digest,
+                media_type=media_type,
+            ),
         )
         return _linked(mounted.blob)
 
@@ -97,44 +96,40 @@ class GrpcLinkBackend:
         self, repository: str, page_size: int, page_token: str
     ) -> Page[LinkedBlob]:
         links = await answer(
-            self._stub.ListLinks(
-                link_pb2.ListLinksRequest(
-                    repository=repository, page_size=page_size, page_token=page_token
-                )
-            )
+            self._stub.ListLinks,
+            link_pb2.ListLinksRequest(
+                repository=repository, page_size=page_size, page_token=page_token
+            ),
         )
         return Page([_linked(blob) for blob in links.blobs], links.next_page_token)
 
     async def list_repositories(self, page_size: int, page_token: str) -> Page[str]:
         names = await answer(
-            self._stub.ListRepositories(
-                link_pb2.ListRepositoriesRequest(page_size=page_size, page_token=page_token)
-            )
+            self._stub.ListRepositories,
+            link_pb2.ListRepositoriesRequest(page_size=page_size, page_token=page_token),
         )
         return Page(list(names.repositories), names.next_page_token)
 
     async def create_session(self, repository: str) -> UploadSession:
         session = await answer(
-            self._stub.CreateSession(link_pb2.CreateSessionRequest(repository=repository))
+            self._stub.CreateSession, link_pb2.CreateSessionRequest(repository=repository)
         )
         return _session(session)
 
     async def get_session(self, upload_id: str) -> UploadSession:
-        session = await answer(self._stub.GetSession(link_pb2.GetSessionRequest(id=upload_id)))
+        session = await answer(self._stub.GetSession, link_pb2.GetSessionRequest(id=upload_id))
         return _session(session)
 
     async def advance_session(self, upload_id: str, from_size: int, to_size: int) -> None:
         await answer(
-            self._stub.AdvanceSession(
-                link_pb2.AdvanceSessionRequest(id=upload_id, from_size=from_size, to_size=to_size)
-            )
+            self._stub.AdvanceSession,
+            link_pb2.AdvanceSessionRequest(id=upload_id, from_size=from_size, to_size=to_size),
         )
 
     async def finish_session(self, upload_id: str, state: SessionState) -> None:
         await answer(
-            self._stub.FinishSession(
-                link_pb2.FinishSessionRequest(id=upload_id, state=_SESSION_STATES[state])
-            )
+            self._stub.FinishSession,
+            link_pb2.FinishSessionRequest(id=upload_id, state=_SESSION_STATES[state]),
         )
 
     def forget(self, repository: str, digest: str) -> None:

@@ -93,12 +93,14 @@ class CachedLinks:
         self._links = links
         self.cache = cache
 
-    async def resolve(self, repository: str, digest: str) -> LinkedBlob:
-        cached = self.cache.get(repository, digest)
+    async def resolve(self, repository: str, digest: str, fresh: bool = False) -> LinkedBlob:
+        """From the cache unless ``fresh`` (then linksvc's answer, kept as any other is)."""
+        cached = None if fresh else self.cache.get(repository, digest)
         if cached is not None:
             return cached
         generation = self.cache.generation
-        return self._keep(repository, await self._links.resolve(repository, digest), generation)
+        linked = await self._links.resolve(repository, digest, fresh)
+        return self._keep(repository, linked, generation)
 
     async def link(
         self,

@@ -76,13 +76,17 @@ class IncomingData:
     """A caller's data messages, serialized as they arrived, to relay without parsing them.
 
     A message holding only the data field is re-tagged for the next hop (linkedblob.wire);
-    any other shape is read with ``parse`` (the slow path).
+    any other shape is read with ``parse`` (the slow path). Whoever takes the data calls
+    ``check_size`` with each message's data size (it raises for one over the caller's limit):
+    the servicer sets the limit, the backend checks it where it has the size at hand, with no
+    extra pass over the messages.
     """
 
     messages: AsyncIterator[bytes]
     data_field: int  # the number of the data field in the caller's messages
     parse: Callable[[bytes], bytes]
     method: str  # the public method, for the byte counters
+    check_size: Callable[[int], None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,18 +28,34 @@ from linkedblob.errors import (
     out_of_range,
 )
 
-# Seconds after which a failed PushBlob's staging area is aborted a second time.
+# Seconds after which a failed PushBlob's staging area is aborted a second time (default).
 ABORT_AGAIN_AFTER = 2.0
 
 
 class Registry:
     def __init__(
-        self, blobs: BlobBackend, links: LinkBackend, *, enable_delete: bool = False
+        self,
+        blobs: BlobBackend,
+        links: LinkBackend,
+        *,
+        enable_delete: bool = False,
+        abort_again_after: float = ABORT_AGAIN_AFTER,
     ) -> None:
+        """``abort_again_after``: seconds after which a failed PushBlob's staging area is
+        aborted a second time (see :meth:`_drop_staging`)."""
         self._blobs = blobs
         self._links = links
         self._enable_delete = enable_delete
+        self._abort_again_after = abort_again_after
         self._cleanups: set[asyncio.Task[None]] = set()  # aborts in flight (kept referenced)
+
+    async def close(self) -> None:
+        """Ends the cleanups still pending (before the backends' channels close): an abort
+        not yet made is left to blobsvc's purge of stale uploads."""
+        pending = list(self._cleanups)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -73,7 +89,7 @@ class Registry:
     async def put(
         self, repository: str, media_type: str, digest: Digest | None, data: bytes
     ) -> LinkedBlob:
-        stored = await self._blobs.put(data, str(digest) if digest else "")
+        stored = await self._blobs.put(data, str(digest) if digest else "", counted_as="PutBlob")
         return await self._links.link(repository, stored.digest, media_type, stored.size)
 
     async def push(
@@ -136,7 +152,7 @@ class Registry:
         bytes to blobsvc's purge of stale uploads.
         """
         loop = asyncio.get_running_loop()
-        for after in (0.0, ABORT_AGAIN_AFTER):
+        for after in (0.0, self._abort_again_after):
             task = loop.create_task(self._abort_quietly(upload_id, after))
             self._cleanups.add(task)
             task.add_done_callback(self._cleanups.discard)
@@ -144,6 +160,8 @@ class Registry:
     async def _abort_quietly(self, upload_id: str, after: float) -> None:
         if after:
             await asyncio.sleep(after)
+        # The backends answer every failure as a LinkedBlobError (a closed channel included:
+        # UNAVAILABLE), so nothing else can escape into the task.
         with contextlib.suppress(LinkedBlobError):
             await self._blobs.abort(upload_id)
 

@@ -59,6 +59,7 @@ def serve(args: argparse.Namespace) -> int | None:
         return 2
     cache: LinkCache[LinkedBlob] = LinkCache(args.link_cache_ttl, args.link_cache_size)
     opened: list[GrpcBlobBackend | GrpcLinkBackend] = []
+    registries: list[Registry] = []
 
     def register(server: grpc.aio.Server) -> None:
         # Runs inside the server's event loop, where aio channels must be created.
@@ -66,14 +67,15 @@ def serve(args: argparse.Namespace) -> int | None:
         links = GrpcLinkBackend(args.link_addr)
         opened.extend((blobs, links))
         cached_links = CachedLinks(links, cache)
-        servicer = RegistryServicer(
-            Registry(blobs, cached_links, enable_delete=args.enable_delete),
-            Uploads(blobs, cached_links),
-            grants,
-        )
+        registry = Registry(blobs, cached_links, enable_delete=args.enable_delete)
+        registries.append(registry)
+        servicer = RegistryServicer(registry, Uploads(blobs, cached_links), grants)
         add_registry(servicer, server)
 
     async def on_stop() -> None:
+        # The registry's pending cleanups first: they call blobsvc, whose channel closes next.
+        for registry in registries:
+            await registry.close()
         for backend in opened:
             await backend.close()
 

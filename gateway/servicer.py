@@ -8,7 +8,8 @@ address and a grant for one digest or one upload, after the domain's checks.
 
 The byte streams (ReadBlob, PushBlob, WriteUpload) take and give serialized messages (see
 gateway.server); their data messages are relayed without parsing (gateway.model.IncomingData,
-OutgoingData).
+OutgoingData), and counted (metrics.BYTES_IN, BYTES_OUT) by the backend adapter that relays
+them; the servicer only sets the limit of a data message (IncomingData.check_size).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from gateway.direct import GrantIssuer
 from gateway.model import IncomingData, LinkedBlob, OutgoingData, UploadSession
 from gateway.registry import Registry
 from gateway.uploads import Uploads
-from linkedblob import metrics, transport
+from linkedblob import transport
 from linkedblob.errors import Reason, invalid_argument
 from linkedblob.rpc import servicer_method
 from linkedblob.v1 import registry_pb2
@@ -124,7 +125,6 @@ class RegistryServicer:
         digest = validation.optional_digest(request.digest)
         validation.data_size(len(request.data))
         blob = await self._registry.put(repository, media_type, digest, request.data)
-        metrics.BYTES_IN.labels("PutBlob").inc(blob.size)
         return _descriptor(blob)
 
     @servicer_method
@@ -143,7 +143,9 @@ class RegistryServicer:
         media_type = validation.media_type(header.media_type)
         digest = validation.optional_digest(header.digest)
         size = validation.expected_size(header.size if header.HasField("size") else None)
-        data = IncomingData(messages, transport.PUSH_BLOB_DATA, _push_data, "PushBlob")
+        data = IncomingData(
+            messages, transport.PUSH_BLOB_DATA, _push_data, "PushBlob", validation.data_size
+        )
         blob = await self._registry.push(repository, media_type, digest, size, data)
         return _descriptor(blob)
 
@@ -178,7 +180,11 @@ class RegistryServicer:
         validation.write_offset(first.offset)
         validation.data_size(len(first.data))
         rest = IncomingData(
-            messages, transport.WRITE_UPLOAD_DATA, _write_upload_data, "WriteUpload"
+            messages,
+            transport.WRITE_UPLOAD_DATA,
+            _write_upload_data,
+            "WriteUpload",
+            validation.data_size,
         )
         session, size = await self._uploads.write(
             repository, upload_id, first.offset, first.data, rest
@@ -209,8 +215,6 @@ class RegistryServicer:
         media_type = validation.media_type(request.media_type)
         validation.data_size(len(request.data))
         validation.write_offset(request.offset)
-        if request.data:
-            metrics.BYTES_IN.labels("CommitUpload").inc(len(request.data))
         blob = await self._uploads.commit(
             repository, upload_id, digest, media_type, request.data, request.offset
         )

@@ -85,9 +85,10 @@ class Uploads:
         else:
             session, staged = await self._session_and_staged(repository, upload_id)
         if session.state is SessionState.COMMITTED:
-            # A retried commit (its answer was lost): answer from the link it made.
+            # A retried commit (its answer was lost): answer from the link it made, as linksvc
+            # has it now (never from a cached entry, which may outlive the link).
             try:
-                return await self._links.resolve(repository, str(digest))
+                return await self._links.resolve(repository, str(digest), fresh=True)
             except LinkedBlobError as err:
                 if err.code == StatusCode.NOT_FOUND:
                     raise unknown_upload(upload_id) from None
@@ -169,6 +170,7 @@ class Uploads:
         data: bytes,
         rest: IncomingData | None,
         commit: CommitSpec | None = None,
+        counted_as: str = "",
     ) -> Written:
         """Appends to an active session's staging area at ``offset`` (then commits it, with
         ``commit``).
@@ -179,7 +181,7 @@ class Uploads:
         so that is the same wrong-offset answer.
         """
         try:
-            return await self._blobs.write(upload_id, offset, data, rest, commit)
+            return await self._blobs.write(upload_id, offset, data, rest, commit, counted_as)
         except LinkedBlobError as err:
             if offset > 0 and err.reason == Reason.BLOB_UPLOAD_UNKNOWN:
                 raise out_of_range(
@@ -195,7 +197,7 @@ class Uploads:
         """Commits an upload's staged bytes (with an optional last chunk) in blobsvc."""
         if data:
             written = await self._write_staged(
-                session.id, offset, data, None, CommitSpec(str(digest))
+                session.id, offset, data, None, CommitSpec(str(digest)), counted_as="CommitUpload"
             )
             assert written.blob is not None  # a write that commits answers with the blob
             return written.blob

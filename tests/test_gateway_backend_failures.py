@@ -14,6 +14,7 @@ staged bytes behind.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import secrets
 import threading
@@ -25,9 +26,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
-from gateway import grpc_calls
+from gateway import grpc_blob, validation
+from gateway.fakes import FakeLinkBackend
+from gateway.grpc_blob import GrpcBlobBackend
 from gateway.grpc_calls import WriteCall
+from gateway.model import IncomingData, OutgoingData
+from gateway.registry import Registry
+from linkedblob import transport, wire
 from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
 from linkedblob.config import MiB
 from linkedblob.errors import LinkedBlobError, Reason, error_info
@@ -306,13 +313,137 @@ class _StandInCall:
     ],
 )
 def test_a_failed_send_without_a_status_from_blobsvc(
-    monkeypatch: pytest.MonkeyPatch, response: bytes | None, code: Code, message: str
+    response: bytes | None, code: Code, message: str
 ) -> None:
-    monkeypatch.setattr(grpc_calls, "FINAL_STATUS_WAIT", 0.05)
-
     async def send() -> None:
-        await WriteCall(_StandInCall(response)).send(b"data")  # type: ignore[arg-type]
+        call = WriteCall(_StandInCall(response), final_status_wait=0.05)  # type: ignore[arg-type]
+        await call.send(b"data")
 
     with pytest.raises(LinkedBlobError) as exc_info:
         asyncio.run(send())
     assert exc_info.value.code == code and message in exc_info.value.message
+
+
+# --- the Read relay's own check ------------------------------------------------------------------
+
+
+class _StandInRead:
+    """A blobsvc Read call that sends ``messages`` (serialized ReadResponses), then ends."""
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self._messages = messages
+        self.cancelled = False
+
+    async def read(self) -> object:
+        return self._messages.pop(0) if self._messages else grpc.aio.EOF  # type: ignore[attr-defined]
+
+    def done(self) -> bool:
+        return not self._messages
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+def _relayed(messages: list[bytes], length: int) -> tuple[bytes, LinkedBlobError | None]:
+    """Runs gateway.grpc_blob's Read relay over a stand-in call: the data relayed, and the
+    error it ended with."""
+    out = OutgoingData(transport.READ_BLOB_DATA, b"", "relay-test")
+
+    async def relay() -> tuple[bytes, LinkedBlobError | None]:
+        call = _StandInRead(messages[1:])
+        got = bytearray()
+        try:
+            async for message in grpc_blob._relay_read(
+                call,  # type: ignore[arg-type]
+                messages[0],
+                length,
+                out,
+                "sha256:" + "0" * 64,
+            ):
+                got += wire.data_payload(message, transport.READ_BLOB_DATA) or b""
+        except LinkedBlobError as err:
+            return bytes(got), err
+        return bytes(got), None
+
+    return asyncio.run(relay())
+
+
+def test_a_read_that_blobsvc_cut_short_is_data_loss() -> None:
+    """A store that lost bytes must not pass for a short blob: the relay counts what blobsvc
+    sent against what was asked (gateway.grpc_blob._relay_read)."""
+    chunks = [blob_pb2.ReadResponse(data=b"x" * 30).SerializeToString() for _ in range(2)]
+    data, error = _relayed(list(chunks), 60)
+    assert (data, error) == (b"x" * 60, None)
+    data, error = _relayed(list(chunks), 100)
+    assert data == b"x" * 60 and error is not None
+    assert (error.code, error.reason) == (Code.DATA_LOSS, Reason.INTERNAL)
+    assert "sent 60 of 100 bytes" in error.message
+
+
+def test_the_relays_count_the_bytes_they_pass() -> None:
+    """BYTES_OUT is counted by the Read relay (the servicer counts nothing)."""
+
+    def sent() -> float:
+        value = REGISTRY.get_sample_value("linkedblob_bytes_sent_total", {"method": "relay-test"})
+        return value or 0.0
+
+    before = sent()
+    _relayed([blob_pb2.ReadResponse(data=b"y" * 40).SerializeToString()], 40)
+    assert sent() - before == 40
+
+
+# --- a closed channel (shutdown): UNAVAILABLE, and cleanups that end quietly ----------------------
+
+
+async def _data(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield wire.data_message(transport.PUSH_BLOB_DATA, chunk)
+
+
+def test_calls_on_a_closed_channel_are_unavailable_and_cleanups_end_quietly() -> None:
+    """During shutdown the gateway closes its channels; a call made on one then fails with
+    grpc.aio.UsageError (no grpc.RpcError). The adapter answers UNAVAILABLE (not INTERNAL from
+    a leaked exception), and a failed push's aborts, in tasks of their own, end quietly
+    (nothing like "Task exception was never retrieved")."""
+    digest = "sha256:" + "0" * 64
+
+    def incoming() -> IncomingData:
+        return IncomingData(
+            _data(b"abc"), transport.PUSH_BLOB_DATA, bytes, "closed-test", validation.data_size
+        )
+
+    async def scenario() -> tuple[list[str], list[dict[str, object]]]:
+        unhandled: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unhandled.append(ctx))
+        blobs = GrpcBlobBackend(f"127.0.0.1:{free_port()}", lambda: None, final_status_wait=0.05)
+        await blobs.close()
+        out = OutgoingData(transport.READ_BLOB_DATA, b"", "closed-test")
+        answers = []
+        for attempt in (
+            blobs.stat(digest),
+            blobs.abort("closed-upload"),
+            blobs.open_read(digest, 0, 1, out),
+            blobs.write("closed-upload", 0, b"data", incoming()),
+        ):
+            try:
+                await attempt
+            except LinkedBlobError as err:
+                answers.append(f"{err.code.name}/{err.reason}")
+        registry = Registry(blobs, FakeLinkBackend(), abort_again_after=0.01)
+        try:
+            await registry.push("closed/repo", "", None, None, incoming())
+        except LinkedBlobError as err:
+            answers.append(f"push {err.code.name}/{err.reason}")
+        await asyncio.sleep(0.1)  # both aborts ran (and failed: the channel is closed)
+        # A registry stopped with its second abort pending ends it at once.
+        slow = Registry(blobs, FakeLinkBackend(), abort_again_after=60)
+        with pytest.raises(LinkedBlobError):
+            await slow.push("closed/repo", "", None, None, incoming())
+        await asyncio.wait_for(slow.close(), 1)
+        gc.collect()  # a task whose exception nobody retrieved reports it when collected
+        return answers, unhandled
+
+    answers, unhandled = asyncio.run(scenario())
+    assert answers == ["UNAVAILABLE/UNAVAILABLE"] * 4 + ["push UNAVAILABLE/UNAVAILABLE"]
+    assert unhandled == []

@@ -14,13 +14,14 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from gateway import registry as registry_module
+from gateway import validation
 from gateway.fakes import FakeBlobBackend, FakeLinkBackend
 from gateway.linkcache import CachedLinks, LinkCache
 from gateway.model import IncomingData, LinkedBlob, OutgoingData, SessionState
 from gateway.registry import Registry
 from gateway.uploads import Uploads
 from linkedblob import transport, wire
+from linkedblob.config import MAX_CHUNK_BYTES
 from linkedblob.digests import Digest
 from linkedblob.errors import LinkedBlobError, Reason, aborted, unavailable
 from linkedblob.v1 import registry_pb2
@@ -47,7 +48,7 @@ class Gateway:
     uploads: Uploads
 
 
-def gateway(*, enable_delete: bool = True) -> Gateway:
+def gateway(*, enable_delete: bool = True, abort_again_after: float = 2.0) -> Gateway:
     blobs, links = FakeBlobBackend(), FakeLinkBackend()
     cache: LinkCache[LinkedBlob] = LinkCache(60.0, 100)
     cached = CachedLinks(links, cache)
@@ -55,7 +56,7 @@ def gateway(*, enable_delete: bool = True) -> Gateway:
         blobs,
         links,
         cache,
-        Registry(blobs, cached, enable_delete=enable_delete),
+        Registry(blobs, cached, enable_delete=enable_delete, abort_again_after=abort_again_after),
         Uploads(blobs, cached),
     )
 
@@ -69,7 +70,9 @@ def incoming(*chunks: bytes) -> IncomingData:
     def parse(raw: bytes) -> bytes:
         return registry_pb2.WriteUploadRequest.FromString(raw).data
 
-    return IncomingData(_messages(list(chunks)), transport.WRITE_UPLOAD_DATA, parse, "test")
+    return IncomingData(
+        _messages(list(chunks)), transport.WRITE_UPLOAD_DATA, parse, "test", validation.data_size
+    )
 
 
 async def read(gw: Gateway, digest: Digest, offset: int = 0, length: int = 0) -> bytes:
@@ -117,7 +120,7 @@ def test_a_push_of_a_recorded_blob_links_it_without_reading() -> None:
         raise AssertionError("the data was read")
         yield b""  # an async generator
 
-    unread = IncomingData(never(), transport.PUSH_BLOB_DATA, bytes, "test")
+    unread = IncomingData(never(), transport.PUSH_BLOB_DATA, bytes, "test", validation.data_size)
     linked = run(gw.registry.push(REPO, "", digest_of(data), None, unread))
     assert linked.size == len(data) and gw.links.links[REPO, linked.digest] == ""
     meta = raised(
@@ -128,9 +131,8 @@ def test_a_push_of_a_recorded_blob_links_it_without_reading() -> None:
     assert meta == {"size": str(len(data))}
 
 
-def test_a_failed_push_drops_its_staging_area(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry_module, "ABORT_AGAIN_AFTER", 0.01)
-    gw = gateway()
+def test_a_failed_push_drops_its_staging_area() -> None:
+    gw = gateway(abort_again_after=0.01)
 
     async def scenario() -> None:
         claimed = digest_of(b"something else")
@@ -155,11 +157,18 @@ def test_a_read_of_a_blob_gone_from_the_store_forgets_the_link() -> None:
     assert gw.links.failures.calls["resolve"] == 1  # asked linksvc again
 
 
-def test_a_blob_cut_short_in_the_store_is_data_loss() -> None:
-    gw, data = gateway(), b"x" * 100
-    run(gw.registry.put(REPO, "", None, data))
-    gw.blobs.blobs[str(digest_of(data))] = data[:60]
-    raised(Code.DATA_LOSS, Reason.INTERNAL, read(gw, digest_of(data)))
+def test_a_data_message_over_the_limit_is_refused_as_it_is_taken() -> None:
+    """The servicer's limit (IncomingData.check_size) applies to every relayed message, on
+    whichever backend takes them."""
+    gw = gateway()
+    upload = run(gw.uploads.start(REPO))
+    too_big = b"x" * (MAX_CHUNK_BYTES + 1)
+    meta = raised(
+        Code.RESOURCE_EXHAUSTED,
+        Reason.SIZE_INVALID,
+        gw.uploads.write(REPO, upload.id, 0, b"ok", incoming(b"fine", too_big)),
+    )
+    assert meta == {"limit": str(MAX_CHUNK_BYTES)}
 
 
 def test_the_link_cache_rules_around_the_link_backend() -> None:
@@ -230,6 +239,26 @@ def test_a_commit_stopped_before_the_link_is_finished_by_its_retry() -> None:
     # Retried once more (its answer lost): answered from the link.
     assert run(commit(REPO, upload.id, digest_of(data), "text/plain")) == linked
     raised(Code.NOT_FOUND, Reason.BLOB_UPLOAD_UNKNOWN, commit(REPO, upload.id, digest_of(b"x"), ""))
+
+
+def test_a_retried_commit_asks_linksvc_not_the_cache() -> None:
+    """A retried commit of a committed session answers from the link as linksvc has it: an
+    entry the cache still holds (the link deleted through another gateway) is no success."""
+    gw, data = gateway(), b"committed, then unlinked elsewhere"
+    upload = run(gw.uploads.start(REPO))
+    run(gw.uploads.write(REPO, upload.id, 0, data, incoming()))
+    linked = run(gw.uploads.commit(REPO, upload.id, digest_of(data), ""))
+    assert gw.cache.get(REPO, linked.digest) == linked  # the commit's link is cached
+    resolved = gw.links.failures.calls["resolve"]
+    assert run(gw.uploads.commit(REPO, upload.id, digest_of(data), "")) == linked
+    assert gw.links.failures.calls["resolve"] == resolved + 1
+    del gw.links.links[REPO, linked.digest]  # unlinked through another gateway
+    assert gw.cache.get(REPO, linked.digest) == linked  # still cached here
+    raised(
+        Code.NOT_FOUND,
+        Reason.BLOB_UPLOAD_UNKNOWN,
+        gw.uploads.commit(REPO, upload.id, digest_of(data), ""),
+    )
 
 
 def test_bytes_written_directly_are_recorded_before_the_commit_moves_them() -> None:
