@@ -187,34 +187,34 @@ def test_link_cache_off(ttl: float, size: int) -> None:
 
 def test_grant_issuer_grants() -> None:
     secret = "s" * 32
-    direct = GrantIssuer(secret, "blobsvc:50052", 60.0)
-    assert direct.offered
+    issuer = GrantIssuer(secret, "blobsvc:50052", 60.0)
+    assert issuer.offered
     signer = grants.Signer(secret)
-    read = direct.read("sha256:" + "a" * 64)
+    read = issuer.read("sha256:" + "a" * 64)
     assert read.address == "blobsvc:50052"
     assert signer.check(read.grant, grants.READ, "sha256:" + "a" * 64).expires == (
         read.expires_at.seconds
     )
-    write = direct.write("upload-1")
+    write = issuer.write("upload-1")
     assert signer.check(write.grant, grants.WRITE, "upload-1")
     with pytest.raises(LinkedBlobError):
         signer.check(write.grant, grants.WRITE, "upload-2")
-    internal = direct.internal_metadata()
-    assert internal is not None and internal == direct.internal_metadata()  # reused
+    internal = issuer.internal_metadata()
+    assert internal is not None and internal == issuer.internal_metadata()  # reused
     ((key, token),) = internal
     assert key == grants.METADATA_KEY
     assert signer.verify(token).action == grants.INTERNAL
 
 
 def test_no_secret_no_direct_access() -> None:
-    direct = GrantIssuer("", "blobsvc:50052", 60.0)
-    assert not direct.offered
-    assert direct.internal_metadata() is None
-    assert reason_of(direct.read, "sha256:" + "a" * 64) == (
+    issuer = GrantIssuer("", "blobsvc:50052", 60.0)
+    assert not issuer.offered
+    assert issuer.internal_metadata() is None
+    assert reason_of(issuer.read, "sha256:" + "a" * 64) == (
         grpc.StatusCode.FAILED_PRECONDITION,
         "UNSUPPORTED",
     )
-    assert reason_of(direct.write, "upload-1") == (
+    assert reason_of(issuer.write, "upload-1") == (
         grpc.StatusCode.FAILED_PRECONDITION,
         "UNSUPPORTED",
     )
