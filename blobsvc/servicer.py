@@ -200,7 +200,12 @@ class BlobServicer:
             size = first.commit_size if first.HasField("commit_size") else None
             commit = CommitSpec(_optional_digest(first.commit_digest), size)
         result = await self.store.write(
-            upload_id, first.offset, algorithm, _write_data(first, messages), commit
+            upload_id,
+            first.offset,
+            algorithm,
+            _write_data(first, messages),
+            commit,
+            staged_digest=first.want_staged_digest,
         )
         if result.committed is None:
             staged = str(result.staged_digest) if result.staged_digest else ""

@@ -307,10 +307,12 @@ class BlobStore:
         algorithm: str,
         chunks: AsyncIterable[bytes | memoryview],
         commit: CommitSpec | None = None,
+        staged_digest: bool = False,
     ) -> WriteResult:
         """Appends ``chunks`` to the upload at ``offset`` (which must equal its staged size;
         offset 0 creates an unknown upload hashing with ``algorithm``), then commits when
-        ``commit`` is given; otherwise the result has the digest of all the staged bytes.
+        ``commit`` is given; otherwise, with ``staged_digest``, the result has the digest of all
+        the staged bytes.
 
         Pipelined: each chunk goes to two lanes, the file write and the running hash, each
         run in order in worker threads, beside each other and beside the caller's iterator
@@ -352,7 +354,9 @@ class BlobStore:
             size = upload.size
             if commit is not None:
                 return WriteResult(size, await self._commit_held(upload, commit))
-            return WriteResult(size, None, await self._staged_digest(upload))
+            if staged_digest:
+                return WriteResult(size, None, await self._staged_digest(upload))
+            return WriteResult(size, None)
         finally:
             upload.close()
 

@@ -175,20 +175,27 @@ def test_staged_digest_of_a_fresh_and_a_resumed_upload(
 ) -> None:
     data = unique(2 * MiB + 333)
     upload_id = uid()
-    first = stub.Write(write_requests(upload_id, data[:MiB], algorithm=algorithm))
+    first = stub.Write(
+        write_requests(upload_id, data[:MiB], algorithm=algorithm, want_staged_digest=True)
+    )
     assert (first.size, first.staged_digest) == (MiB, hash_of(data[:MiB]))
     assert not first.HasField("blob")
     # resumed in a new stream: the running hash goes on (and was not finalized by the copy)
-    second = stub.Write(write_requests(upload_id, data[MiB:], offset=MiB))
+    second = stub.Write(write_requests(upload_id, data[MiB:], offset=MiB, want_staged_digest=True))
     assert (second.size, second.staged_digest) == (len(data), hash_of(data))
     committed = stub.Commit(pb.CommitRequest(upload_id=upload_id, digest=hash_of(data)))
     assert committed.blob.size == len(data)
 
 
+def test_no_staged_digest_unless_asked(stub: blob_pb2_grpc.BlobServiceStub) -> None:
+    written = stub.Write(write_requests(uid(), unique(1000)))
+    assert written.size == 1000 and written.staged_digest == ""
+
+
 def test_staged_digest_of_nothing_and_none_with_commit(
     stub: blob_pb2_grpc.BlobServiceStub,
 ) -> None:
-    empty = stub.Write(write_requests(uid(), b""))
+    empty = stub.Write(write_requests(uid(), b"", want_staged_digest=True))
     assert (empty.size, empty.staged_digest) == (0, sha256(b""))
     data = unique(1000)
     committed = stub.Write(write_requests(uid(), data, commit=True))
@@ -203,7 +210,9 @@ def test_staged_digest_after_a_restart_rereads_the_bytes(tmp_path: Path) -> None
         first.channel() as channel,
     ):
         stub = blob_pb2_grpc.BlobServiceStub(channel)
-        written = stub.Write(write_requests(upload_id, data[:MiB], algorithm="sha512"))
+        written = stub.Write(
+            write_requests(upload_id, data[:MiB], algorithm="sha512", want_staged_digest=True)
+        )
         assert written.staged_digest == sha512(data[:MiB])
         updated_at = stub.UploadStatus(pb.UploadStatusRequest(upload_id=upload_id)).updated_at
     with (
@@ -217,7 +226,11 @@ def test_staged_digest_after_a_restart_rereads_the_bytes(tmp_path: Path) -> None
         ]
         # no running hash survived: the staged digest is the re-read bytes' (with the
         # upload's algorithm, not the one this stream names)
-        written = stub.Write(write_requests(upload_id, data[MiB:], offset=MiB, algorithm="sha256"))
+        written = stub.Write(
+            write_requests(
+                upload_id, data[MiB:], offset=MiB, algorithm="sha256", want_staged_digest=True
+            )
+        )
         assert written.staged_digest == sha512(data)
         assert rehashes(second) == 1
         assert status(stub, upload_id) == len(data)
@@ -230,4 +243,4 @@ def test_an_unknown_upload_id_in_a_resumed_write_has_no_staged_digest(
     stub: blob_pb2_grpc.BlobServiceStub,
 ) -> None:
     with refused(Code.NOT_FOUND, Reason.BLOB_UPLOAD_UNKNOWN):
-        stub.Write(write_requests(uid(), b"abc", offset=3))
+        stub.Write(write_requests(uid(), b"abc", offset=3, want_staged_digest=True))

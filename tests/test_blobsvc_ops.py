@@ -93,7 +93,9 @@ def test_upload_survives_a_restart(tmp_path: Path) -> None:
                 stub.Write(write_requests("restart-me", b"x", offset=half + 1))
             assert rehash_logged(second) == 0
             # no hash state survived: the staged digest re-reads the staged bytes, once
-            written = stub.Write(write_requests("restart-me", data[half:], offset=half))
+            written = stub.Write(
+                write_requests("restart-me", data[half:], offset=half, want_staged_digest=True)
+            )
             assert written.staged_digest == sha256(data)
             assert rehash_logged(second) == 1
             committed = stub.Commit(pb.CommitRequest(upload_id="restart-me", digest=sha256(data)))

@@ -66,10 +66,10 @@ def test_a_replica_writing_in_between_makes_the_hash_stale(
         try:
             await a.write("u", 0, "sha256", chunks(b"first "))
             # b has no state for "u": its staged digest re-reads the bytes (and keeps the hash)
-            written = await b.write("u", 6, "sha256", chunks(b"second"))
+            written = await b.write("u", 6, "sha256", chunks(b"second"), staged_digest=True)
             assert written.staged_digest == digest(b"first second")
             # a's hash is stale: not extended; its staged digest re-reads (and keeps the hash)
-            written = await a.write("u", 12, "sha256", chunks(b" third"))
+            written = await a.write("u", 12, "sha256", chunks(b" third"), staged_digest=True)
             assert written.staged_digest == digest(b"first second third")
             committed = await a.commit("u", CommitSpec(digest(b"first second third")))
             assert committed.size == 18  # from the hash kept: no re-read
@@ -222,10 +222,10 @@ def test_staged_bytes_read_short_are_data_loss_not_a_digest() -> None:
         shared = _ShortStagedReads(MemoryStorage())
         a, b = BlobStore(shared, io_threads=2), BlobStore(shared, io_threads=2)
         try:
-            written = await a.write("u", 0, "sha256", chunks(b"first "))
+            written = await a.write("u", 0, "sha256", chunks(b"first "), staged_digest=True)
             assert written.staged_digest == digest(b"first ")  # a's running hash: no read
             for call in (
-                b.write("u", 6, "sha256", chunks(b"second")),
+                b.write("u", 6, "sha256", chunks(b"second"), staged_digest=True),
                 b.commit("u", CommitSpec()),
             ):
                 with pytest.raises(LinkedBlobError) as err:

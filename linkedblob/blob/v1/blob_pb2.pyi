@@ -199,6 +199,7 @@ class WriteRequest(_message.Message):
     COMMIT_DIGEST_FIELD_NUMBER: _builtins.int
     COMMIT_SIZE_FIELD_NUMBER: _builtins.int
     ALGORITHM_FIELD_NUMBER: _builtins.int
+    WANT_STAGED_DIGEST_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
     """First message only: the upload's id, chosen by the caller, 1-128 characters of
     [A-Za-z0-9_-]. A new id starts an empty staging area when written at offset 0; at any
@@ -228,6 +229,11 @@ class WriteRequest(_message.Message):
     """First message of a new upload only, optional: the algorithm to hash with as bytes arrive
     ("sha256" by default). A commit with another algorithm re-reads the staged bytes.
     """
+    want_staged_digest: _builtins.bool
+    """First message only, without commit: answer with the digest of all the staged bytes
+    (WriteResponse.staged_digest). From the running hash: free, unless this blobsvc did not
+    see the earlier bytes (a restart, another replica), when it re-reads them.
+    """
     def __init__(
         self,
         *,
@@ -238,10 +244,11 @@ class WriteRequest(_message.Message):
         commit_digest: _builtins.str = ...,
         commit_size: _builtins.int | None = ...,
         algorithm: _builtins.str = ...,
+        want_staged_digest: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_commit_size", b"_commit_size", "commit_size", b"commit_size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_commit_size", b"_commit_size", "algorithm", b"algorithm", "commit", b"commit", "commit_digest", b"commit_digest", "commit_size", b"commit_size", "data", b"data", "offset", b"offset", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_commit_size", b"_commit_size", "algorithm", b"algorithm", "commit", b"commit", "commit_digest", b"commit_digest", "commit_size", b"commit_size", "data", b"data", "offset", b"offset", "upload_id", b"upload_id", "want_staged_digest", b"want_staged_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__commit_size: _TypeAlias = _typing.Literal["commit_size"]  # noqa: Y015
     _WhichOneofArgType__commit_size: _TypeAlias = _typing.Literal["_commit_size", b"_commit_size"]  # noqa: Y015
@@ -262,8 +269,8 @@ class WriteResponse(_message.Message):
     already_existed: _builtins.bool
     """With commit: true when the blob was already stored and the staged copy was dropped."""
     staged_digest: _builtins.str
-    """Without commit: the digest of all the bytes staged, with the upload's algorithm (so a
-    caller can protect the digest before it commits).
+    """Without commit, with want_staged_digest: the digest of all the bytes staged, with the
+    upload's algorithm (so a caller can protect the digest before it commits).
     """
     @_builtins.property
     def blob(self) -> Global___Descriptor:
