@@ -1,4 +1,5 @@
-"""The schema: SQLAlchemy Core tables for repositories, blobs, links and upload sessions.
+"""The schema: SQLAlchemy Core tables for repositories, blobs, links, upload sessions, blob
+leases and the runner lock.
 
 The migrations in ``linksvc/migrations/versions`` create exactly this schema; a test fails when
 the two disagree (alembic autogenerate finds a difference), so change both together.
@@ -32,6 +33,8 @@ DIGEST_LENGTH = 135
 NAME_LENGTH = 255
 MEDIA_TYPE_LENGTH = MAX_MEDIA_TYPE_LENGTH  # the grammar allows no longer one
 SESSION_ID_LENGTH = 128
+LEASE_ID_LENGTH = 128
+RUNNER_NAME_LENGTH = 255
 
 
 def _key(length: int) -> sa.types.TypeEngine[str]:
@@ -70,8 +73,11 @@ class UtcDateTime(sa.types.TypeDecorator[datetime]):
 
 
 class BlobState(enum.StrEnum):
-    # Recorded after blobsvc committed the bytes. (Garbage collection adds its own states.)
-    COMMITTED = "committed"
+    """The lifecycle of an indexed blob (docs/design.md#lifecycle; revision 0002)."""
+
+    ACTIVE = "active"  # recorded after blobsvc committed the bytes (was "committed")
+    MARKED = "marked"  # no link and no live lease when garbage collection last looked
+    DELETING = "deleting"  # fenced: its bytes are being deleted; nothing may link it
 
 
 class SessionState(enum.StrEnum):
@@ -94,8 +100,12 @@ blobs = sa.Table(
     sa.Column("size", sa.BigInteger(), nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("created_at", UtcDateTime(), nullable=False),
+    # When the blob entered its state.
     sa.Column("updated_at", UtcDateTime(), nullable=False),
+    # Bumped on every change of state: the compare-and-set token of FenceBlob and ForgetBlob.
+    sa.Column("version", sa.BigInteger(), nullable=False, server_default=sa.text("0")),
     sa.CheckConstraint("size >= 0", name="size_not_negative"),
+    sa.CheckConstraint("state IN ('active', 'marked', 'deleting')", name="state_known"),
     # Garbage collection looks for blobs in a state that are older than a grace period.
     sa.Index(None, "state", "updated_at"),
 )
@@ -136,4 +146,27 @@ upload_sessions = sa.Table(
     sa.CheckConstraint("state IN ('active', 'committed', 'cancelled')", name="state_known"),
     # Stale sessions, oldest first (purging).
     sa.Index(None, "updated_at"),
+)
+
+# A lease protects a digest from garbage collection while its bytes are committed and linked
+# (Lease, consumed by Link). No foreign key: the blob is usually not recorded yet.
+blob_leases = sa.Table(
+    "blob_leases",
+    metadata,
+    sa.Column("id", sa.String(LEASE_ID_LENGTH), primary_key=True),
+    sa.Column("digest", _key(DIGEST_LENGTH), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("expires_at", UtcDateTime(), nullable=False),
+    # "Has this digest a live lease?" (the fence, the mark), and the expired ones (housekeeping).
+    sa.Index(None, "digest", "expires_at"),
+    sa.Index(None, "expires_at"),
+)
+
+# The collectors' lock (AcquireRunnerLock): one named row, held until it expires.
+runner_locks = sa.Table(
+    "runner_locks",
+    metadata,
+    sa.Column("name", sa.String(RUNNER_NAME_LENGTH), primary_key=True),
+    sa.Column("holder", sa.String(RUNNER_NAME_LENGTH), nullable=False),
+    sa.Column("expires_at", UtcDateTime(), nullable=False),
 )

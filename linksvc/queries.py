@@ -15,7 +15,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from linksvc.models import BlobState, SessionState, UtcDateTime, blobs, links, repositories
+from linksvc.models import (
+    BlobState,
+    SessionState,
+    UtcDateTime,
+    blobs,
+    links,
+    repositories,
+    runner_locks,
+)
+from linksvc.models import blob_leases as leases
 from linksvc.models import upload_sessions as sessions
 
 
@@ -85,22 +94,38 @@ def _text(sql: str) -> sa.TextClause:
 
 
 # PostgreSQL only: a push's record-and-link as one statement, so one round trip and one commit
-# in autocommit mode. It links only when the blob is new or recorded with the same size, and
-# creates the repository only then. Returns whether it linked, and the link as it stood before
-# (size, media type; NULL when there was none) so that a repeated push needs nothing more. A
-# size that differs or a concurrent writer of the same blob make it change nothing, and the
-# caller takes the general path. (Every part of one statement sees the snapshot taken before
-# it; the foreign keys are checked at its end, when the blob and repository rows are there.)
-_LINK_NEW_PG = """
-WITH new_blob AS (
-    INSERT INTO blobs (digest, size, state, created_at, updated_at)
-    VALUES (:digest, :size, :state, :now, :now)
+# in autocommit mode. It first locks the blob's row (FOR NO KEY UPDATE: the fence's FOR UPDATE
+# waits for this statement, and this statement for a fence, then reads the row as the fence
+# left it). It links only an active blob of the same size, or a new blob with a live lease of
+# the digest (recorded active), and creates the repository only then; the lease is consumed
+# unless the row is marked or deleting (the general path decides those). Returns whether it
+# linked, the link as it stood before (size, media type; NULL when there was none), the locked
+# row's state and size (NULL: no row) and whether a live lease was consumed. Anything
+# else changes nothing but the lease, and the caller takes the general path. (Every part of one
+# statement sees the snapshot taken before it, except the locked row, which is the newest; the
+# foreign keys are checked at its end, when the blob and repository rows are there.)
+_LINK_PG = """
+WITH locked AS (
+    SELECT size, state FROM blobs WHERE digest = :digest FOR NO KEY UPDATE
+), lease AS (
+    DELETE FROM blob_leases
+    WHERE id = :lease_id AND digest = :digest
+        AND NOT EXISTS (SELECT FROM locked WHERE state <> 'active')
+        AND (CAST(:size AS BIGINT) IS NOT NULL OR EXISTS (SELECT FROM locked))
+    RETURNING expires_at > :now AS live
+), new_blob AS (
+    INSERT INTO blobs (digest, size, state, version, created_at, updated_at)
+    SELECT :digest, :size, 'active', 0, :now, :now
+    WHERE CAST(:size AS BIGINT) IS NOT NULL
+        AND NOT EXISTS (SELECT FROM locked)
+        AND EXISTS (SELECT FROM lease WHERE live)
     ON CONFLICT (digest) DO NOTHING
     RETURNING digest
 ), usable AS (
-    SELECT 1 FROM new_blob
+    SELECT 1 FROM locked
+    WHERE state = 'active' AND size = COALESCE(CAST(:size AS BIGINT), size)
     UNION ALL
-    SELECT 1 FROM blobs WHERE digest = :digest AND size = :size
+    SELECT 1 FROM new_blob
 ), new_repository AS (
     INSERT INTO repositories (name, created_at)
     SELECT :repository, :now WHERE EXISTS (SELECT FROM usable)
@@ -111,7 +136,8 @@ WITH new_blob AS (
     ON CONFLICT (repository, digest) DO NOTHING
     RETURNING 1
 )
-SELECT EXISTS (SELECT FROM new_link), linked.size, linked.media_type
+SELECT EXISTS (SELECT FROM new_link), linked.size, linked.media_type,
+    (SELECT state FROM locked), (SELECT size FROM locked), EXISTS (SELECT FROM lease WHERE live)
 FROM (SELECT 1) AS one
 LEFT JOIN (
     SELECT blobs.size, links.media_type
@@ -120,17 +146,19 @@ LEFT JOIN (
 ) AS linked ON true
 """
 
-# PostgreSQL only: a mount as one statement. Returns no row when the source does not link the
-# blob (and then changes nothing); else the size, the new link's media type (NULL when the
-# link existed already) and the existing link's media type (NULL when there was none before
-# this statement). No FOR SHARE on the source: the new link's foreign key locks the blob row
-# (a blob that is linked cannot be deleted), and an unlink of the source that commits meanwhile
-# simply comes after this mount.
+# PostgreSQL only: a mount as one statement. It locks the blob's row first (as _LINK_PG) and
+# mounts only an active blob. Returns one row: the row's state (NULL: not recorded), the size
+# (NULL when the source does not link the blob or the blob is not active: nothing changed), the
+# new link's media type (NULL when the link existed already) and the existing link's media type
+# (NULL when there was none before this statement). No FOR SHARE on the source: an unlink of the
+# source that commits meanwhile simply comes after this mount.
 _MOUNT_PG = """
-WITH source AS (
-    SELECT blobs.size, links.media_type
-    FROM links JOIN blobs ON blobs.digest = links.digest
-    WHERE links.digest = :digest {source_filter}
+WITH locked AS (
+    SELECT size, state FROM blobs WHERE digest = :digest FOR NO KEY UPDATE
+), source AS (
+    SELECT locked.size, links.media_type
+    FROM locked JOIN links ON links.digest = :digest {source_filter}
+    WHERE locked.state = 'active'
     LIMIT 1
 ), new_repository AS (
     INSERT INTO repositories (name, created_at)
@@ -143,8 +171,9 @@ WITH source AS (
     ON CONFLICT (repository, digest) DO NOTHING
     RETURNING media_type
 )
-SELECT source.size, new_link.media_type, existing.media_type
-FROM source
+SELECT (SELECT state FROM locked), source.size, new_link.media_type, existing.media_type
+FROM (SELECT 1) AS one
+LEFT JOIN source ON true
 LEFT JOIN new_link ON true
 LEFT JOIN links AS existing ON existing.repository = :repository AND existing.digest = :digest
 """
@@ -164,6 +193,22 @@ class Queries:
             .execution_options(**counted)
         )
         self.blob = sa.select(blobs.c.size, blobs.c.created_at).where(blobs.c.digest == b("digest"))
+        # Every transaction that decides a blob's fate locks its row first (PostgreSQL; SQLite's
+        # BEGIN IMMEDIATE serializes writers already), then reads links and leases in later
+        # statements, which see what committed meanwhile. FOR NO KEY UPDATE: links, mounts and
+        # leases of one blob wait for each other and for a fence, not for links' foreign-key
+        # checks; the fence's FOR UPDATE waits for all of them.
+        blob_row = sa.select(
+            blobs.c.size, blobs.c.state, blobs.c.version, blobs.c.updated_at
+        ).where(blobs.c.digest == b("digest"))
+        self.lock_blob = blob_row.with_for_update(key_share=True)
+        self.fence_lock = blob_row.with_for_update()
+        # A marked blob that something links or leases again.
+        self.revive = (
+            sa.update(blobs)
+            .where(blobs.c.digest == b("p_digest"), blobs.c.state == BlobState.MARKED.value)
+            .values(state=BlobState.ACTIVE.value, version=blobs.c.version + 1, updated_at=b("now"))
+        )
 
         # --- links -----------------------------------------------------------------------
         self.add_repository = insert(repositories).on_conflict_do_nothing(
@@ -260,17 +305,82 @@ class Queries:
         )
         self.purge_session = sa.delete(sessions).where(sessions.c.id == b("id"))
 
-        # --- garbage collection (its calls come with the GC issue; the index is here now) -----
-        # Blobs no repository links, recorded before a cutoff, oldest first.
-        self.unreferenced_blobs = (
-            sa.select(blobs.c.digest, blobs.c.size)
-            .where(
-                blobs.c.state == BlobState.COMMITTED.value,
-                blobs.c.updated_at <= b("cutoff"),
-                ~sa.exists().where(links.c.digest == blobs.c.digest),
+        # --- leases and garbage collection (linksvc.lifecycle) ------------------------------
+        self.add_lease = sa.insert(leases)
+        # Link consumes a live lease of its digest (rowcount 1), or finds none.
+        self.consume_lease = sa.delete(leases).where(
+            leases.c.id == b("lease_id"),
+            leases.c.digest == b("digest"),
+            leases.c.expires_at > b("now"),
+        )
+        self.drop_lease = sa.delete(leases).where(leases.c.id == b("lease_id"))
+        self.drop_leases_of = sa.delete(leases).where(leases.c.digest == b("digest"))
+        self.expire_leases = sa.delete(leases).where(leases.c.expires_at <= b("now"))
+        linked = sa.exists().where(links.c.digest == blobs.c.digest)
+        leased = sa.exists().where(
+            leases.c.digest == blobs.c.digest, leases.c.expires_at > b("now")
+        )
+        self.has_link = sa.select(links.c.repository).where(links.c.digest == b("digest")).limit(1)
+        self.has_live_lease = (
+            sa.select(leases.c.id)
+            .where(leases.c.digest == b("digest"), leases.c.expires_at > b("now"))
+            .limit(1)
+        )
+        self.mark = (
+            sa.update(blobs)
+            .where(blobs.c.state == BlobState.ACTIVE.value, ~linked, ~leased)
+            .values(state=BlobState.MARKED.value, version=blobs.c.version + 1, updated_at=b("now"))
+        )
+        self.unmark = (
+            sa.update(blobs)
+            .where(blobs.c.state == BlobState.MARKED.value, linked)
+            .values(state=BlobState.ACTIVE.value, version=blobs.c.version + 1, updated_at=b("now"))
+        )
+        indexed = sa.select(
+            blobs.c.digest, blobs.c.size, blobs.c.state, blobs.c.updated_at, blobs.c.version
+        )
+        self.list_blobs = (
+            indexed.where(blobs.c.digest > b("after")).order_by(blobs.c.digest).limit(b("limit"))
+        )
+        self.collectable = self.list_blobs.where(
+            sa.or_(
+                sa.and_(
+                    blobs.c.state == BlobState.MARKED.value,
+                    blobs.c.updated_at <= b("marked_before"),
+                ),
+                sa.and_(
+                    blobs.c.state == BlobState.DELETING.value,
+                    blobs.c.updated_at <= b("deleting_before"),
+                ),
             )
-            .order_by(blobs.c.updated_at)
-            .limit(b("limit"))
+        )
+        # The fence's change of state (and the takeover's), with the row as it is then.
+        self.set_state = (
+            sa.update(blobs)
+            .where(blobs.c.digest == b("p_digest"))
+            .values(state=b("p_state"), version=blobs.c.version + 1, updated_at=b("now"))
+            .returning(blobs.c.size, blobs.c.state, blobs.c.version, blobs.c.updated_at)
+        )
+        self.forget = sa.delete(blobs).where(
+            blobs.c.digest == b("digest"),
+            blobs.c.state == BlobState.DELETING.value,
+            blobs.c.version == b("version"),
+        )
+        # Taken when free, expired, or held by the same holder already (a renewal).
+        new_lock = insert(runner_locks)
+        self.acquire_runner_lock = new_lock.on_conflict_do_update(
+            index_elements=[runner_locks.c.name],
+            set_={"holder": new_lock.excluded.holder, "expires_at": new_lock.excluded.expires_at},
+            where=sa.or_(
+                runner_locks.c.expires_at <= b("now", type_=UtcDateTime()),
+                runner_locks.c.holder == new_lock.excluded.holder,
+            ),
+        ).returning(runner_locks.c.holder, runner_locks.c.expires_at)
+        self.runner_lock = sa.select(runner_locks.c.holder, runner_locks.c.expires_at).where(
+            runner_locks.c.name == b("name")
+        )
+        self.release_runner_lock = sa.delete(runner_locks).where(
+            runner_locks.c.name == b("name"), runner_locks.c.holder == b("holder")
         )
 
         # --- the hot paths on the driver's cursor (see DriverQuery) --------------------------
@@ -296,12 +406,17 @@ class DriverQueries:
         self.set_media_type = compiled(q.set_media_type)
         self.mount_from = compiled(q.mount_from)
         self.mount_from_any = compiled(q.mount_from_any)
+        self.lock_blob = compiled(q.lock_blob)
+        self.revive = compiled(q.revive)
+        self.consume_lease = compiled(q.consume_lease)
+        self.drop_lease = compiled(q.drop_lease)
+        self.add_lease = compiled(q.add_lease)
         # One-statement versions, where the database can modify several tables in one.
-        self.link_new: DriverQuery | None = None
+        self.link_one: DriverQuery | None = None
         self.mount_one_from: DriverQuery | None = None
         self.mount_one_from_any: DriverQuery | None = None
         if dialect.name == "postgresql":
-            self.link_new = compiled(_text(_LINK_NEW_PG))
+            self.link_one = compiled(_text(_LINK_PG))
             self.mount_one_from = compiled(
                 _text(_MOUNT_PG.format(source_filter="AND links.repository = :from_repository"))
             )

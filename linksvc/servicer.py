@@ -13,12 +13,13 @@ from datetime import datetime, timedelta
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from linkedblob.errors import LinkedBlobError, Reason, invalid_argument
+from linkedblob.errors import Reason, invalid_argument
 from linkedblob.link.v1 import link_pb2, link_pb2_grpc
 from linkedblob.rpc import servicer_method
 from linksvc import validation as check
 from linksvc.database import Database
-from linksvc.models import SessionState
+from linksvc.lifecycle import IndexedBlob, LifecycleStore
+from linksvc.models import BlobState, SessionState
 from linksvc.store import LinkedBlob, LinkStore, SessionRecord
 
 SERVICE_NAME = link_pb2.DESCRIPTOR.services_by_name["LinkService"].full_name
@@ -27,6 +28,11 @@ _STATE_TO_PROTO = {
     SessionState.ACTIVE: link_pb2.Session.ACTIVE,
     SessionState.COMMITTED: link_pb2.Session.COMMITTED,
     SessionState.CANCELLED: link_pb2.Session.CANCELLED,
+}
+_BLOB_STATE_TO_PROTO = {
+    BlobState.ACTIVE: link_pb2.IndexedBlob.ACTIVE,
+    BlobState.MARKED: link_pb2.IndexedBlob.MARKED,
+    BlobState.DELETING: link_pb2.IndexedBlob.DELETING,
 }
 _FINISH_STATES = {
     link_pb2.Session.COMMITTED: SessionState.COMMITTED,
@@ -46,6 +52,16 @@ def _descriptor(d: LinkedBlob) -> link_pb2.Descriptor:
     return link_pb2.Descriptor(digest=d.digest, size=d.size, media_type=d.media_type)
 
 
+def _indexed(b: IndexedBlob) -> link_pb2.IndexedBlob:
+    return link_pb2.IndexedBlob(
+        digest=b.digest,
+        size=b.size,
+        state=_BLOB_STATE_TO_PROTO[b.state],
+        since=_timestamp(b.since),
+        version=b.version,
+    )
+
+
 def _session(s: SessionRecord) -> link_pb2.Session:
     return link_pb2.Session(
         id=s.id,
@@ -61,6 +77,7 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
     def __init__(self, db: Database) -> None:
         self.db = db
         self.store = LinkStore(db)
+        self.lifecycle = LifecycleStore(self.store)
 
     # --- blobs -----------------------------------------------------------------------------
 
@@ -96,8 +113,9 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         session_id = (
             check.session_id(request.finish_session_id) if request.finish_session_id else ""
         )
+        lease_id = check.lease_id(request.lease_id) if request.lease_id else ""
         blob, created = await self.db.run_hot(
-            self.store.link, repository, digest, media_type, size, session_id
+            self.store.link, repository, digest, media_type, size, session_id, lease_id
         )
         return link_pb2.LinkResponse(blob=_descriptor(blob), created=created)
 
@@ -225,60 +243,114 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         await self.db.run_hot(self.store.purge_session, session_id)
         return link_pb2.PurgeSessionResponse()
 
+    # --- leases and garbage collection (linksvc.lifecycle) ----------------------------------
+
     @servicer_method
     async def Lease(
         self, request: link_pb2.LeaseRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.LeaseResponse:
-        raise _not_yet()
+        digest = check.digest(request.digest)
+        ttl = check.lease_ttl(request.ttl_seconds)
+        repository = (
+            check.repository(request.link_repository, "link_repository")
+            if request.link_repository
+            else ""
+        )
+        media_type = check.media_type(request.media_type)
+        size = check.blob_size(digest, request.size) if request.HasField("size") else None
+        grant = await self.db.run_hot(
+            self.lifecycle.lease, digest, ttl, repository, media_type, size
+        )
+        if grant.linked is not None:
+            blob, created = grant.linked
+            return link_pb2.LeaseResponse(
+                linked=link_pb2.LinkResponse(blob=_descriptor(blob), created=created)
+            )
+        assert grant.expires_at is not None
+        return link_pb2.LeaseResponse(
+            lease_id=grant.lease_id, expires_at=_timestamp(grant.expires_at)
+        )
 
     @servicer_method
     async def MarkUnreferenced(
         self, request: link_pb2.MarkUnreferencedRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.MarkUnreferencedResponse:
-        raise _not_yet()
+        marked, revived = await self.db.run(self.lifecycle.mark_unreferenced)
+        return link_pb2.MarkUnreferencedResponse(marked=marked, revived=revived)
 
     @servicer_method
     async def ListCollectable(
         self, request: link_pb2.ListCollectableRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.ListCollectableResponse:
-        raise _not_yet()
+        grace = check.age(request.grace_seconds, "grace_seconds")
+        takeover = check.age(request.takeover_seconds, "takeover_seconds")
+        limit = check.page_size(request.page_size)
+        after = check.decode_page_token(request.page_token, check.COLLECTABLE_TOKEN, "")
+        page, last = await self.db.run(
+            self.lifecycle.list_collectable, grace, takeover, after, limit
+        )
+        token = check.encode_page_token(check.COLLECTABLE_TOKEN, "", last) if last else ""
+        return link_pb2.ListCollectableResponse(
+            blobs=[_indexed(b) for b in page], next_page_token=token
+        )
 
     @servicer_method
     async def FenceBlob(
         self, request: link_pb2.FenceBlobRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.FenceBlobResponse:
-        raise _not_yet()
+        digest = check.digest(request.digest)
+        version = check.version(request.version)
+        fenced, blob = await self.db.run(self.lifecycle.fence_blob, digest, version)
+        if blob is None:
+            return link_pb2.FenceBlobResponse(fenced=fenced)
+        return link_pb2.FenceBlobResponse(fenced=fenced, blob=_indexed(blob))
 
     @servicer_method
     async def ForgetBlob(
         self, request: link_pb2.ForgetBlobRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.ForgetBlobResponse:
-        raise _not_yet()
+        digest = check.digest(request.digest)
+        version = check.version(request.version)
+        forgotten = await self.db.run(self.lifecycle.forget_blob, digest, version)
+        return link_pb2.ForgetBlobResponse(forgotten=forgotten)
 
     @servicer_method
     async def AdoptBlob(
         self, request: link_pb2.AdoptBlobRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.AdoptBlobResponse:
-        raise _not_yet()
+        digest = check.digest(request.digest)
+        size = check.blob_size(digest, request.size)
+        adopted = await self.db.run(self.lifecycle.adopt_blob, digest, size)
+        return link_pb2.AdoptBlobResponse(adopted=adopted)
 
     @servicer_method
     async def ListBlobs(
         self, request: link_pb2.ListBlobsRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.ListBlobsResponse:
-        raise _not_yet()
+        limit = check.page_size(request.page_size)
+        after = check.decode_page_token(request.page_token, check.BLOBS_TOKEN, "")
+        page, last = await self.db.run(self.lifecycle.list_blobs, after, limit)
+        token = check.encode_page_token(check.BLOBS_TOKEN, "", last) if last else ""
+        return link_pb2.ListBlobsResponse(blobs=[_indexed(b) for b in page], next_page_token=token)
 
     @servicer_method
     async def AcquireRunnerLock(
         self, request: link_pb2.AcquireRunnerLockRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.AcquireRunnerLockResponse:
-        raise _not_yet()
+        name = check.lock_name(request.name, "name")
+        holder = check.lock_name(request.holder, "holder")
+        ttl = check.runner_lock_ttl(request.ttl_seconds)
+        lock = await self.db.run(self.lifecycle.acquire_runner_lock, name, holder, ttl)
+        response = link_pb2.AcquireRunnerLockResponse(acquired=lock.acquired, holder=lock.holder)
+        if lock.expires_at is not None:
+            response.expires_at.CopyFrom(_timestamp(lock.expires_at))
+        return response
 
     @servicer_method
     async def ReleaseRunnerLock(
         self, request: link_pb2.ReleaseRunnerLockRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.ReleaseRunnerLockResponse:
-        raise _not_yet()
-
-
-def _not_yet() -> LinkedBlobError:
-    return LinkedBlobError(grpc.StatusCode.UNIMPLEMENTED, Reason.UNSUPPORTED, "not built yet")
+        name = check.lock_name(request.name, "name")
+        holder = check.lock_name(request.holder, "holder")
+        await self.db.run(self.lifecycle.release_runner_lock, name, holder)
+        return link_pb2.ReleaseRunnerLockResponse()

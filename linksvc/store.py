@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from linkedblob.errors import Reason, aborted, failed_precondition, not_found, unavailable
+from linkedblob.errors import Reason, aborted, failed_precondition, not_found
 from linksvc.database import Database, map_errors
 from linksvc.models import BlobState, SessionState
 from linksvc.queries import Queries
@@ -74,20 +74,45 @@ class LinkStore:
 
     @map_errors
     def record_blob(self, digest: str, size: int) -> bool:
-        """Records a committed blob; True when new. A different size than recorded is refused."""
+        """Records a committed blob; True when new. A different size than recorded is refused,
+        a blob being deleted too (BLOB_DELETING); a marked one is revived."""
         now = utcnow()
-        with self.db.connect() as conn:
-            row = {"digest": digest, "size": size, "state": BlobState.COMMITTED.value}
-            inserted = conn.execute(
-                self.q.record_blob, {**row, "created_at": now, "updated_at": now}
-            ).rowcount
-            if inserted:
-                return True
-            recorded = conn.execute(self.q.blob, {"digest": digest}).first()
-        if recorded is None:  # deleted between the two statements
-            raise unavailable(f"blob {digest} changed concurrently; retry")
-        _check_size(digest, recorded.size, size)
+        with self.db.transaction() as conn:
+            recorded = self.lock_live(conn, digest, now)
+            if recorded is None:
+                if self._insert_blob(conn, digest, size, now):
+                    return True
+                recorded = self.lock_live(conn, digest, now)  # recorded meanwhile
+                assert recorded is not None  # a blob is forgotten only when deleting
+            _check_size(digest, recorded, size)
         return False
+
+    def lock_live(self, conn: sa.Connection, digest: str, now: datetime) -> int | None:
+        """Locks the blob's row (see Queries.lock_blob) and returns its size, or None when it is
+        not recorded. A blob being deleted is ABORTED / BLOB_DELETING; a marked one is revived."""
+        d = self.q.driver
+        rows = self.db.execute(conn, d.lock_blob, {"digest": digest}).rows
+        if not rows:
+            return None
+        size, state = rows[0][0], rows[0][1]
+        if state == BlobState.DELETING:
+            raise aborted(
+                Reason.BLOB_DELETING, f"blob {digest} is being deleted; retry (upload again)"
+            )
+        if state == BlobState.MARKED:
+            self.db.execute(conn, d.revive, {"p_digest": digest, "now": now})
+        return int(size)
+
+    def _insert_blob(self, conn: sa.Connection, digest: str, size: int, now: datetime) -> bool:
+        values = {
+            "digest": digest,
+            "size": size,
+            "state": BlobState.ACTIVE.value,
+            "version": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+        return bool(self.db.execute(conn, self.q.driver.record_blob, values).rowcount)
 
     @map_errors
     def stat_blob(self, digest: str) -> BlobRecord:
@@ -107,32 +132,37 @@ class LinkStore:
         media_type: str = "",
         size: int | None = None,
         finish_session_id: str = "",
+        lease_id: str = "",
     ) -> tuple[LinkedBlob, bool]:
-        """Links a blob into a repository; with ``size``, records the blob first. All in one
-        transaction, together with finishing ``finish_session_id`` as committed."""
+        """Links a blob into a repository; with ``size``, records the blob first if it is not
+        recorded, which needs the live lease ``lease_id`` of the digest (consumed). All in one
+        transaction, together with finishing ``finish_session_id`` as committed. A marked blob
+        is revived, a blob being deleted refused (BLOB_DELETING)."""
         d = self.q.driver
         values = {"repository": repository, "digest": digest}
         if not finish_session_id:
-            if size is not None and d.link_new is not None:
-                # A push's commit (new blob, new link) in one statement, which also reads the
-                # link as it stood before.
+            if d.link_one is not None:
+                # One statement (see queries._LINK_PG), which also reads the link as it stood.
                 row = self.db.fetch_one(
-                    d.link_new,
-                    {
-                        **values,
-                        "size": size,
-                        "media_type": media_type,
-                        "state": BlobState.COMMITTED.value,
-                        "now": utcnow(),
-                    },
-                )
+                    d.link_one,
+                    {**values, "size": size, "media_type": media_type, "lease_id": lease_id,
+                     "now": utcnow()},
+                )  # fmt: skip
                 assert row is not None  # the statement always answers one row
-                created, linked_size, linked_media_type = row
+                created, linked_size, linked_media_type, state, blob_size, _leased = row
                 if created:
-                    return LinkedBlob(digest, size, media_type), True
-            else:
+                    linked_now = blob_size if state is not None else size
+                    assert linked_now is not None
+                    return LinkedBlob(digest, linked_now, media_type), True
+                if state is None and size is None:
+                    raise _unknown_blob(digest)
+                if state != BlobState.ACTIVE:
+                    linked_size = None  # the general path decides
+            elif not lease_id:
                 linked = self.db.fetch_one(d.resolve, values)
                 linked_size, linked_media_type = linked if linked is not None else (None, None)
+            else:
+                linked_size = linked_media_type = None
             # Linked already, just as asked (a blob pushed again): nothing to write.
             if (
                 linked_size is not None
@@ -143,39 +173,44 @@ class LinkStore:
         now = utcnow()
         db = self.db
         with db.transaction() as conn:
-            recorded_now = False
-            if size is not None:
-                recorded_now = bool(
-                    db.execute(
-                        conn,
-                        d.record_blob,
-                        {
-                            "digest": digest,
-                            "size": size,
-                            "state": BlobState.COMMITTED.value,
-                            "created_at": now,
-                            "updated_at": now,
-                        },
-                    ).rowcount
-                )
-            db.execute(conn, d.add_repository, {"name": repository, "created_at": now})
-            created = bool(
-                db.execute(
-                    conn,
-                    d.link_recorded,
-                    {**values, "media_type": media_type, "created_at": now},
-                ).rowcount
-            )
-            if created and recorded_now:
-                assert size is not None
-                descriptor = LinkedBlob(digest, size, media_type)
-            else:
-                descriptor = self._existing_link(conn, repository, digest, media_type)
-                if size is not None:
-                    _check_size(digest, descriptor.size, size)
+            recorded = self.lock_live(conn, digest, now)
+            if recorded is None:
+                if size is None:
+                    raise _unknown_blob(digest)
+                lease = {"lease_id": lease_id, "digest": digest, "now": now}
+                if not (lease_id and db.execute(conn, d.consume_lease, lease).rowcount):
+                    raise _lease_expired(digest)
+                if not self._insert_blob(conn, digest, size, now):
+                    recorded = self.lock_live(conn, digest, now)  # recorded meanwhile
+            elif lease_id:
+                db.execute(conn, d.drop_lease, {"lease_id": lease_id})
+            if recorded is not None and size is not None:
+                _check_size(digest, recorded, size)
+            blob_size = recorded if recorded is not None else size
+            assert blob_size is not None
+            descriptor, created = self.link_locked(conn, repository, digest, media_type, blob_size)
             if finish_session_id:
                 self._finish(conn, finish_session_id, SessionState.COMMITTED, now, repository)
         return descriptor, created
+
+    def link_locked(
+        self, conn: sa.Connection, repository: str, digest: str, media_type: str, size: int
+    ) -> tuple[LinkedBlob, bool]:
+        """Links a live blob whose row this transaction has locked (lock_live)."""
+        d = self.q.driver
+        now = utcnow()
+        self.db.execute(conn, d.add_repository, {"name": repository, "created_at": now})
+        created = bool(
+            self.db.execute(
+                conn,
+                d.link_recorded,
+                {"repository": repository, "digest": digest, "media_type": media_type,
+                 "created_at": now},
+            ).rowcount
+        )  # fmt: skip
+        if created:
+            return LinkedBlob(digest, size, media_type), True
+        return self._existing_link(conn, repository, digest, media_type), False
 
     def _existing_link(
         self, conn: sa.Connection, repository: str, digest: str, media_type: str
@@ -206,6 +241,7 @@ class LinkStore:
 
     @map_errors
     def unlink(self, repository: str, digest: str) -> None:
+        # The blob stays active: the next MarkUnreferenced marks it if nothing links it.
         with self.db.connect() as conn:
             deleted = conn.execute(
                 self.q.unlink, {"repository": repository, "digest": digest}
@@ -217,7 +253,8 @@ class LinkStore:
     def mount(
         self, repository: str, from_repository: str, digest: str, media_type: str = ""
     ) -> tuple[LinkedBlob, bool]:
-        """Links into ``repository`` a blob that ``from_repository`` (empty: any) links."""
+        """Links into ``repository`` a blob that ``from_repository`` (empty: any) links. A
+        marked blob is revived, a blob being deleted refused (BLOB_DELETING)."""
         d = self.q.driver
         now = utcnow()
         values = {"repository": repository, "digest": digest, "media_type": media_type}
@@ -226,16 +263,23 @@ class LinkStore:
         one_statement = d.mount_one_from if from_repository else d.mount_one_from_any
         if one_statement is not None:
             row = self.db.fetch_one(one_statement, {**values, "now": now})
-            if row is None:
+            assert row is not None  # the statement always answers one row
+            state, size, new_media_type, existing_media_type = row
+            if state is None or (state == BlobState.ACTIVE and size is None):
                 raise _not_mountable(digest, from_repository)
-            size, new_media_type, existing_media_type = row
             if new_media_type is not None:
                 return LinkedBlob(digest, size, new_media_type), True
-            if existing_media_type is not None and media_type in ("", existing_media_type):
+            if (
+                size is not None
+                and existing_media_type is not None
+                and media_type in ("", existing_media_type)
+            ):
                 return LinkedBlob(digest, size, existing_media_type), False
-            # Linked meanwhile, or the link's media type changes: the general path.
+            # Not active, linked meanwhile, or the link's media type changes: the general path.
         db = self.db
         with db.transaction() as conn:
+            if self.lock_live(conn, digest, now) is None:
+                raise _not_mountable(digest, from_repository)
             source = d.mount_from if from_repository else d.mount_from_any
             rows = db.execute(conn, source, values).rows
             if not rows:
@@ -381,6 +425,17 @@ def _check_size(digest: str, recorded: int, given: int) -> None:
             f"blob {digest} is recorded with size {recorded}, not {given}",
             size=recorded,
         )
+
+
+def _unknown_blob(digest: str) -> Exception:
+    return not_found(Reason.BLOB_UNKNOWN, f"blob {digest} is not recorded")
+
+
+def _lease_expired(digest: str) -> Exception:
+    return aborted(
+        Reason.BLOB_UPLOAD_INVALID,
+        f"no live lease of {digest}: the lease expired; upload again",
+    )
 
 
 def _not_mountable(digest: str, from_repository: str) -> Exception:

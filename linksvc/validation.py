@@ -7,6 +7,8 @@ upload-session ids, sizes and media types.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from linkedblob import paging
 from linkedblob.digests import Digest
 from linkedblob.errors import Reason, invalid_argument
@@ -59,6 +61,8 @@ def page_size(value: int, field: str = "page_size") -> int:
 # keeps the two lists' tokens apart.
 LINKS_TOKEN = "links"
 REPOSITORIES_TOKEN = "repositories"
+BLOBS_TOKEN = "blobs"
+COLLECTABLE_TOKEN = "collectable"
 
 
 def encode_page_token(kind: str, scope: str, after: str) -> str:
@@ -67,5 +71,65 @@ def encode_page_token(kind: str, scope: str, after: str) -> str:
 
 def decode_page_token(token: str, kind: str, scope: str) -> str:
     """The key to list after ("" for the first page), or PAGINATION_INVALID."""
-    parse_key = Digest.parse if kind == LINKS_TOKEN else validate_repository
+    parse_key = validate_repository if kind == REPOSITORIES_TOKEN else Digest.parse
     return paging.decode_page_token(token, kind, scope, parse_key)
+
+
+# --- leases and garbage collection ------------------------------------------------------------
+# (No ErrorInfo reason names a bad number in general: the lease's ttl is BLOB_UPLOAD_INVALID, as
+# the upload is what it protects; the collector's arguments are UNSUPPORTED values.)
+
+DEFAULT_LEASE_TTL_SECONDS = 600
+MAX_LEASE_TTL_SECONDS = 86400
+MAX_RUNNER_LOCK_TTL_SECONDS = 3600
+MAX_LOCK_NAME_LENGTH = 255
+# Clamps ages so that a cutoff stays a representable date; nothing is that old anyway.
+MAX_AGE_SECONDS = 1000 * 365 * 24 * 3600
+
+
+def lease_id(text: str) -> str:
+    if not is_upload_id(text):  # the same alphabet and length as a session id
+        raise invalid_argument(Reason.BLOB_UPLOAD_INVALID, f"malformed lease id {text[:140]!r}")
+    return text
+
+
+def lease_ttl(seconds: int) -> timedelta:
+    """0: the default (600 s); else 1-86400 seconds."""
+    if seconds == 0:
+        return timedelta(seconds=DEFAULT_LEASE_TTL_SECONDS)
+    if not 0 < seconds <= MAX_LEASE_TTL_SECONDS:
+        raise invalid_argument(
+            Reason.BLOB_UPLOAD_INVALID,
+            f"ttl_seconds must be 1-{MAX_LEASE_TTL_SECONDS} (0: default), got {seconds}",
+        )
+    return timedelta(seconds=seconds)
+
+
+def age(seconds: int, field: str) -> timedelta:
+    if seconds < 0:
+        raise invalid_argument(Reason.UNSUPPORTED, f"{field} must be >= 0, got {seconds}")
+    return timedelta(seconds=min(seconds, MAX_AGE_SECONDS))
+
+
+def version(value: int) -> int:
+    if value < 0:
+        raise invalid_argument(Reason.UNSUPPORTED, f"version must be >= 0, got {value}")
+    return value
+
+
+def lock_name(text: str, field: str) -> str:
+    if not text or len(text) > MAX_LOCK_NAME_LENGTH or not text.isprintable():
+        raise invalid_argument(
+            Reason.NAME_INVALID,
+            f"{field} must be 1-{MAX_LOCK_NAME_LENGTH} printable characters, got {text[:140]!r}",
+        )
+    return text
+
+
+def runner_lock_ttl(seconds: int) -> timedelta:
+    if not 0 < seconds <= MAX_RUNNER_LOCK_TTL_SECONDS:
+        raise invalid_argument(
+            Reason.UNSUPPORTED,
+            f"ttl_seconds must be 1-{MAX_RUNNER_LOCK_TTL_SECONDS}, got {seconds}",
+        )
+    return timedelta(seconds=seconds)

@@ -13,17 +13,25 @@ import pytest
 import sqlalchemy as sa
 
 from linkedblob.errors import Reason, error_info
+from linkedblob.link.v1 import link_pb2 as pb
 from linkedblob.link.v1 import link_pb2_grpc
 from tests.services import ServiceProcess, running
 
 BIN = Path(sys.executable).parent
 SERVICE = "linkedblob.link.v1.LinkService"
-TABLES = ("repositories", "blobs", "links", "upload_sessions")
+TABLES = ("repositories", "blobs", "links", "upload_sessions", "blob_leases", "runner_locks")
 Code = grpc.StatusCode
 
 
 def digest_of(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def lease(stub: link_pb2_grpc.LinkServiceStub, digest: str) -> str:
+    """A lease on ``digest``, as the gateway takes one before it commits bytes."""
+    lease_id: str = stub.Lease(pb.LeaseRequest(digest=digest)).lease_id
+    assert lease_id
+    return lease_id
 
 
 @pytest.fixture

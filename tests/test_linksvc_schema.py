@@ -22,9 +22,10 @@ from linksvc.queries import DriverQuery, Queries
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TABLES = {"repositories", "blobs", "links", "upload_sessions"}
+TABLES = {"repositories", "blobs", "links", "upload_sessions", "blob_leases", "runner_locks"}
 INDEXES = {
     "blobs": {"ix_blobs_state_updated_at"},
+    "blob_leases": {"ix_blob_leases_digest_expires_at", "ix_blob_leases_expires_at"},
     "links": {"ix_links_digest"},
     "upload_sessions": {"ix_upload_sessions_updated_at"},
 }
@@ -70,6 +71,56 @@ def test_upgrade_to_head_and_down_to_base(db_url: str, engine: sa.Engine) -> Non
     assert revision(engine) == set()
     migrate.upgrade(db_url)  # and back up on the downgraded database
     assert tables(engine) == TABLES
+
+
+def test_existing_rows_come_through_0002_and_back(db_url: str, engine: sa.Engine) -> None:
+    """A committed blob of 0001 becomes active at version 0; the downgrade maps every state back
+    to committed and drops what 0002 added."""
+    migrate.upgrade(db_url, "0001")
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    blobs = sa.table(
+        "blobs", *(sa.column(c) for c in ("digest", "size", "state", "created_at", "updated_at"))
+    )
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(blobs),
+            [
+                {"digest": d, "size": 3, "state": "committed", "created_at": when,
+                 "updated_at": when}
+                for d in (DIGEST, OTHER)
+            ],
+        )  # fmt: skip
+        conn.execute(sa.text("INSERT INTO repositories VALUES ('r', :t)"), {"t": when})
+        conn.execute(
+            sa.text("INSERT INTO links VALUES ('r', :d, 'a/b', :t)"), {"d": DIGEST, "t": when}
+        )
+    migrate.upgrade(db_url)
+    assert tables(engine) == TABLES
+    with engine.begin() as conn:
+        states = conn.execute(sa.text("SELECT digest, state, version FROM blobs ORDER BY 1")).all()
+        assert [tuple(r) for r in states] == [(DIGEST, "active", 0), (OTHER, "active", 0)]
+        assert conn.execute(sa.text("SELECT count(*) FROM links")).scalar() == 1
+        # The check constraint holds on both databases.
+        with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
+            conn.execute(sa.text("UPDATE blobs SET state = 'committed'"))
+        conn.execute(sa.text("UPDATE blobs SET state = 'deleting', version = 2 WHERE digest = :d"),
+                     {"d": OTHER})  # fmt: skip
+        conn.execute(
+            sa.text("INSERT INTO blob_leases VALUES ('l', :d, :t, :t)"), {"d": OTHER, "t": when}
+        )
+
+    migrate.downgrade(db_url, "0001")
+    assert tables(engine) == {"repositories", "blobs", "links", "upload_sessions"}
+    with engine.connect() as conn:
+        states = conn.execute(sa.text("SELECT * FROM blobs ORDER BY 1")).all()
+        assert [(r.digest, r.state) for r in states] == [
+            (DIGEST, "committed"),
+            (OTHER, "committed"),
+        ]
+        assert "version" not in states[0]._fields
+    assert schema_diff(engine, metadata) != []  # 0001 is not the models' schema
+    migrate.upgrade(db_url)
+    assert schema_diff(engine, metadata) == []
 
 
 def test_schema_status_tells_empty_current_and_newer(db_url: str, engine: sa.Engine) -> None:
@@ -168,6 +219,7 @@ def test_alembic_and_linkedblob_migrate_command_lines(db_url: str, engine: sa.En
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 DIGEST = "sha256:" + "a" * 64
+OTHER = "sha256:" + "b" * 64
 # The statements that find rows, with example parameters (inserts need no plan).
 LOOKUPS: dict[str, dict[str, object]] = {
     "blob": {"digest": DIGEST},
@@ -185,7 +237,23 @@ LOOKUPS: dict[str, dict[str, object]] = {
     "finish_session_of": {"p_id": "s", "p_state": "committed", "now": NOW, "p_repository": "r"},
     "stale_sessions": {"cutoff": NOW, "limit": 10},
     "purge_session": {"id": "s"},
-    "unreferenced_blobs": {"cutoff": NOW, "limit": 10},
+    "lock_blob": {"digest": DIGEST},
+    "fence_lock": {"digest": DIGEST},
+    "revive": {"p_digest": DIGEST, "now": NOW},
+    "consume_lease": {"lease_id": "l", "digest": DIGEST, "now": NOW},
+    "drop_lease": {"lease_id": "l"},
+    "drop_leases_of": {"digest": DIGEST},
+    "expire_leases": {"now": NOW},
+    "has_link": {"digest": DIGEST},
+    "has_live_lease": {"digest": DIGEST, "now": NOW},
+    "mark": {"now": NOW},
+    "unmark": {"now": NOW},
+    "list_blobs": {"after": "", "limit": 10},
+    "collectable": {"marked_before": NOW, "deleting_before": NOW, "after": "", "limit": 10},
+    "set_state": {"p_digest": DIGEST, "p_state": "deleting", "now": NOW},
+    "forget": {"digest": DIGEST, "version": 1},
+    "runner_lock": {"name": "gc"},
+    "release_runner_lock": {"name": "gc", "holder": "h"},
 }
 
 
@@ -209,9 +277,15 @@ def test_every_lookup_uses_a_key_or_an_index(db_url: str, engine: sa.Engine) -> 
     migrate.upgrade(db_url)
     queries = Queries(engine.dialect)
     statements = {n for n, q in vars(queries).items() if isinstance(q, sa.Executable)}
-    assert set(LOOKUPS) | {"record_blob", "add_repository", "add_link", "create_session"} == (
-        statements
-    ), "a new statement needs an entry in LOOKUPS"
+    inserts = {
+        "record_blob",
+        "add_repository",
+        "add_link",
+        "create_session",
+        "add_lease",
+        "acquire_runner_lock",
+    }
+    assert set(LOOKUPS) | inserts == statements, "a new statement needs an entry in LOOKUPS"
     with engine.connect() as conn:
         for name, params in LOOKUPS.items():
             if conn.dialect.name == "postgresql":
@@ -230,12 +304,12 @@ def test_every_lookup_uses_a_key_or_an_index(db_url: str, engine: sa.Engine) -> 
 
 # The one-statement hot paths of PostgreSQL (see linksvc.queries), with example parameters.
 DRIVER_LOOKUPS: dict[str, dict[str, object]] = {
-    "link_new": {
+    "link_one": {
         "repository": "r",
         "digest": DIGEST,
         "size": 1,
-        "state": "committed",
         "media_type": "",
+        "lease_id": "l",
         "now": NOW,
     },
     "mount_one_from": {

@@ -14,6 +14,7 @@ from linkedblob.link.v1 import link_pb2_grpc
 from tests.linksvc_service_helpers import (
     Code,
     digest_of,
+    lease,
     linksvc,
     refused,
     snapshot,
@@ -36,7 +37,9 @@ def test_every_call(stub: link_pb2_grpc.LinkServiceStub) -> None:
     assert linked.blob == pb.Descriptor(digest=d, size=3, media_type="application/x-a")
     again = stub.Link(pb.LinkRequest(repository="lib/a", digest=d))
     assert (again.created, again.blob.media_type) == (False, "application/x-a")
-    recorded_and_linked = stub.Link(pb.LinkRequest(repository="lib/a", digest=other, size=5))
+    recorded_and_linked = stub.Link(
+        pb.LinkRequest(repository="lib/a", digest=other, size=5, lease_id=lease(stub, other))
+    )
     assert recorded_and_linked.created and recorded_and_linked.blob.size == 5
 
     resolved = stub.Resolve(pb.ResolveRequest(repository="lib/a", digest=d)).blob
@@ -87,7 +90,13 @@ def test_every_call(stub: link_pb2_grpc.LinkServiceStub) -> None:
     assert dict(error_info(lost).metadata) == {"size": "9"}  # type: ignore[union-attr]
     third = digest_of("three")
     committed = stub.Link(
-        pb.LinkRequest(repository="lib/a", digest=third, size=9, finish_session_id=session.id)
+        pb.LinkRequest(
+            repository="lib/a",
+            digest=third,
+            size=9,
+            finish_session_id=session.id,
+            lease_id=lease(stub, third),
+        )
     )
     assert committed.created
     assert stub.GetSession(pb.GetSessionRequest(id=session.id)).state == pb.Session.COMMITTED
@@ -280,10 +289,12 @@ def bad_requests(tokens: dict[str, str]) -> list[Case]:
          pb.FinishSessionRequest(id="no-such-id", state=pb.Session.CANCELLED), NF,
          Reason.BLOB_UPLOAD_UNKNOWN),
         ("link finishing unknown session", "Link",
-         pb.LinkRequest(repository="lib/a", digest=OTHER, size=1, finish_session_id="no-such-id"),
+         pb.LinkRequest(repository="lib/a", digest=OTHER, size=1, finish_session_id="no-such-id",
+                        lease_id=tokens["lease"]),
          NF, Reason.BLOB_UPLOAD_UNKNOWN),
         ("link finishing another repository's session", "Link",
-         pb.LinkRequest(repository="lib/b", digest=OTHER, size=1, finish_session_id=ACTIVE_ID),
+         pb.LinkRequest(repository="lib/b", digest=OTHER, size=1, finish_session_id=ACTIVE_ID,
+                        lease_id=tokens["lease"]),
          NF, Reason.BLOB_UPLOAD_UNKNOWN),
         # states
         ("finish unspecified", "FinishSession", pb.FinishSessionRequest(id=ACTIVE_ID), IA,
@@ -339,6 +350,7 @@ def test_bad_input_is_refused_and_changes_nothing(
         request = pb.LinkRequest(repository=repository, digest=digest)
         if size is not None:
             request.size = size
+            request.lease_id = lease(stub, digest)
         stub.Link(request)
     stub.Unlink(pb.UnlinkRequest(repository="lib/b", digest=second))
     seed_sessions(db_url)
@@ -355,6 +367,7 @@ def test_bad_input_is_refused_and_changes_nothing(
         "repositories": first_page_token(pb.ListRepositoriesRequest(page_size=1)),
         "forged digest": forge_token("links\nlib/a\nsha256:' OR 1=1 --"),
         "forged name": forge_token("repositories\n\nNOT A NAME"),
+        "lease": lease(stub, OTHER),  # refused calls leave it as it is
     }
 
     before = snapshot(db_url)

@@ -20,6 +20,7 @@ from tests.linksvc_service_helpers import (
     SERVICE,
     Code,
     digest_of,
+    lease,
     linksvc,
     refused,
     snapshot,
@@ -37,8 +38,10 @@ def test_concurrent_calls(db_url: str, stub: link_pb2_grpc.LinkServiceStub) -> N
     d = digest_of("contended")
     # 16 links of one pair at once (recording the blob too): one row, one "created", no error.
     futures: list[Future[pb.LinkResponse]] = [
-        stub.Link.future(pb.LinkRequest(repository="race/r", digest=d, size=7))  # type: ignore[misc]
-        for _ in range(16)
+        stub.Link.future(  # type: ignore[misc]
+            pb.LinkRequest(repository="race/r", digest=d, size=7, lease_id=lease_id)
+        )
+        for lease_id in [lease(stub, d) for _ in range(16)]
     ]
     answers = [f.result() for f in futures]
     assert sum(a.created for a in answers) == 1
@@ -82,7 +85,7 @@ def test_transient_database_failure_is_unavailable(db_url: str) -> None:
         svc.channel() as channel,
     ):
         stub = link_pb2_grpc.LinkServiceStub(channel)
-        stub.Link(pb.LinkRequest(repository="r", digest=d, size=1))
+        stub.Link(pb.LinkRequest(repository="r", digest=d, size=1, lease_id=lease(stub, d)))
         if db_url.startswith("sqlite"):
             holder = sqlite3.connect(sa.make_url(db_url).database or "", isolation_level=None)
             holder.execute("BEGIN IMMEDIATE")  # the write lock, held past busy_timeout
@@ -131,12 +134,19 @@ def test_sqlite_writes_wait_for_the_lock_while_reads_go_on(
     args = ["--db", sqlite_url, "--migrate", "--db-busy-timeout", "60", *mode]
     with running("link", *args) as svc, svc.channel() as channel:
         stub = link_pb2_grpc.LinkServiceStub(channel)
-        stub.Link(pb.LinkRequest(repository="src", digest=d, size=5, media_type="a/b"))
+        stub.Link(
+            pb.LinkRequest(
+                repository="src", digest=d, size=5, media_type="a/b", lease_id=lease(stub, d)
+            )
+        )
+        new_lease = lease(stub, digest_of("new"))
         holder = sqlite3.connect(sa.make_url(sqlite_url).database or "", isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")  # another process's write lock
         try:
             link = stub.Link.future(  # type: ignore[misc]
-                pb.LinkRequest(repository="dst/link", digest=digest_of("new"), size=3)
+                pb.LinkRequest(
+                    repository="dst/link", digest=digest_of("new"), size=3, lease_id=new_lease
+                )
             )
             mount = stub.Mount.future(  # type: ignore[misc]
                 pb.MountRequest(repository="dst/mount", from_repository="src", digest=d)
@@ -164,7 +174,7 @@ def test_calls_are_counted_by_method_and_code(sqlite_url: str) -> None:
     with running("link", *args) as svc, svc.channel() as channel:
         stub = link_pb2_grpc.LinkServiceStub(channel)
         d = digest_of("counted")
-        stub.Link(pb.LinkRequest(repository="r", digest=d, size=1))
+        stub.Link(pb.LinkRequest(repository="r", digest=d, size=1, lease_id=lease(stub, d)))
         for _ in range(3):
             stub.Resolve(pb.ResolveRequest(repository="r", digest=d))
         for _ in range(2):

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from linkedblob.errors import LinkedBlobError, Reason
 from linksvc import migrate
 from linksvc.database import Database
+from linksvc.lifecycle import LifecycleStore
 from linksvc.models import SessionState
 from linksvc.store import LinkedBlob, LinkStore, SessionRecord
 
@@ -28,16 +29,35 @@ def digest_of(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+def push(
+    store: LinkStore,
+    repository: str,
+    digest: str,
+    media_type: str = "",
+    size: int | None = None,
+    finish_session_id: str = "",
+) -> tuple[LinkedBlob, bool]:
+    """A push's commit as the gateway makes it: a lease on the digest, then the link with it."""
+    grant = LifecycleStore(store).lease(digest)
+    return store.link(repository, digest, media_type, size, finish_session_id, grant.lease_id)
+
+
 class Store:
-    """Calls a LinkStore's methods in the database's SQL threads and waits for them."""
+    """Calls a LinkStore's (and its LifecycleStore's) methods in the database's SQL threads and
+    waits for them."""
 
     def __init__(self, store: LinkStore) -> None:
         self.store = store
         self.db = store.db
+        self.lifecycle = LifecycleStore(store)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(self.store, name)
+        target = self.store if hasattr(self.store, name) else self.lifecycle
+        method = getattr(target, name)
         return lambda *args: self.db.call(method, *args)
+
+    def push(self, *args: Any) -> tuple[LinkedBlob, bool]:
+        return self.db.call(push, self.store, *args)
 
 
 def open_store(db_url: str, **options: Any) -> Store:
@@ -90,7 +110,7 @@ def test_link_records_and_links_in_one_transaction(store: Store, db_url: str) ->
     expect(grpc.StatusCode.NOT_FOUND, Reason.BLOB_UNKNOWN, lambda: store.link("r/one", d))
     assert rows(db_url, "repositories") == []
 
-    assert store.link("r/one", d, "application/x-a", 5) == (
+    assert store.push("r/one", d, "application/x-a", 5) == (
         LinkedBlob(d, 5, "application/x-a"),
         True,
     )
@@ -121,18 +141,18 @@ def test_link_finishes_its_upload_session(store: Store, db_url: str) -> None:
     expect(
         grpc.StatusCode.NOT_FOUND,
         Reason.BLOB_UPLOAD_UNKNOWN,
-        lambda: store.link("r/b", d, "", 3, session.id),
+        lambda: store.push("r/b", d, "", 3, session.id),
     )
     expect(grpc.StatusCode.NOT_FOUND, Reason.BLOB_UNKNOWN, lambda: store.stat_blob(d))
     assert store.get_session(session.id).state == SessionState.ACTIVE
 
-    descriptor, created = store.link("r/a", d, "", 3, session.id)
+    descriptor, created = store.push("r/a", d, "", 3, session.id)
     assert (descriptor, created) == (LinkedBlob(d, 3, ""), True)
     finished = store.get_session(session.id)
     assert finished.state == SessionState.COMMITTED
     assert finished.updated_at >= session.updated_at
     # A retry after a lost answer is harmless.
-    assert store.link("r/a", d, "", 3, session.id) == (LinkedBlob(d, 3, ""), False)
+    assert store.push("r/a", d, "", 3, session.id) == (LinkedBlob(d, 3, ""), False)
 
     cancelled = store.create_session("r/a")
     store.finish_session(cancelled.id, SessionState.CANCELLED)
@@ -140,20 +160,20 @@ def test_link_finishes_its_upload_session(store: Store, db_url: str) -> None:
     expect(
         grpc.StatusCode.FAILED_PRECONDITION,
         Reason.BLOB_UPLOAD_INVALID,
-        lambda: store.link("r/a", other, "", 4, cancelled.id),
+        lambda: store.push("r/a", other, "", 4, cancelled.id),
     )
     expect(grpc.StatusCode.NOT_FOUND, Reason.BLOB_UNKNOWN, lambda: store.stat_blob(other))
     expect(
         grpc.StatusCode.NOT_FOUND,
         Reason.BLOB_UPLOAD_UNKNOWN,
-        lambda: store.link("r/a", other, "", 4, "no-such-session"),
+        lambda: store.push("r/a", other, "", 4, "no-such-session"),
     )
     assert [r[1] for r in rows(db_url, "links")] == [d]
 
 
 def test_mount_unlink(store: Store) -> None:
     d = digest_of("mounted")
-    store.link("src", d, "application/x-src", 7)
+    store.push("src", d, "application/x-src", 7)
     # From a named source, and from any source; the media type comes from the source.
     assert store.mount("dst/one", "src", d) == (LinkedBlob(d, 7, "application/x-src"), True)
     assert store.mount("dst/two", "", d, "application/x-own") == (
@@ -184,7 +204,7 @@ def test_repeated_link_and_mount_with_a_new_media_type(store: Store) -> None:
     """The repeated calls: answered from the link as it stands, or updating its media type (on
     PostgreSQL the one-statement paths hand these over to the general one)."""
     d = digest_of("repeated")
-    assert store.link("r", d, "a/one", 9) == (LinkedBlob(d, 9, "a/one"), True)
+    assert store.push("r", d, "a/one", 9) == (LinkedBlob(d, 9, "a/one"), True)
     assert store.link("r", d, "", 9) == (LinkedBlob(d, 9, "a/one"), False)
     assert store.link("r", d, "a/one", 9) == (LinkedBlob(d, 9, "a/one"), False)
     assert store.link("r", d, "a/two", 9) == (LinkedBlob(d, 9, "a/two"), False)
@@ -207,7 +227,7 @@ def test_repeated_link_and_mount_with_a_new_media_type(store: Store) -> None:
 def test_list_pages_in_bytewise_order(store: Store) -> None:
     digests = sorted(digest_of(f"blob-{i}") for i in range(25))
     for i, d in enumerate(digests):
-        store.link("paged", d, "", i)
+        store.push("paged", d, "", i)
     store.link("other", digests[0])
     seen: list[str] = []
     after = ""
@@ -319,7 +339,7 @@ def test_concurrent_links_of_one_pair_leave_one_row(db_url: str) -> None:
     s = open_store(db_url, pool_size=16)
     try:
         d = digest_of("contended")
-        results = race(s.db, lambda i: s.store.link("race/repo", d, "application/x-r", 42))
+        results = race(s.db, lambda i: push(s.store, "race/repo", d, "application/x-r", 42))
         assert all(isinstance(r, tuple) for r in results), results
         links = [r for r in results if isinstance(r, tuple)]
         assert sum(1 for _, created in links if created) == 1
@@ -337,7 +357,7 @@ def test_concurrent_links_of_one_new_blob_and_mounts_of_one_pair(db_url: str) ->
     try:
         # One new blob pushed into sixteen repositories at once: one blob row, sixteen links.
         d = digest_of("pushed everywhere")
-        results = race(s.db, lambda i: s.store.link(f"race/{i}", d, "a/b", 42))
+        results = race(s.db, lambda i: push(s.store, f"race/{i}", d, "a/b", 42))
         assert results == [(LinkedBlob(d, 42, "a/b"), True)] * 16
         assert len(rows(db_url, "blobs")) == 1
         assert len(rows(db_url, "links")) == 16
@@ -401,7 +421,7 @@ def test_a_busy_or_lost_database_is_unavailable(db_url: str) -> None:
     s = open_store(db_url, pool_size=1, busy_timeout=0.2)
     try:
         d = digest_of("transient")
-        s.link("r", d, "", 1)
+        s.push("r", d, "", 1)
         if db_url.startswith("sqlite"):
             # Another process holds SQLite's write lock longer than busy_timeout.
             holder = sqlite3.connect(sa.make_url(db_url).database or "", isolation_level=None)
