@@ -447,3 +447,64 @@ def test_calls_on_a_closed_channel_are_unavailable_and_cleanups_end_quietly() ->
     answers, unhandled = asyncio.run(scenario())
     assert answers == ["UNAVAILABLE/UNAVAILABLE"] * 4 + ["push UNAVAILABLE/UNAVAILABLE"]
     assert unhandled == []
+
+
+class _AcceptingWrite:
+    """A blobsvc Write call that takes every message (or fails every send, with ``refuse``) and
+    answers with the bytes it took."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.taken = 0
+
+    def add_done_callback(self, callback: Callable[[object], None]) -> None:
+        pass
+
+    async def write(self, raw: bytes) -> None:
+        if self.refuse:
+            raise asyncio.InvalidStateError("RPC already finished.")
+        self.taken += len(raw)
+
+    async def done_writing(self) -> None:
+        pass
+
+    def done(self) -> bool:
+        return True
+
+    def cancelled(self) -> bool:
+        return False
+
+    def cancel(self) -> bool:
+        return False
+
+    def __await__(self) -> Iterator[object]:
+        async def response() -> blob_pb2.WriteResponse:
+            return blob_pb2.WriteResponse(size=self.taken)
+
+        return response().__await__()
+
+
+def test_a_commits_last_chunk_is_counted_once_it_was_sent() -> None:
+    """BYTES_IN of data the domain hands over (CommitUpload's last chunk) is counted by the blob
+    adapter, and only once it was sent to blobsvc."""
+
+    def received() -> float:
+        value = REGISTRY.get_sample_value(
+            "linkedblob_bytes_received_total", {"method": "commit-test"}
+        )
+        return value or 0.0
+
+    async def write(refuse: bool) -> None:
+        blobs = GrpcBlobBackend(f"127.0.0.1:{free_port()}", lambda: None, final_status_wait=0.01)
+        blobs._write_raw = lambda metadata: _AcceptingWrite(refuse)  # type: ignore[assignment,misc]
+        try:
+            await blobs.write("u", 0, b"last chunk", None, None, counted_as="commit-test")
+        finally:
+            await blobs.close()
+
+    before = received()
+    asyncio.run(write(refuse=False))
+    assert received() - before == len(b"last chunk")
+    with pytest.raises(LinkedBlobError):
+        asyncio.run(write(refuse=True))
+    assert received() - before == len(b"last chunk")  # not sent: not counted
