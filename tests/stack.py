@@ -45,11 +45,11 @@ def database(kind: str, directory: Path) -> Iterator[str]:
         conftest._pg_skipped.append("pg")
         pytest.skip(f"PostgreSQL not configured ({conftest.PG_ENV} unset)")
     name = f"linkedblob_test_{secrets.token_hex(6)}"
-    conftest._admin_execute(server, f'CREATE DATABASE "{name}"')
+    conftest.admin_execute(server, f'CREATE DATABASE "{name}"')
     try:
         yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
     finally:
-        conftest._admin_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conftest.admin_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def registry_channel(address: str) -> grpc.Channel:
