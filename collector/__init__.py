@@ -5,7 +5,7 @@ A runner that talks to linksvc and blobsvc over gRPC only. The domain (:mod:`.ru
 :class:`~collector.model.LinkIndex` (linksvc) and :class:`~collector.model.BlobStorage`
 (blobsvc); :mod:`.grpc_backends` implements them over the services' stubs and :mod:`.fakes` in
 memory for the unit tests. The command line is :mod:`.commands` (``linkedblob gc``, ``linkedblob
-fsck``) and :mod:`.service` (``linkedblob serve gc``). The design: docs/design.md#lifecycle.
+fsck``) and :mod:`.server` (``linkedblob serve gc``). The design: docs/design.md#lifecycle.
 
 Named ``collector``, not ``gc``: a top-level package ``gc`` would shadow Python's gc module.
 """

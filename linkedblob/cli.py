@@ -1,5 +1,5 @@
-"""The one command line: ``linkedblob serve blob|link|gateway``, ``up``, ``migrate`` and the
-client commands (push, pull, stat, mount, ls, rm, ...).
+"""The one command line: ``linkedblob serve blob|link|gateway|gc``, ``up``, ``migrate``, the
+client commands (push, pull, stat, mount, ls, rm, ...) and the collector's (gc, fsck).
 
 Each service package owns its flags (``<pkg>.options``: DEFAULT_PORT, add_arguments) and its
 entry (``<pkg>.server.serve(args)``); this module only dispatches, importing a service's server
@@ -17,7 +17,7 @@ from linkedblob.config import add_option, add_server_options
 from linkedblob.logs import setup_logging
 from linkedblob.tuning import tune_malloc
 
-SERVICES = {"blob": "blobsvc", "link": "linksvc", "gateway": "gateway"}
+SERVICES = {"blob": "blobsvc", "link": "linksvc", "gateway": "gateway", "gc": "collector"}
 
 
 def _serve(args: argparse.Namespace) -> int | None:
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     for kind, package in SERVICES.items():
         options = importlib.import_module(f"{package}.options")
         sub = kinds.add_parser(kind, help=options.HELP)
-        add_server_options(sub, options.DEFAULT_PORT)
+        if not getattr(options, "OWN_SERVER_OPTIONS", False):
+            add_server_options(sub, options.DEFAULT_PORT)
         options.add_arguments(sub)
         sub.set_defaults(handler=_serve)
 
@@ -60,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     migrate.set_defaults(handler=_migrate)
 
+    from collector import commands as gc_commands
     from linkedblob import commands as client_commands
     from linkedblob import up
 
     up.register(commands)
     client_commands.register(commands)
+    gc_commands.register(commands)
     return parser
 
 

@@ -69,3 +69,43 @@ def add_server_options(parser: argparse.ArgumentParser, default_port: int) -> No
     )
     add_option(parser, "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     add_option(parser, "--log-format", default="json", choices=["json", "text"], help="log format")
+
+
+# The port of `linkedblob serve gc` (gRPC health only).
+GC_PORT = 50054
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``30s``, ``10m``, ``24h``, ``7d`` or a plain number of seconds (``90``,
+    ``0.5``); a ValueError (argparse: a usage error) otherwise."""
+    raw = text.strip().lower()
+    unit = _DURATION_UNITS.get(raw[-1:]) if raw else None
+    number = raw[:-1] if unit is not None else raw
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (e.g. 30s, 10m, 24h, 7d, or seconds)") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"a duration must be a finite number >= 0, not {text!r}")
+    return seconds
+
+
+parse_duration.__name__ = "duration"  # argparse names the type in its usage errors
+
+
+def add_duration_option(
+    parser: argparse.ArgumentParser, flag: str, *, default: str, help: str, env: str = ""
+) -> None:
+    """A duration flag (:func:`parse_duration`) whose default comes from ``env`` (by default
+    LINKEDBLOB_<FLAG>) when that is set. A separate ``env`` keeps apart flags that share a
+    name but not a meaning (the collector's ``--grace`` is not the servers' drain time)."""
+    env = env or env_name(flag)
+    raw = os.environ.get(env)
+    parser.add_argument(
+        flag,
+        type=parse_duration,
+        default=raw if raw is not None else default,
+        help=f"{help} (30s, 10m, 24h, 7d or seconds; default {default}) [env {env}]",
+    )

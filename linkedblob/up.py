@@ -1,12 +1,14 @@
-"""``linkedblob up``: all three services on one machine with the embedded defaults.
+"""``linkedblob up``: all three services on one machine with the embedded defaults, and the
+garbage collector (``serve gc``) beside them unless ``--no-gc``.
 
 Each service runs as its own process (its own gRPC server and its own core's worth of Python),
 exactly as ``linkedblob serve ...`` would run it: blobsvc on the filesystem under DATA/blobs,
 linksvc on the SQLite file DATA/linkedblob.db (migrated on start), and the gateway in front.
 blobsvc and the gateway share a grant secret made for the run (handed over in the environment,
 never on a command line, where ps would show it), so the gateway offers clients direct access to
-blobsvc (linkedblob.grants) at blobsvc's address.
-Ctrl-C or SIGTERM stops all three cleanly; if one dies, the others are stopped too.
+blobsvc (linkedblob.grants) at blobsvc's address; the collector gets it the same way, to sign its
+own blobsvc calls. The collector runs every --gc-interval with a grace period of --gc-grace.
+Ctrl-C or SIGTERM stops them all cleanly; if one dies, the others are stopped too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from linkedblob.config import BLOB_PORT, GATEWAY_PORT, LINK_PORT, add_option, env_name
+from linkedblob.config import (
+    BLOB_PORT,
+    GATEWAY_PORT,
+    LINK_PORT,
+    add_duration_option,
+    add_option,
+    env_name,
+)
 
 _READY = re.compile(r"^linkedblob (\w+) listening on (\S+)$")
 # The variable both `serve blob` and `serve gateway` read their --grant-secret from.
@@ -39,6 +48,16 @@ def register(commands: Any) -> None:
     add_option(up, "--link-port", type=int, default=LINK_PORT, help="linksvc port (0: any free)")
     add_option(up, "--enable-delete", action="store_true", help="allow DeleteBlob")
     add_option(up, "--log-format", default="text", choices=["json", "text"], help="log format")
+    add_duration_option(
+        up, "--gc-interval", default="1h", help="time between two garbage-collection runs"
+    )
+    add_duration_option(
+        up,
+        "--gc-grace",
+        default="24h",
+        help="how long an unreferenced blob is kept before garbage collection deletes it",
+    )
+    add_option(up, "--no-gc", action="store_true", help="run no garbage collector")
     up.set_defaults(handler=run)
 
 
@@ -117,9 +136,25 @@ def run(args: argparse.Namespace) -> int:
             gateway_argv.append("--enable-delete")
         children.append(Child("gateway", gateway_argv, granting))
         gateway = children[-1].address
+        if not args.no_gc:
+            gc_argv = [
+                *common,
+                "--port",
+                "0",
+                "--link-addr",
+                children[1].address,
+                "--blob-addr",
+                children[0].address,
+                "--interval",
+                str(args.gc_interval),
+                "--grace",
+                str(args.gc_grace),
+            ]
+            children.append(Child("gc", gc_argv, granting))
         print(
             f"linkedblob is up: gateway {gateway} (blobsvc {children[0].address}, "
-            f"linksvc {children[1].address}), data in {data}\n"
+            f"linksvc {children[1].address}{'' if args.no_gc else ', gc running'}), "
+            f"data in {data}\n"
             f"  try: LINKEDBLOB_ADDR={gateway} linkedblob push myrepo FILE",
             flush=True,
         )
