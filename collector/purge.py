@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import grpc
 
-from collector.model import BlobStorage, LinkIndex, Session, SessionState, pages
+from collector.model import BlobStorage, LinkIndex, Session, SessionState, StagedUpload, pages
 from collector.stats import Progress, RunStats
 from linkedblob.errors import LinkedBlobError
 
@@ -87,20 +87,21 @@ class Purger:
                 return seen
 
     def _session(self, session: Session, stats: RunStats) -> None:
-        had_staging = False
-        if session.state == SessionState.ACTIVE:
-            try:
-                staged = self.blobs.upload_status(session.id)
-            except LinkedBlobError as exc:
-                if not _not_found(exc):
-                    log.warning("cannot see upload %s's staging: %s", session.id, exc)
-                    stats.failures += 1
-                    return
-            else:
-                if self.clock() - staged.updated_at < self.expiry:
-                    stats.sessions_kept += 1  # written directly to blobsvc lately
-                    return
-                had_staging = True
+        try:
+            staged: StagedUpload | None = self.blobs.upload_status(session.id)
+        except LinkedBlobError as exc:
+            if not _not_found(exc):
+                log.warning("cannot see upload %s's staging: %s", session.id, exc)
+                stats.failures += 1
+                return
+            staged = None
+        if (
+            session.state == SessionState.ACTIVE
+            and staged is not None
+            and self.clock() - staged.updated_at < self.expiry
+        ):
+            stats.sessions_kept += 1  # written directly to blobsvc lately
+            return
         if self.dry_run:
             stats.would_purge.append(session.id)
             return
@@ -121,7 +122,7 @@ class Purger:
             return
         self.links.purge_session(session.id)
         stats.sessions_purged += 1
-        if had_staging:
+        if staged is not None:
             stats.staging_aborted += 1
         log.info("purged upload session %s (%s)", session.id, session.state.value)
 

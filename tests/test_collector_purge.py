@@ -56,7 +56,7 @@ def test_finished_sessions_idle_that_long_are_purged(world: World) -> None:
     world.blobs.write(cancelled, 9)  # a cancel that could not reach blobsvc
     world.clock.advance(EXPIRY + 1)
     stats = world.run()
-    assert stats.sessions_purged == 2
+    assert (stats.sessions_purged, stats.staging_aborted) == (2, 1)
     assert committed not in world.links.sessions and cancelled not in world.links.sessions
     assert world.blobs.staging == {}
 
