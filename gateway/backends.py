@@ -16,6 +16,7 @@ from gateway.model import (
     BlobDescriptor,
     CommitSpec,
     IncomingData,
+    Lease,
     LinkedBlob,
     OutgoingData,
     Page,
@@ -53,13 +54,15 @@ class BlobBackend(Protocol):
         incoming: IncomingData | None = None,
         commit: CommitSpec | None = None,
         counted_as: str = "",
+        want_staged_digest: bool = False,
     ) -> Written:
         """Appends ``data`` and then ``incoming``'s data to a staging area at ``offset``
         (OUT_OF_RANGE / BLOB_UPLOAD_INVALID with metadata ``size`` when that is not its size;
         offset 0 creates one; past 0 on none: NOT_FOUND / BLOB_UPLOAD_UNKNOWN), then commits it
-        when ``commit`` is given. Each of ``incoming``'s messages goes through its
-        ``check_size``. The bytes are counted under ``incoming.method``, else under
-        ``counted_as`` ("": not counted)."""
+        when ``commit`` is given; without ``commit``, ``want_staged_digest`` answers the digest
+        of all the staged bytes (Written.staged_digest, the upload's algorithm). Each of
+        ``incoming``'s messages goes through its ``check_size``. The bytes are counted under
+        ``incoming.method``, else under ``counted_as`` ("": not counted)."""
         ...
 
     async def upload_size(self, upload_id: str) -> int:
@@ -81,6 +84,22 @@ class LinkBackend(Protocol):
         """The recorded blob; NOT_FOUND / BLOB_UNKNOWN when it is not recorded."""
         ...
 
+    async def lease(
+        self,
+        digest: str,
+        ttl: float,
+        link_repository: str = "",
+        media_type: str = "",
+        size: int | None = None,
+    ) -> Lease | LinkedBlob:
+        """Protects ``digest`` from garbage collection for ``ttl`` seconds while its bytes are
+        committed and linked: a Lease for :meth:`link`. With ``link_repository`` and a recorded
+        live blob, links it at once instead (with ``media_type``; ``size``, when given, must be
+        the recorded one: INVALID_ARGUMENT / SIZE_INVALID with metadata ``size``) and answers
+        the LinkedBlob. A marked blob is revived; one being deleted is ABORTED /
+        BLOB_DELETING."""
+        ...
+
     async def link(
         self,
         repository: str,
@@ -88,9 +107,12 @@ class LinkBackend(Protocol):
         media_type: str,
         size: int | None = None,
         finish_session: str = "",
+        lease_id: str = "",
     ) -> LinkedBlob:
-        """Links a recorded blob (with ``size``: records it first), and finishes
-        ``finish_session`` as committed, in one transaction."""
+        """Links a recorded blob (with ``size``: records it first, which needs the live lease
+        ``lease_id`` of the digest, else ABORTED / BLOB_UPLOAD_INVALID: upload again), and
+        finishes ``finish_session`` as committed, in one transaction; the lease is consumed. A
+        marked blob is revived; one being deleted is ABORTED / BLOB_DELETING."""
         ...
 
     async def resolve(self, repository: str, digest: str, fresh: bool = False) -> LinkedBlob:

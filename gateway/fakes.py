@@ -14,10 +14,11 @@ that other work (a benchmark of the domain, another front end) can use them.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING
 
 from grpc import StatusCode  # the codes of LinkedBlobError
@@ -27,6 +28,7 @@ from gateway.model import (
     BlobDescriptor,
     CommitSpec,
     IncomingData,
+    Lease,
     LinkedBlob,
     OutgoingData,
     Page,
@@ -50,17 +52,31 @@ from linkedblob.names import validate_repository
 
 
 class Failures:
-    """Failures planned by a test: the next calls of a method raise instead of acting."""
+    """Failures planned by a test: the next calls of a method raise instead of acting; and
+    events: the next call of a method first runs a test's function (a clock moving on, a
+    collector acting between two steps). Every call is counted, and written to ``journal``
+    (``name.method``, in order; a journal shared by both fakes gives the order of all calls)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "", journal: list[str] | None = None) -> None:
         self._planned: dict[str, list[LinkedBlobError]] = {}
+        self._before: dict[str, list[Callable[[], None]]] = {}
         self.calls: Counter[str] = Counter()  # calls made, by method (failed ones too)
+        self.name = name
+        self.journal: list[str] = journal if journal is not None else []
 
     def plan(self, method: str, error: LinkedBlobError, times: int = 1) -> None:
         self._planned.setdefault(method, []).extend([error] * times)
 
+    def before(self, method: str, event: Callable[[], None]) -> None:
+        """Runs ``event`` at the next call of ``method``, before it acts."""
+        self._before.setdefault(method, []).append(event)
+
     def check(self, method: str) -> None:
         self.calls[method] += 1
+        self.journal.append(f"{self.name}.{method}" if self.name else method)
+        events = self._before.get(method)
+        if events:
+            events.pop(0)()
         planned = self._planned.get(method)
         if planned:
             raise planned.pop(0)
@@ -77,10 +93,10 @@ def _unknown_upload(upload_id: str) -> LinkedBlobError:
 class FakeBlobBackend:
     """blobsvc in memory: ``blobs`` by digest, ``staged`` bytes by upload id."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: list[str] | None = None) -> None:
         self.blobs: dict[str, bytes] = {}
         self.staged: dict[str, bytearray] = {}
-        self.failures = Failures()
+        self.failures = Failures("blobs", journal)
 
     async def stat(self, digest: str) -> BlobDescriptor:
         self.failures.check("stat")
@@ -121,6 +137,7 @@ class FakeBlobBackend:
         incoming: IncomingData | None = None,
         commit: CommitSpec | None = None,
         counted_as: str = "",
+        want_staged_digest: bool = False,
     ) -> Written:
         self.failures.check("write")
         staged = self.staged.get(upload_id)
@@ -142,7 +159,8 @@ class FakeBlobBackend:
                 incoming.check_size(len(chunk))
                 staged += chunk
         if commit is None:
-            return Written(len(staged))
+            digest = str(Digest.of(bytes(staged))) if want_staged_digest else ""
+            return Written(len(staged), staged_digest=digest)
         blob = self._store(bytes(staged), commit)
         del self.staged[upload_id]
         return Written(blob.size, blob)
@@ -180,21 +198,85 @@ class FakeBlobBackend:
         return BlobDescriptor(digest, len(data))
 
 
-class FakeLinkBackend:
-    """linksvc in memory: ``recorded`` blob sizes, ``links`` (repository, digest) -> media
-    type, and ``sessions`` by id."""
+class BlobState(enum.StrEnum):
+    """An indexed blob's state in linksvc (garbage collection moves it)."""
 
-    def __init__(self) -> None:
+    ACTIVE = "active"
+    MARKED = "marked"  # no link and no live lease when the collector last looked
+    DELETING = "deleting"  # fenced: the collector is deleting its bytes
+
+
+class FakeLinkBackend:
+    """linksvc in memory: ``recorded`` blob sizes and their ``states``, ``links`` (repository,
+    digest) -> media type, ``leases`` by id (digest, expiry on ``clock``), and ``sessions`` by
+    id. Link, Lease and Mount follow linksvc's rules: a marked blob is revived, one being
+    deleted is ABORTED / BLOB_DELETING, a new blob is recorded only with a live lease of its
+    digest (consumed). A test plays the collector by editing ``states`` (and dropping the blob
+    with :meth:`collect`)."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.time, journal: list[str] | None = None
+    ) -> None:
         self.recorded: dict[str, int] = {}
+        self.states: dict[str, BlobState] = {}
         self.links: dict[tuple[str, str], str] = {}
+        self.leases: dict[str, tuple[str, float]] = {}
         self.sessions: dict[str, UploadSession] = {}
-        self.failures = Failures()
+        self.clock = clock
+        self.failures = Failures("links", journal)
+
+    def collect(self, digest: str) -> None:
+        """The collector's end of a deletion: the blob's row is gone (ForgetBlob)."""
+        del self.recorded[digest]
+        del self.states[digest]
+
+    def _lock_live(self, digest: str) -> int | None:
+        """The recorded size (None: not recorded); BLOB_DELETING for a blob being deleted.
+        Reviving a marked blob is left to the caller, once nothing else can fail."""
+        if self.states.get(digest) is BlobState.DELETING:
+            raise aborted(
+                Reason.BLOB_DELETING, f"blob {digest} is being deleted; retry (upload again)"
+            )
+        return self.recorded.get(digest)
+
+    def _revive(self, digest: str) -> None:
+        if digest in self.states:
+            self.states[digest] = BlobState.ACTIVE
+
+    def _live_lease(self, lease_id: str, digest: str) -> bool:
+        lease = self.leases.get(lease_id)
+        return lease is not None and lease[0] == digest and lease[1] > self.clock()
 
     async def stat_blob(self, digest: str) -> BlobDescriptor:
         self.failures.check("stat_blob")
         if digest not in self.recorded:
             raise _unknown_blob(digest)
         return BlobDescriptor(digest, self.recorded[digest])
+
+    async def lease(
+        self,
+        digest: str,
+        ttl: float,
+        link_repository: str = "",
+        media_type: str = "",
+        size: int | None = None,
+    ) -> Lease | LinkedBlob:
+        self.failures.check("lease")
+        recorded = self._lock_live(digest)
+        if link_repository and recorded is not None:
+            if size is not None and size != recorded:
+                raise invalid_argument(
+                    Reason.SIZE_INVALID,
+                    f"blob {digest} is recorded with size {recorded}, not {size}",
+                    size=recorded,
+                )
+            self._revive(digest)
+            return self._link(link_repository, digest, media_type)
+        self._revive(digest)
+        lease_id = secrets.token_urlsafe(24)
+        expires = self.clock() + ttl
+        self.leases[lease_id] = (digest, expires)
+        return Lease(lease_id, int(expires * 1e9))
 
     async def link(
         self,
@@ -203,23 +285,38 @@ class FakeLinkBackend:
         media_type: str,
         size: int | None = None,
         finish_session: str = "",
+        lease_id: str = "",
     ) -> LinkedBlob:
         self.failures.check("link")
-        recorded = self.recorded.get(digest)
-        if recorded is None and size is None:
-            raise _unknown_blob(digest)
-        if recorded is not None and size is not None and size != recorded:
+        # Everything is checked before anything changes: it is one transaction in linksvc.
+        recorded = self._lock_live(digest)
+        if recorded is None:
+            if size is None:
+                raise _unknown_blob(digest)
+            if not (lease_id and self._live_lease(lease_id, digest)):
+                raise aborted(
+                    Reason.BLOB_UPLOAD_INVALID,
+                    f"no live lease of {digest}: the lease expired; upload again",
+                )
+        elif size is not None and size != recorded:
             raise failed_precondition(
                 Reason.SIZE_INVALID, f"{digest} is {recorded} bytes, not {size}", size=recorded
             )
-        if finish_session:  # checked first: all of it is one transaction in linksvc
+        if finish_session:
+            self._finish(finish_session, SessionState.COMMITTED, repository, check_only=True)
             self._finish(finish_session, SessionState.COMMITTED, repository)
+        self.leases.pop(lease_id, None)
         if recorded is None:
             assert size is not None
-            recorded = self.recorded[digest] = size
+            self.recorded[digest] = size
+            self.states[digest] = BlobState.ACTIVE
+        self._revive(digest)
+        return self._link(repository, digest, media_type)
+
+    def _link(self, repository: str, digest: str, media_type: str) -> LinkedBlob:
         key = (repository, digest)
         self.links[key] = media_type or self.links.get(key, "")
-        return LinkedBlob(digest, recorded, self.links[key])
+        return LinkedBlob(digest, self.recorded[digest], self.links[key])
 
     async def resolve(self, repository: str, digest: str, fresh: bool = False) -> LinkedBlob:
         self.failures.check("resolve")
@@ -234,10 +331,12 @@ class FakeLinkBackend:
 
     async def mount(self, repository: str, source: str, digest: str, media_type: str) -> LinkedBlob:
         self.failures.check("mount")
+        self._lock_live(digest)
         sources = [source] if source else sorted(r for r, d in self.links if d == digest)
         found = [s for s in sources if (s, digest) in self.links]
         if not found:
             raise _unknown_blob(digest)
+        self._revive(digest)
         key = (repository, digest)
         self.links[key] = media_type or self.links.get(key) or self.links[found[0], digest]
         return LinkedBlob(digest, self.recorded[digest], self.links[key])
@@ -296,7 +395,9 @@ class FakeLinkBackend:
         self.failures.check("finish_session")
         self._finish(upload_id, state)
 
-    def _finish(self, upload_id: str, state: SessionState, repository: str = "") -> None:
+    def _finish(
+        self, upload_id: str, state: SessionState, repository: str = "", check_only: bool = False
+    ) -> None:
         session = self.sessions.get(upload_id)
         if session is None or (repository and session.repository != repository):
             raise _unknown_upload(upload_id)
@@ -306,7 +407,8 @@ class FakeLinkBackend:
             raise failed_precondition(
                 Reason.BLOB_UPLOAD_INVALID, f"upload session {upload_id} is already finished"
             )
-        self.sessions[upload_id] = dataclasses.replace(session, state=state)
+        if not check_only:
+            self.sessions[upload_id] = dataclasses.replace(session, state=state)
 
     def forget(self, repository: str, digest: str) -> None:
         pass  # nothing is remembered beyond the state itself

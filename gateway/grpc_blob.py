@@ -129,6 +129,7 @@ class GrpcBlobBackend:
         incoming: IncomingData | None = None,
         commit: CommitSpec | None = None,
         counted_as: str = "",
+        want_staged_digest: bool = False,
     ) -> Written:
         """See BlobBackend.write. The bytes are counted under ``incoming.method``, or under
         ``counted_as`` ("": not counted) when there is no ``incoming``: ``data`` once it was
@@ -140,6 +141,8 @@ class GrpcBlobBackend:
             first.algorithm = commit.algorithm
             if commit.size is not None:
                 first.commit_size = commit.size
+        elif want_staged_digest:
+            first.want_staged_digest = True
         try:
             raw_call = self._write_raw(metadata=self._metadata())  # type: ignore[call-arg]
         except CHANNEL_FAILURES as err:
@@ -178,7 +181,11 @@ class GrpcBlobBackend:
         finally:
             if counter:
                 metrics.BYTES_IN.labels(counter).inc(received)
-        return Written(written.size, _blob(written.blob) if written.HasField("blob") else None)
+        return Written(
+            written.size,
+            _blob(written.blob) if written.HasField("blob") else None,
+            written.staged_digest,
+        )
 
 
 async def _relay_read(

@@ -6,10 +6,12 @@ kept, a transport failure UNAVAILABLE).
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 from gateway.grpc_calls import answer
-from gateway.model import BlobDescriptor, LinkedBlob, Page, SessionState, UploadSession
+from gateway.model import BlobDescriptor, Lease, LinkedBlob, Page, SessionState, UploadSession
 from linkedblob import transport
 from linkedblob.link.v1 import link_pb2, link_pb2_grpc
 
@@ -58,6 +60,7 @@ class GrpcLinkBackend:
         media_type: str,
         size: int | None = None,
         finish_session: str = "",
+        lease_id: str = "",
     ) -> LinkedBlob:
         request = link_pb2.LinkRequest(
             repository=repository,
@@ -65,9 +68,30 @@ class GrpcLinkBackend:
             media_type=media_type,
             size=size,
             finish_session_id=finish_session,
+            lease_id=lease_id,
         )
         linked = await answer(self._stub.Link, request)
         return _linked(linked.blob)
+
+    async def lease(
+        self,
+        digest: str,
+        ttl: float,
+        link_repository: str = "",
+        media_type: str = "",
+        size: int | None = None,
+    ) -> Lease | LinkedBlob:
+        request = link_pb2.LeaseRequest(
+            digest=digest,
+            ttl_seconds=max(1, math.ceil(ttl)),  # whole seconds, never 0 (linksvc's default)
+            link_repository=link_repository,
+            media_type=media_type,
+            size=size,
+        )
+        granted = await answer(self._stub.Lease, request)
+        if granted.HasField("linked"):
+            return _linked(granted.linked.blob)
+        return Lease(granted.lease_id, granted.expires_at.ToNanoseconds())
 
     async def resolve(self, repository: str, digest: str, fresh: bool = False) -> LinkedBlob:
         resolved = await answer(

@@ -7,9 +7,9 @@ a new Link with a media type changes the media type, and that goes through a gat
 refreshes its entry). What can happen elsewhere is a delete: another gateway unlinks, and this
 one keeps answering from memory until the entry expires. So every entry lives at most ``ttl``
 seconds; a delete through this gateway drops the entry at once; a Link, Mount, Put or Commit
-through it stores the fresh answer. Misses are not cached (a blob pushed through another gateway
-is visible at once). Bounded: the least recently used entries go first. A blob the store lost
-(a read found it gone) drops its entry too.
+through it (and a Lease that links at once) stores the fresh answer. Misses are not cached (a
+blob pushed through another gateway is visible at once). Bounded: the least recently used
+entries go first. A blob the store lost (a read found it gone) drops its entry too.
 
 CachedLinks applies these rules around any LinkBackend (as distribution's cached blob statter
 wraps its backend), so the domain code calls it as it would call linksvc.
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from gateway.backends import LinkBackend
-from gateway.model import BlobDescriptor, LinkedBlob, Page, SessionState, UploadSession
+from gateway.model import BlobDescriptor, Lease, LinkedBlob, Page, SessionState, UploadSession
 
 Value = TypeVar("Value")
 Key = tuple[str, str]
@@ -109,10 +109,28 @@ class CachedLinks:
         media_type: str,
         size: int | None = None,
         finish_session: str = "",
+        lease_id: str = "",
     ) -> LinkedBlob:
         generation = self.cache.generation
-        linked = await self._links.link(repository, digest, media_type, size, finish_session)
+        linked = await self._links.link(
+            repository, digest, media_type, size, finish_session, lease_id
+        )
         return self._keep(repository, linked, generation)
+
+    async def lease(
+        self,
+        digest: str,
+        ttl: float,
+        link_repository: str = "",
+        media_type: str = "",
+        size: int | None = None,
+    ) -> Lease | LinkedBlob:
+        """A lease (nothing to remember), or the link it made at once (kept, as a Link's)."""
+        generation = self.cache.generation
+        granted = await self._links.lease(digest, ttl, link_repository, media_type, size)
+        if isinstance(granted, LinkedBlob):
+            return self._keep(link_repository, granted, generation)
+        return granted
 
     async def mount(self, repository: str, source: str, digest: str, media_type: str) -> LinkedBlob:
         # Already linked here, from a source that links it (as far as this gateway saw within

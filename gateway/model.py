@@ -49,6 +49,15 @@ class UploadSession:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """linksvc's protection of a digest from garbage collection while its bytes are committed
+    in blobsvc and linked (Link consumes it)."""
+
+    id: str
+    expires_at_ns: int  # nanoseconds since the epoch (the clock of the link backend)
+
+
+@dataclass(frozen=True, slots=True)
 class Page(Generic[Item]):
     items: list[Item]
     next_page_token: str
@@ -65,10 +74,12 @@ class CommitSpec:
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """The outcome of a write: the bytes now staged, and the blob if it committed."""
+    """The outcome of a write: the bytes now staged, and the blob if it committed (else, when
+    asked for, the digest of all the staged bytes)."""
 
     size: int
     blob: BlobDescriptor | None = None
+    staged_digest: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,10 @@ DEFAULT_PORT = GATEWAY_PORT
 # once).
 DEFAULT_LINK_CACHE_TTL = 5.0
 DEFAULT_LINK_CACHE_SIZE = 10_000
+# How long a lease protects a digest from garbage collection between the commit of its bytes
+# and their link (linksvc's default; it allows at most MAX_LEASE_TTL).
+DEFAULT_LEASE_TTL = 600.0
+MAX_LEASE_TTL = 86_400.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,4 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_LINK_CACHE_SIZE,
         help="most resolved links kept (least recently used dropped first)",
+    )
+    add_option(
+        parser,
+        "--lease-ttl",
+        type=float,
+        default=DEFAULT_LEASE_TTL,
+        help="seconds a lease protects a blob being committed from garbage collection until it "
+        f"is linked (at most {MAX_LEASE_TTL:.0f}); a commit that takes longer is answered "
+        "ABORTED and pushed again",
     )

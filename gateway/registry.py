@@ -3,7 +3,8 @@ delete and list.
 
 Access goes through links: a blob is stat'ed or read only after the link backend resolved the
 repository's link. A blob is stored in the order that keeps docs/design.md's invariants: bytes
-durable in blobsvc, then recorded and linked (one linksvc transaction, Link with ``size``).
+durable in blobsvc, then recorded and linked (one linksvc transaction, Link with ``size``), all
+under a lease taken before the bytes are committed (gateway.leases).
 
 Callers pass validated values (gateway.validation); failures are LinkedBlobError.
 """
@@ -13,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 
 from grpc import StatusCode  # the codes of LinkedBlobError
 
 from gateway.backends import BlobBackend, LinkBackend
+from gateway.leases import DELETING_BACKOFF, Leases
 from gateway.model import CommitSpec, IncomingData, LinkedBlob, OutgoingData, Page
-from linkedblob.digests import Digest
+from gateway.options import DEFAULT_LEASE_TTL
+from linkedblob.digests import DEFAULT_ALGORITHM, Digest
 from linkedblob.errors import (
     LinkedBlobError,
     Reason,
@@ -30,6 +33,32 @@ from linkedblob.errors import (
 
 # Seconds after which a failed PushBlob's staging area is aborted a second time (default).
 ABORT_AGAIN_AFTER = 2.0
+# Above this many bytes a PutBlob's payload is hashed in a worker thread (hashlib lets go of the
+# GIL), not on the event loop.
+HASH_IN_THREAD_BYTES = 256 * 1024
+
+
+def _push_upload_id() -> str:
+    """A PushBlob's staging area of its own: nobody else knows the id, nobody can resume it."""
+    return f"push-{secrets.token_urlsafe(18)}"
+
+
+async def _verified_digest(data: bytes, claimed: Digest | None) -> Digest:
+    """The digest of a PutBlob's payload (with the claimed digest's algorithm); DIGEST_INVALID
+    when it is not the claimed one. Hashed here, not only by blobsvc: a recorded blob is linked
+    without sending blobsvc the bytes, so nothing else would check them."""
+    algorithm = claimed.algorithm if claimed is not None else DEFAULT_ALGORITHM
+    if len(data) > HASH_IN_THREAD_BYTES:
+        actual = await asyncio.to_thread(Digest.of, data, algorithm)
+    else:
+        actual = Digest.of(data, algorithm)
+    if claimed is not None and actual != claimed:
+        raise invalid_argument(
+            Reason.DIGEST_INVALID,
+            f"data hashes to {actual}, not {claimed}",
+            digest=str(actual),
+        )
+    return actual
 
 
 class Registry:
@@ -40,11 +69,15 @@ class Registry:
         *,
         enable_delete: bool = False,
         abort_again_after: float = ABORT_AGAIN_AFTER,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        deleting_backoff: Sequence[float] = DELETING_BACKOFF,
     ) -> None:
         """``abort_again_after``: seconds after which a failed PushBlob's staging area is
-        aborted a second time (see :meth:`_drop_staging`)."""
+        aborted a second time (see :meth:`_drop_staging`); ``lease_ttl`` and
+        ``deleting_backoff``: see gateway.leases.Leases."""
         self._blobs = blobs
         self._links = links
+        self._leases = Leases(links, ttl=lease_ttl, deleting_backoff=deleting_backoff)
         self._enable_delete = enable_delete
         self._abort_again_after = abort_again_after
         self._cleanups: set[asyncio.Task[None]] = set()  # aborts in flight (kept referenced)
@@ -89,8 +122,14 @@ class Registry:
     async def put(
         self, repository: str, media_type: str, digest: Digest | None, data: bytes
     ) -> LinkedBlob:
-        stored = await self._blobs.put(data, str(digest) if digest else "", counted_as="PutBlob")
-        return await self._links.link(repository, stored.digest, media_type, stored.size)
+        """Stores a small blob and links it: a recorded blob is linked without calling blobsvc
+        (the Lease links it at once), a new one is put under a lease and then linked."""
+        digest = await _verified_digest(data, digest)
+        granted = await self._leases.take(str(digest), repository, media_type, len(data))
+        if isinstance(granted, LinkedBlob):
+            return granted
+        stored = await self._blobs.put(data, str(digest), counted_as="PutBlob")
+        return await self._leases.link(repository, stored.digest, media_type, stored.size, granted)
 
     async def push(
         self,
@@ -102,57 +141,61 @@ class Registry:
     ) -> LinkedBlob:
         """Stores the blob ``data`` streams and links it; a blob already recorded under
         ``digest`` is linked without reading the data."""
-        if digest is not None:
-            linked = await self._link_if_recorded(repository, digest, size, media_type)
-            if linked is not None:
-                return linked
-        # A staging area of its own: nobody else knows the id, nobody can resume it.
-        upload_id = f"push-{secrets.token_urlsafe(18)}"
-        commit = CommitSpec(str(digest) if digest else "", size, digest.algorithm if digest else "")
+        if digest is None:
+            return await self._push_undeclared(repository, media_type, size, data)
+        granted = await self._leases.take(str(digest), repository, media_type, size)
+        if isinstance(granted, LinkedBlob):
+            return granted
+        upload_id = _push_upload_id()
+        commit = CommitSpec(str(digest), size, digest.algorithm)
         try:
             written = await self._blobs.write(upload_id, 0, b"", data, commit)
         except BaseException:
             self._drop_staging(upload_id)
             raise
         assert written.blob is not None  # a write that commits answers with the blob
-        return await self._links.link(
-            repository, written.blob.digest, media_type, written.blob.size
-        )
+        blob = written.blob
+        return await self._leases.link(repository, blob.digest, media_type, blob.size, granted)
 
-    async def _link_if_recorded(
-        self, repository: str, digest: Digest, size: int | None, media_type: str
-    ) -> LinkedBlob | None:
-        """Links a blob linksvc has recorded (bytes already durable); None when it has not."""
+    async def _push_undeclared(
+        self, repository: str, media_type: str, size: int | None, data: IncomingData
+    ) -> LinkedBlob:
+        """A push with no digest: staged without a commit, its digest (blobsvc's, from the
+        running hash) leased, then committed and linked; a recorded digest is linked at once
+        and its staged copy dropped."""
+        upload_id = _push_upload_id()
         try:
-            recorded = await self._links.stat_blob(str(digest))
-        except LinkedBlobError as err:
-            if err.code == StatusCode.NOT_FOUND:
-                return None
+            written = await self._blobs.write(upload_id, 0, b"", data, want_staged_digest=True)
+            if size is not None and written.size != size:
+                raise invalid_argument(
+                    Reason.SIZE_INVALID,
+                    f"{written.size} bytes were sent, not the declared {size}",
+                    size=written.size,
+                )
+            digest = written.staged_digest
+            granted = await self._leases.take(digest, repository, media_type, written.size)
+            if isinstance(granted, LinkedBlob):
+                self._drop_staging(upload_id, settle=False)
+                return granted
+            stored = await self._blobs.commit(upload_id, digest)
+        except BaseException:
+            self._drop_staging(upload_id)
             raise
-        if size is not None and size != recorded.size:
-            raise invalid_argument(
-                Reason.SIZE_INVALID,
-                f"{digest} is {recorded.size} bytes, not the declared {size}",
-                size=recorded.size,
-            )
-        try:
-            return await self._links.link(repository, str(digest), media_type)
-        except LinkedBlobError as err:
-            if err.code == StatusCode.NOT_FOUND:  # collected in between: upload it after all
-                return None
-            raise
+        return await self._leases.link(repository, stored.digest, media_type, stored.size, granted)
 
-    def _drop_staging(self, upload_id: str) -> None:
-        """Drops the staging area of a push that failed (nobody can resume it).
+    def _drop_staging(self, upload_id: str, settle: bool = True) -> None:
+        """Drops the staging area of a push that failed or is not needed (nobody can resume
+        it).
 
         In tasks of their own, so that a handler being cancelled (its caller went away) cannot
         stop them. A blobsvc Write this gateway cancelled may still be settling (and re-create
         the staging area with the bytes it received) when the first abort arrives, so a second
-        one follows once it has settled. Best effort: a crash in between leaves the staged
-        bytes to blobsvc's purge of stale uploads.
+        one follows once it has settled (``settle``; not needed after a write that ended).
+        Best effort: a crash in between leaves the staged bytes to the collector's purge of
+        staging areas with no session.
         """
         loop = asyncio.get_running_loop()
-        for after in (0.0, self._abort_again_after):
+        for after in (0.0, self._abort_again_after) if settle else (0.0,):
             task = loop.create_task(self._abort_quietly(upload_id, after))
             self._cleanups.add(task)
             task.add_done_callback(self._cleanups.discard)

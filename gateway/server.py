@@ -12,6 +12,7 @@ from gateway.grpc_blob import GrpcBlobBackend
 from gateway.grpc_link import GrpcLinkBackend
 from gateway.linkcache import CachedLinks, LinkCache
 from gateway.model import LinkedBlob
+from gateway.options import MAX_LEASE_TTL
 from gateway.registry import Registry
 from gateway.servicer import RegistryServicer
 from gateway.uploads import Uploads
@@ -57,6 +58,12 @@ def serve(args: argparse.Namespace) -> int | None:
     except ValueError as exc:
         print(f"linkedblob gateway: --grant-secret: {exc}", file=sys.stderr)
         return 2
+    if not 1 <= args.lease_ttl <= MAX_LEASE_TTL:
+        print(
+            f"linkedblob gateway: --lease-ttl must be 1-{MAX_LEASE_TTL:.0f} seconds",
+            file=sys.stderr,
+        )
+        return 2
     cache: LinkCache[LinkedBlob] = LinkCache(args.link_cache_ttl, args.link_cache_size)
     opened: list[GrpcBlobBackend | GrpcLinkBackend] = []
     registries: list[Registry] = []
@@ -67,9 +74,12 @@ def serve(args: argparse.Namespace) -> int | None:
         links = GrpcLinkBackend(args.link_addr)
         opened.extend((blobs, links))
         cached_links = CachedLinks(links, cache)
-        registry = Registry(blobs, cached_links, enable_delete=args.enable_delete)
+        registry = Registry(
+            blobs, cached_links, enable_delete=args.enable_delete, lease_ttl=args.lease_ttl
+        )
         registries.append(registry)
-        servicer = RegistryServicer(registry, Uploads(blobs, cached_links), grants)
+        uploads = Uploads(blobs, cached_links, lease_ttl=args.lease_ttl)
+        servicer = RegistryServicer(registry, uploads, grants)
         add_registry(servicer, server)
 
     async def on_stop() -> None:

@@ -3,9 +3,10 @@ turns them into a linked blob.
 
 An upload is used only through the repository that started it (elsewhere it is unknown).
 blobsvc's staged size is the truth about the bytes; the session records it too (its size and
-last-update time, which stale-upload purging reads), and a commit stores the bytes, then records
-and links the blob and finishes the session in one linksvc transaction. A commit that stopped
-in between (the bytes stored, the link not made) is finished by the next one: see
+last-update time, which stale-upload purging reads), and a commit leases the digest (linksvc:
+garbage collection keeps its bytes), stores the bytes, then records and links the blob with the
+lease and finishes the session in one linksvc transaction. A commit that stopped in between
+(the bytes stored, the link not made) is finished by the next one: see
 :meth:`Uploads._commit_staged`.
 
 Callers pass validated values (gateway.validation); failures are LinkedBlobError.
@@ -15,34 +16,57 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
 
 from grpc import StatusCode  # the codes of LinkedBlobError
 
 from gateway.backends import BlobBackend, LinkBackend
+from gateway.leases import DELETING_BACKOFF, Leases
 from gateway.model import (
     BlobDescriptor,
     CommitSpec,
     IncomingData,
+    Lease,
     LinkedBlob,
     SessionState,
     UploadSession,
     Written,
 )
+from gateway.options import DEFAULT_LEASE_TTL
 from linkedblob.digests import Digest
 from linkedblob.errors import LinkedBlobError, Reason, not_found, out_of_range
 
 # How often a write retries linksvc's compare-and-set of the session size after losing a race.
 ADVANCE_ATTEMPTS = 4
 
+log = logging.getLogger(__name__)
+
 
 def unknown_upload(upload_id: str) -> LinkedBlobError:
     return not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"unknown upload {upload_id!r}")
 
 
+async def _settle(task: asyncio.Future[Any]) -> None:
+    """Ends a step whose outcome is no longer needed (its failure included)."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 class Uploads:
-    def __init__(self, blobs: BlobBackend, links: LinkBackend) -> None:
+    def __init__(
+        self,
+        blobs: BlobBackend,
+        links: LinkBackend,
+        *,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        deleting_backoff: Sequence[float] = DELETING_BACKOFF,
+    ) -> None:
+        """``lease_ttl`` and ``deleting_backoff``: see gateway.leases.Leases."""
         self._blobs = blobs
         self._links = links
+        self._leases = Leases(links, ttl=lease_ttl, deleting_backoff=deleting_backoff)
 
     async def start(self, repository: str) -> UploadSession:
         return await self._links.create_session(repository)
@@ -64,10 +88,21 @@ class Uploads:
         return session, staged
 
     async def cancel(self, repository: str, upload_id: str) -> None:
-        await self._active_session(repository, upload_id)
-        # The session first: once cancelled, no write or commit is accepted for it.
-        await self._links.finish_session(upload_id, SessionState.CANCELLED)
-        await self._blobs.abort(upload_id)
+        """Cancels an upload: the session first (once cancelled, no write or commit is accepted
+        for it), then its staged bytes, best effort: when blobsvc cannot drop them now, the
+        collector's purge aborts staging areas with no active session. Cancelling a cancelled
+        upload again is no error (a retried cancel), and drops the bytes again."""
+        session = await self._session(repository, upload_id)
+        if session.state is SessionState.COMMITTED:
+            raise unknown_upload(upload_id)
+        if session.state is SessionState.ACTIVE:
+            await self._links.finish_session(upload_id, SessionState.CANCELLED)
+        try:
+            await self._blobs.abort(upload_id)
+        except LinkedBlobError as err:
+            log.warning(
+                "upload %s cancelled; its staged bytes are left to the purge: %s", upload_id, err
+            )
 
     async def commit(
         self,
@@ -80,10 +115,20 @@ class Uploads:
     ) -> LinkedBlob:
         """Commits the staged bytes (with ``data`` appended at ``offset`` first) as ``digest``,
         and links the blob into ``repository``."""
-        if data:
-            session, staged = await self._session(repository, upload_id), 0
-        else:
-            session, staged = await self._session_and_staged(repository, upload_id)
+        # The lease is taken alongside the reads of the session and the staged size: before
+        # anything is committed in blobsvc, without a round trip of its own. (A commit that
+        # turns out to be refused leaves a lease that expires unused.)
+        lease_task = asyncio.ensure_future(self._leases.take(str(digest)))
+        try:
+            if data:
+                session, staged = await self._session(repository, upload_id), 0
+            else:
+                session, staged = await self._session_and_staged(repository, upload_id)
+        except BaseException:
+            await _settle(lease_task)
+            raise
+        if session.state is not SessionState.ACTIVE:
+            await _settle(lease_task)
         if session.state is SessionState.COMMITTED:
             # A retried commit (its answer was lost): answer from the link it made, as linksvc
             # has it now (never from a cached entry, which may outlive the link).
@@ -95,6 +140,8 @@ class Uploads:
                 raise
         if session.state is not SessionState.ACTIVE:
             raise unknown_upload(upload_id)
+        granted = await lease_task
+        assert isinstance(granted, Lease)  # a lease without link_repository never links
         if staged > session.size:
             # Bytes written to blobsvc directly: recorded in the session before the commit
             # moves them, so that a commit retried after the staged bytes became a blob (and
@@ -102,8 +149,8 @@ class Uploads:
             await self._advance_session(session, staged)
             session = dataclasses.replace(session, size=staged)
         stored = await self._commit_staged(session, digest, data, offset)
-        return await self._links.link(
-            repository, stored.digest, media_type, stored.size, finish_session=upload_id
+        return await self._leases.link(
+            repository, stored.digest, media_type, stored.size, granted, finish_session=upload_id
         )
 
     # --- steps ----------------------------------------------------------------------------------

@@ -1,0 +1,462 @@
+"""The gateway's commit order with a lease (issue 10), on the in-memory backends: every path that
+commits bytes in blobsvc takes a lease of the digest first and links with it; a recorded blob is
+linked by the lease itself, without its bytes; marked blobs are revived; a blob being deleted is
+waited for, then refused ABORTED / BLOB_DELETING; a lease that expired before the link is
+answered ABORTED / BLOB_UPLOAD_INVALID; a cancel is idempotent and survives blobsvc being away.
+
+The fakes share one journal of calls (``links.lease``, ``blobs.put``, ...), so the order of the
+backend calls is asserted as made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+
+from gateway import validation
+from gateway.fakes import BlobState, FakeBlobBackend, FakeLinkBackend
+from gateway.leases import DELETING_BACKOFF
+from gateway.linkcache import CachedLinks, LinkCache
+from gateway.model import IncomingData, LinkedBlob, SessionState
+from gateway.options import DEFAULT_LEASE_TTL
+from gateway.registry import Registry
+from gateway.uploads import Uploads
+from linkedblob import transport, wire
+from linkedblob.digests import Digest
+from linkedblob.errors import LinkedBlobError, Reason, aborted, unavailable
+
+Code = grpc.StatusCode
+T = TypeVar("T")
+REPO = "leases/repo"
+BACKOFF = (0.001, 0.002, 0.004)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def digest_of(data: bytes) -> Digest:
+    return Digest("sha256", hashlib.sha256(data).hexdigest())
+
+
+@dataclass
+class Clock:
+    now: float = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Gateway:
+    blobs: FakeBlobBackend
+    links: FakeLinkBackend
+    cache: LinkCache[LinkedBlob]
+    registry: Registry
+    uploads: Uploads
+    clock: Clock
+    journal: list[str] = field(default_factory=list)
+
+    def calls(self) -> list[str]:
+        """The backend calls made since the last look."""
+        made = list(self.journal)
+        self.journal.clear()
+        return made
+
+
+def gateway(ttl: float = 60.0) -> Gateway:
+    journal: list[str] = []
+    clock = Clock()
+    blobs, links = FakeBlobBackend(journal), FakeLinkBackend(clock, journal)
+    cache: LinkCache[LinkedBlob] = LinkCache(60.0, 100)
+    cached = CachedLinks(links, cache)
+    registry = Registry(
+        blobs,
+        cached,
+        enable_delete=True,
+        abort_again_after=0.01,
+        lease_ttl=ttl,
+        deleting_backoff=BACKOFF,
+    )
+    uploads = Uploads(blobs, cached, lease_ttl=ttl, deleting_backoff=BACKOFF)
+    return Gateway(blobs, links, cache, registry, uploads, clock, journal)
+
+
+async def _messages(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield wire.data_message(transport.PUSH_BLOB_DATA, chunk)
+
+
+def incoming(*chunks: bytes) -> IncomingData:
+    return IncomingData(
+        _messages(list(chunks)), transport.PUSH_BLOB_DATA, bytes, "test", validation.data_size
+    )
+
+
+def unread() -> IncomingData:
+    async def never() -> AsyncIterator[bytes]:
+        raise AssertionError("the data was read")
+        yield b""  # an async generator
+
+    return IncomingData(never(), transport.PUSH_BLOB_DATA, bytes, "test", validation.data_size)
+
+
+def raised(code: grpc.StatusCode, reason: str, coro: Coroutine[Any, Any, Any]) -> LinkedBlobError:
+    with pytest.raises(LinkedBlobError) as exc_info:
+        run(coro)
+    assert (exc_info.value.code, exc_info.value.reason) == (code, reason), exc_info.value
+    return exc_info.value
+
+
+async def settled() -> None:
+    await asyncio.sleep(0.05)  # background aborts ran
+
+
+def record(gw: Gateway, data: bytes, repository: str = "other/repo") -> str:
+    """A blob stored, recorded and linked elsewhere; the journal cleared."""
+    run(gw.registry.put(repository, "", None, data))
+    gw.calls()
+    return str(digest_of(data))
+
+
+def test_the_defaults() -> None:
+    assert DEFAULT_LEASE_TTL == 600.0
+    assert sum(DELETING_BACKOFF) <= 2.0  # the gateway waits at most about 2 s for a deletion
+
+
+# --- every commit path: lease, commit, link with the lease ------------------------------------
+
+
+def test_put_of_a_new_blob_leases_puts_and_links_with_the_lease() -> None:
+    gw, data = gateway(ttl=42.0), b"a new small blob"
+    linked = run(gw.registry.put(REPO, "text/plain", None, data))
+    assert linked == LinkedBlob(str(digest_of(data)), len(data), "text/plain")
+    assert gw.calls() == ["links.lease", "blobs.put", "links.link"]
+    assert gw.links.leases == {}  # consumed by the link (without it the link is refused)
+    assert gw.links.states[linked.digest] is BlobState.ACTIVE
+
+
+def test_put_of_a_recorded_blob_is_one_lease_and_no_blobsvc_call() -> None:
+    gw, data = gateway(), b"known"
+    digest = record(gw, data)
+    linked = run(gw.registry.put(REPO, "text/plain", digest_of(data), data))
+    assert linked == LinkedBlob(digest, len(data), "text/plain")
+    assert gw.calls() == ["links.lease"]
+    assert gw.links.leases == {}
+    # The link the lease made is cached, as a Link's is.
+    assert run(gw.registry.stat(REPO, digest)) == linked
+    assert gw.calls() == []
+
+
+def test_put_checks_a_given_digest_before_any_call() -> None:
+    gw = gateway()
+    record(gw, b"the real bytes")
+    err = raised(
+        Code.INVALID_ARGUMENT,
+        Reason.DIGEST_INVALID,
+        gw.registry.put(REPO, "", digest_of(b"the real bytes"), b"other bytes"),
+    )
+    assert err.metadata == {"digest": str(digest_of(b"other bytes"))}
+    assert gw.calls() == [] and (REPO, str(digest_of(b"the real bytes"))) not in gw.links.links
+    # sha512 when the given digest says so.
+    data = b"sha512 put"
+    claimed = Digest("sha512", hashlib.sha512(data).hexdigest())
+    assert run(gw.registry.put(REPO, "", claimed, data)).digest == str(claimed)
+
+
+def test_declared_push_leases_then_relays_with_commit_then_links() -> None:
+    gw, data = gateway(), b"declared and new" * 100
+    linked = run(gw.registry.push(REPO, "", digest_of(data), len(data), incoming(data)))
+    assert linked.digest == str(digest_of(data))
+    assert gw.calls() == ["links.lease", "blobs.write", "links.link"]
+    assert gw.links.leases == {} and gw.blobs.staged == {}
+
+
+def test_declared_push_of_a_recorded_blob_links_without_reading_the_data() -> None:
+    gw, data = gateway(), b"recorded already"
+    digest = record(gw, data)
+    linked = run(gw.registry.push(REPO, "x/y", digest_of(data), len(data), unread()))
+    assert linked == LinkedBlob(digest, len(data), "x/y")
+    assert gw.calls() == ["links.lease"]
+    err = raised(
+        Code.INVALID_ARGUMENT,
+        Reason.SIZE_INVALID,
+        gw.registry.push("third/repo", "", digest_of(data), 3, unread()),
+    )
+    assert err.metadata == {"size": str(len(data))}
+    assert ("third/repo", digest) not in gw.links.links
+
+
+def test_undeclared_push_stages_leases_the_staged_digest_commits_and_links() -> None:
+    gw, data = gateway(), b"undeclared" * 1000
+
+    async def scenario() -> LinkedBlob:
+        linked = await gw.registry.push(REPO, "", None, len(data), incoming(data[:10], data[10:]))
+        await settled()
+        return linked
+
+    linked = run(scenario())
+    assert linked == LinkedBlob(str(digest_of(data)), len(data), "")
+    assert gw.calls() == ["blobs.write", "links.lease", "blobs.commit", "links.link"]
+    assert gw.blobs.staged == {} and gw.links.leases == {}
+
+
+def test_undeclared_push_of_a_recorded_digest_drops_its_staging() -> None:
+    gw, data = gateway(), b"pushed twice, no digest"
+    digest = record(gw, data)
+
+    async def scenario() -> LinkedBlob:
+        linked = await gw.registry.push(REPO, "t/t", None, None, incoming(data))
+        await settled()
+        return linked
+
+    assert run(scenario()) == LinkedBlob(digest, len(data), "t/t")
+    assert gw.calls() == ["blobs.write", "links.lease", "blobs.abort"]  # one abort: it ended
+    assert gw.blobs.staged == {} and gw.links.leases == {}
+
+
+def test_undeclared_push_of_the_wrong_size_is_refused_and_dropped() -> None:
+    gw, data = gateway(), b"five!"
+
+    async def scenario() -> None:
+        with pytest.raises(LinkedBlobError) as exc_info:
+            await gw.registry.push(REPO, "", None, 4, incoming(data))
+        assert (exc_info.value.reason, exc_info.value.metadata) == (
+            Reason.SIZE_INVALID,
+            {"size": "5"},
+        )
+        await settled()
+
+    run(scenario())
+    assert gw.calls() == ["blobs.write", "blobs.abort", "blobs.abort"]
+    assert gw.blobs.staged == {} and gw.links.links == {}
+
+
+def test_commit_upload_leases_before_the_commit_and_links_with_the_lease() -> None:
+    gw, data = gateway(), b"uploaded in steps"
+    upload = run(gw.uploads.start(REPO))
+    run(gw.blobs.write(upload.id, 0, data))
+    gw.calls()
+    linked = run(gw.uploads.commit(REPO, upload.id, digest_of(data), "m/t"))
+    assert linked == LinkedBlob(str(digest_of(data)), len(data), "m/t")
+    calls = gw.calls()
+    # The lease goes alongside the session's and the staged size's reads.
+    assert sorted(calls[:3]) == ["blobs.upload_size", "links.get_session", "links.lease"]
+    assert calls[3:] == ["links.advance_session", "blobs.commit", "links.link"]
+    assert gw.links.sessions[upload.id].state is SessionState.COMMITTED
+    assert gw.links.leases == {}
+
+
+def test_commit_upload_with_its_last_chunk_leases_first() -> None:
+    gw, data = gateway(), b"the last chunk comes with the commit"
+    upload = run(gw.uploads.start(REPO))
+    gw.calls()
+    run(gw.uploads.commit(REPO, upload.id, digest_of(data), "", data, 0))
+    calls = gw.calls()
+    assert sorted(calls[:2]) == ["links.get_session", "links.lease"]
+    assert calls[2:] == ["blobs.write", "links.link"]
+    assert gw.links.leases == {}
+
+
+def test_a_commit_finished_by_its_retry_takes_a_new_lease() -> None:
+    """The recovery path (the bytes became a blob, the link failed): the retry leases the
+    digest before it looks for the bytes in the store, then links with that lease."""
+    gw, data = gateway(), b"committed, then linksvc went away"
+    upload = run(gw.uploads.start(REPO))
+    run(gw.uploads.write(REPO, upload.id, 0, data, incoming()))
+    gw.links.failures.plan("link", unavailable("linksvc went away"))
+    commit = gw.uploads.commit
+    raised(Code.UNAVAILABLE, Reason.UNAVAILABLE, commit(REPO, upload.id, digest_of(data), ""))
+    gw.calls()
+    assert run(commit(REPO, upload.id, digest_of(data), "")).size == len(data)
+    calls = gw.calls()
+    assert "links.lease" in calls[:3]
+    assert calls[3:] == ["blobs.commit", "blobs.stat", "links.link"]
+    assert gw.links.sessions[upload.id].state is SessionState.COMMITTED
+    assert len(gw.links.leases) == 1  # the first attempt's: it expires unused
+
+
+def test_a_refused_commit_leaves_only_an_unused_lease() -> None:
+    gw = gateway()
+    upload = run(gw.uploads.start(REPO))
+    raised(
+        Code.NOT_FOUND,
+        Reason.BLOB_UPLOAD_UNKNOWN,
+        gw.uploads.commit("elsewhere/repo", upload.id, digest_of(b""), ""),
+    )
+    assert gw.links.recorded == {}
+
+
+# --- marked blobs are revived -------------------------------------------------------------------
+
+
+def test_put_push_and_mount_revive_a_marked_blob() -> None:
+    gw, data = gateway(), b"unlinked, then marked"
+    digest = record(gw, data)
+    gw.links.states[digest] = BlobState.MARKED
+    assert run(gw.registry.put(REPO, "", None, data)).digest == digest
+    assert gw.links.states[digest] is BlobState.ACTIVE
+    assert gw.calls() == ["links.lease"]
+
+    gw.links.states[digest] = BlobState.MARKED
+    run(gw.registry.push("push/repo", "", digest_of(data), None, unread()))
+    assert gw.links.states[digest] is BlobState.ACTIVE
+
+    gw.links.states[digest] = BlobState.MARKED
+    run(gw.registry.mount("mount/repo", REPO, digest_of(data), ""))
+    assert gw.links.states[digest] is BlobState.ACTIVE
+
+    # A commit's lease revives it too, before the bytes are committed.
+    gw.links.states[digest] = BlobState.MARKED
+    upload = run(gw.uploads.start("upload/repo"))
+    run(gw.uploads.commit("upload/repo", upload.id, digest_of(data), "", data))
+    assert gw.links.states[digest] is BlobState.ACTIVE
+
+
+# --- blobs being deleted ------------------------------------------------------------------------
+
+
+def test_put_and_push_of_a_blob_being_deleted_retry_then_answer_blob_deleting() -> None:
+    gw, data = gateway(), b"being deleted"
+    digest = record(gw, data)
+    del gw.links.links["other/repo", digest]
+    gw.links.states[digest] = BlobState.DELETING
+    attempts = len(BACKOFF) + 1
+    raised(Code.ABORTED, Reason.BLOB_DELETING, gw.registry.put(REPO, "", None, data))
+    assert gw.calls() == ["links.lease"] * attempts
+    raised(
+        Code.ABORTED,
+        Reason.BLOB_DELETING,
+        gw.registry.push(REPO, "", digest_of(data), None, unread()),
+    )
+    assert gw.calls() == ["links.lease"] * attempts
+
+    async def undeclared() -> None:
+        with pytest.raises(LinkedBlobError) as exc_info:
+            await gw.registry.push(REPO, "", None, None, incoming(data))
+        assert exc_info.value.reason == Reason.BLOB_DELETING
+        await settled()
+
+    run(undeclared())
+    assert gw.calls() == ["blobs.write", *["links.lease"] * attempts, "blobs.abort", "blobs.abort"]
+    assert gw.blobs.staged == {}
+    # A commit too; the upload stays as it was (staged, active).
+    upload = run(gw.uploads.start(REPO))
+    run(gw.blobs.write(upload.id, 0, data))
+    raised(
+        Code.ABORTED,
+        Reason.BLOB_DELETING,
+        gw.uploads.commit(REPO, upload.id, digest_of(data), ""),
+    )
+    assert gw.links.sessions[upload.id].state is SessionState.ACTIVE
+    assert bytes(gw.blobs.staged[upload.id]) == data
+    assert (REPO, digest) not in gw.links.links
+
+
+def test_a_deletion_that_finishes_while_the_gateway_waits_is_uploaded_again() -> None:
+    gw, data = gateway(), b"deleted during the retries"
+    digest = record(gw, data)
+    del gw.links.links["other/repo", digest]
+    gw.links.states[digest] = BlobState.DELETING
+
+    def collector_finishes() -> None:
+        del gw.blobs.blobs[digest]
+        gw.links.collect(digest)
+
+    gw.links.failures.before("lease", lambda: None)
+    gw.links.failures.before("lease", collector_finishes)  # at the second attempt
+    assert run(gw.registry.put(REPO, "", None, data)).digest == digest
+    assert gw.calls() == ["links.lease", "links.lease", "blobs.put", "links.link"]
+    assert gw.blobs.blobs[digest] == data and gw.links.states[digest] is BlobState.ACTIVE
+
+
+def test_a_link_refused_as_deleting_is_retried() -> None:
+    gw, data = gateway(), b"link refused twice"
+    gw.links.failures.plan("link", aborted(Reason.BLOB_DELETING, "being deleted"), times=2)
+    run(gw.registry.put(REPO, "", None, data))
+    assert gw.calls() == ["links.lease", "blobs.put", "links.link", "links.link", "links.link"]
+
+
+# --- leases that expire -------------------------------------------------------------------------
+
+
+def test_a_lease_that_expired_before_the_link_is_answered_upload_again() -> None:
+    gw, data = gateway(ttl=60.0), b"slow commit"
+    gw.blobs.failures.before("put", lambda: gw.clock.advance(61))
+    err = raised(Code.ABORTED, Reason.BLOB_UPLOAD_INVALID, gw.registry.put(REPO, "", None, data))
+    assert "lease expired" in err.message
+    assert gw.calls() == ["links.lease", "blobs.put", "links.link"]  # not retried
+    assert gw.links.recorded == {} and gw.links.links == {}
+
+    gw.blobs.failures.before("write", lambda: gw.clock.advance(61))
+    raised(
+        Code.ABORTED,
+        Reason.BLOB_UPLOAD_INVALID,
+        gw.registry.push(REPO, "", digest_of(data), None, incoming(data)),
+    )
+    gw.blobs.failures.before("commit", lambda: gw.clock.advance(61))
+    raised(
+        Code.ABORTED,
+        Reason.BLOB_UPLOAD_INVALID,
+        gw.registry.push(REPO, "", None, None, incoming(data)),
+    )
+    upload = run(gw.uploads.start(REPO))
+    run(gw.blobs.write(upload.id, 0, data))
+    gw.blobs.failures.before("commit", lambda: gw.clock.advance(61))
+    raised(
+        Code.ABORTED,
+        Reason.BLOB_UPLOAD_INVALID,
+        gw.uploads.commit(REPO, upload.id, digest_of(data), ""),
+    )
+    assert gw.links.sessions[upload.id].state is SessionState.ACTIVE
+    assert gw.links.recorded == {} and gw.links.links == {}
+    # Within the TTL all goes through.
+    assert run(gw.registry.put(REPO, "", None, data)).size == len(data)
+
+
+def test_a_link_with_another_digests_lease_is_refused() -> None:
+    gw = gateway()
+    lease = run(gw.links.lease(str(digest_of(b"a")), 60))
+    assert not isinstance(lease, LinkedBlob)
+    raised(
+        Code.ABORTED,
+        Reason.BLOB_UPLOAD_INVALID,
+        gw.links.link(REPO, str(digest_of(b"b")), "", 1, lease_id=lease.id),
+    )
+    raised(
+        Code.ABORTED, Reason.BLOB_UPLOAD_INVALID, gw.links.link(REPO, str(digest_of(b"b")), "", 1)
+    )
+    assert gw.links.leases.keys() == {lease.id}
+
+
+# --- cancel ---------------------------------------------------------------------------------------
+
+
+def test_cancel_finishes_the_session_first_and_drops_the_bytes_best_effort() -> None:
+    gw = gateway()
+    upload = run(gw.uploads.start(REPO))
+    run(gw.uploads.write(REPO, upload.id, 0, b"abc", incoming()))
+    gw.calls()
+    gw.blobs.failures.plan("abort", unavailable("blobsvc is away"))
+    run(gw.uploads.cancel(REPO, upload.id))  # OK all the same
+    assert gw.calls() == ["links.get_session", "links.finish_session", "blobs.abort"]
+    assert gw.links.sessions[upload.id].state is SessionState.CANCELLED
+    assert gw.blobs.staged[upload.id] == bytearray(b"abc")  # left to the purge
+    # Cancelled again (a retry): OK, and the bytes go this time.
+    run(gw.uploads.cancel(REPO, upload.id))
+    assert gw.calls() == ["links.get_session", "blobs.abort"]
+    assert gw.blobs.staged == {}
+    raised(Code.NOT_FOUND, Reason.BLOB_UPLOAD_UNKNOWN, gw.uploads.cancel("else/where", upload.id))
+    # A committed upload cannot be cancelled.
+    done = run(gw.uploads.start(REPO))
+    run(gw.uploads.commit(REPO, done.id, digest_of(b"x"), "", b"x"))
+    raised(Code.NOT_FOUND, Reason.BLOB_UPLOAD_UNKNOWN, gw.uploads.cancel(REPO, done.id))
