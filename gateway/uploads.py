@@ -180,7 +180,8 @@ class Uploads:
     async def _session_and_staged(
         self, repository: str, upload_id: str
     ) -> tuple[UploadSession, int]:
-        """Both at once: the session (ownership, state) and the staged size (the truth)."""
+        """Both at once: the session (ownership, state) and the staged size (the truth). For
+        a finished session the size is 0, whatever blobsvc answered (or failed to)."""
         session, staged = await asyncio.gather(
             self._session(repository, upload_id),
             self._staged_size(upload_id),
@@ -188,6 +189,8 @@ class Uploads:
         )
         if isinstance(session, BaseException):
             raise session
+        if session.state is not SessionState.ACTIVE:
+            return session, 0
         if isinstance(staged, BaseException):
             raise staged
         return session, staged

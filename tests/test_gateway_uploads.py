@@ -107,14 +107,20 @@ def assert_stored(rpc: Registry, repo: str, data: bytes, media_type: str = "") -
     assert read(rpc, repo, digest) == data
 
 
-def assert_upload_unknown(rpc: Registry, repo: str, upload_id: str) -> None:
-    """Every use of the upload through ``repo`` is NOT_FOUND / BLOB_UPLOAD_UNKNOWN."""
+def assert_upload_unknown(
+    rpc: Registry, repo: str, upload_id: str, cancelled: bool = False
+) -> None:
+    """Every use of the upload through ``repo`` is NOT_FOUND / BLOB_UPLOAD_UNKNOWN; except
+    cancelling a ``cancelled`` upload again, which is no error (a retried cancel)."""
     with rpc_error(Code.NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"):
         offset_of(rpc, repo, upload_id)
     with rpc_error(Code.NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"):
         write(rpc, repo, upload_id, 0, [b"more"])
     with rpc_error(Code.NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"):
         commit(rpc, repo, upload_id, digest_of(b"more"))
+    if cancelled:
+        rpc.CancelUpload(pb.CancelUploadRequest(repository=repo, upload_id=upload_id))
+        return
     with rpc_error(Code.NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"):
         rpc.CancelUpload(pb.CancelUploadRequest(repository=repo, upload_id=upload_id))
 
@@ -212,7 +218,8 @@ def test_cancel(rpc: Registry, repo: str) -> None:
     upload_id = start(rpc, repo)
     write(rpc, repo, upload_id, 0, [data])
     rpc.CancelUpload(pb.CancelUploadRequest(repository=repo, upload_id=upload_id))
-    assert_upload_unknown(rpc, repo, upload_id)
+    assert_upload_unknown(rpc, repo, upload_id, cancelled=True)
+    assert_upload_unknown(rpc, new_repo(), upload_id)  # nor through another repository
     with rpc_error(Code.NOT_FOUND, "BLOB_UNKNOWN"):
         rpc.StatBlob(pb.StatBlobRequest(repository=repo, digest=digest_of(data)))
 
