@@ -11,10 +11,11 @@ import grpc
 from linkedblob import tuning
 from linkedblob.client.channels import Gateway
 from linkedblob.client.direct import DirectPath
-from linkedblob.client.errors import ClientError
+from linkedblob.client.errors import ClientError, is_deleting
 from linkedblob.client.model import Descriptor, Destination, DirectGrant, Progress, Source, Upload
 from linkedblob.client.pull import Puller
 from linkedblob.client.push import Pusher
+from linkedblob.client.retry import Retry
 from linkedblob.client.sources import Pieces
 from linkedblob.client.uploads import Uploads
 from linkedblob.config import GATEWAY_PORT, MAX_CHUNK_BYTES, STREAM_CHUNK_BYTES
@@ -123,8 +124,9 @@ class Client:
     def put(
         self, repository: str, data: bytes, *, media_type: str = "", digest: str = ""
     ) -> Descriptor:
-        """Stores a small blob (at most 4 MiB) in one call."""
-        return self._gateway.put(repository, data, media_type, digest)
+        """Stores a small blob (at most 4 MiB) in one call; made again while garbage collection
+        finishes deleting the blob, or when its lease expired (within ``retry_timeout``)."""
+        return self._pusher.put(repository, data, media_type, digest)
 
     def push(
         self,
@@ -145,6 +147,11 @@ class Client:
         sending and checked. ``resumable`` (a path, bytes or a seekable file) goes through the
         upload API and resumes after broken connections. More than one message's worth goes
         straight to blobsvc when the gateway offers direct access (see the package's notes).
+
+        A blob that garbage collection is deleting (ABORTED / BLOB_DELETING), or a lease that
+        expired before the link (ABORTED / BLOB_UPLOAD_INVALID), makes the push start again
+        from the source's start, within ``retry_timeout``, when the source can be read again
+        (not an iterable that was read from: then the error is raised).
         """
         return self._pusher.push(repository, source, media_type, digest, resumable, progress)
 
@@ -223,6 +230,8 @@ class Client:
         data: bytes = b"",
         offset: int = 0,
     ) -> Descriptor:
+        """Commits an upload; made again while garbage collection finishes deleting a blob of
+        the same digest (ABORTED / BLOB_DELETING), within ``retry_timeout``."""
         request = registry_pb2.CommitUploadRequest(
             repository=repository,
             upload_id=upload_id,
@@ -231,7 +240,9 @@ class Client:
             data=data,
             offset=offset,
         )
-        return self._gateway.commit_upload(request)
+        return Retry(self.retry_timeout).call(
+            lambda: self._gateway.commit_upload(request), is_deleting
+        )
 
     def cancel_upload(self, repository: str, upload_id: str) -> None:
         self._gateway.cancel_upload(repository, upload_id)

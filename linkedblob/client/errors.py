@@ -48,6 +48,28 @@ def rpc_errors() -> Iterator[None]:
         raise ClientError.from_rpc_error(err) from err
 
 
+def is_transient(e: ClientError) -> bool:
+    """Whether a call that failed with ``e`` is worth making again as it was."""
+    return e.code in RETRYABLE
+
+
+def is_deleting(e: ClientError) -> bool:
+    """The blob is being deleted by garbage collection (ABORTED / BLOB_DELETING): the same push,
+    put or commit goes through once the deletion has finished (the bytes are sent again)."""
+    return e.code == grpc.StatusCode.ABORTED and e.reason == "BLOB_DELETING"
+
+
+def is_lease_expired(e: ClientError) -> bool:
+    """A push or put whose lease expired before its link (ABORTED / BLOB_UPLOAD_INVALID): its
+    bytes may be gone; pushing them again succeeds."""
+    return e.code == grpc.StatusCode.ABORTED and e.reason == "BLOB_UPLOAD_INVALID"
+
+
+def must_push_again(e: ClientError) -> bool:
+    """Whether a push or put that failed with ``e`` succeeds when its bytes are sent again."""
+    return is_deleting(e) or is_lease_expired(e)
+
+
 def is_resumable(e: ClientError) -> bool:
     """Whether a resumable upload's write that failed with ``e`` can go on from the offset the
     gateway reports."""

@@ -1,19 +1,32 @@
 """Pushes: a small blob in one call, a bigger one in one stream (straight to blobsvc when the
 gateway offers direct access, else PushBlob through the gateway), or a resumable push through
-the upload API that survives broken connections."""
+the upload API that survives broken connections.
+
+A push or put of a blob that garbage collection is deleting (ABORTED / BLOB_DELETING), or whose
+lease expired before its link (ABORTED / BLOB_UPLOAD_INVALID: the bytes may be gone), is made
+again with its bytes, within the retry budget, when the source can be read again (bytes, a path,
+a seekable file; an iterable only when nothing was taken from it yet)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import grpc
 
 from linkedblob.client.channels import Gateway
 from linkedblob.client.direct import DirectPath
-from linkedblob.client.errors import ClientError, DigestMismatchError, is_resumable
+from linkedblob.client.errors import (
+    ClientError,
+    DigestMismatchError,
+    is_deleting,
+    is_lease_expired,
+    is_resumable,
+    is_transient,
+    must_push_again,
+)
 from linkedblob.client.model import Descriptor, Progress, Source, Upload
 from linkedblob.client.retry import Retry
 from linkedblob.client.sources import RequestStream, RewindableHash, SourceReader, hashed_chunks
@@ -60,6 +73,12 @@ class Pusher:
         self.chunk_size = chunk_size
         self.retry_timeout = retry_timeout
 
+    def put(self, repository: str, data: bytes, media_type: str, digest: str) -> Descriptor:
+        """PutBlob, made again while the blob is being deleted or the lease expired."""
+        return Retry(self.retry_timeout).call(
+            lambda: self.gateway.put(repository, data, media_type, digest), must_push_again
+        )
+
     def push(
         self,
         repository: str,
@@ -72,23 +91,52 @@ class Pusher:
         with SourceReader(source) as src:
             job = _Push(repository, src, media_type, digest, progress)
             if resumable:
-                return self._push_resumable(job)
+                return self._again(job, self._push_resumable)
             if src.size is not None:
                 small = src.read_all() if src.size <= self.chunk_size else None
             else:
                 small = src.small_content(self.chunk_size)
             if small is not None:
-                # Small: one unary call (PutBlob: two backend calls instead of a stream's three).
+                # Small: one unary call (PutBlob: one backend call for a known blob, three for
+                # a new one, instead of a stream's three or four).
                 expected = digest or f"sha256:{hashlib.sha256(small).hexdigest()}"
-                desc = self.gateway.put(repository, small, media_type, expected)
+                desc = self.put(repository, small, media_type, expected)
                 if progress:
                     progress(len(small))
                 return desc
-            if self.direct.wanted():
-                pushed = self._push_direct(job)
-                if pushed is not None:
-                    return pushed
-            return self._push_stream(job)
+            return self._again(job, self._push_large)
+
+    def _push_large(self, job: _Push) -> Descriptor:
+        if self.direct.wanted():
+            pushed = self._push_direct(job)
+            if pushed is not None:
+                return pushed
+        return self._push_stream(job)
+
+    def _again(self, job: _Push, attempt: Callable[[_Push], Descriptor]) -> Descriptor:
+        """``attempt(job)``, made again from the source's start while it fails because the
+        bytes must be sent again (:func:`~linkedblob.client.errors.must_push_again`), within
+        the retry budget; the progress shown goes back with the source."""
+        retry = Retry(self.retry_timeout)
+        shown = 0
+
+        def progress(n: int) -> None:
+            nonlocal shown
+            shown += n
+            if job.progress:
+                job.progress(n)
+
+        counted = replace(job, progress=progress)
+        while True:
+            try:
+                return attempt(counted)
+            except ClientError as e:
+                if not must_push_again(e) or not job.src.rewind():
+                    raise
+                retry.wait(e)
+                if shown and job.progress:
+                    job.progress(-shown)
+                shown = 0
 
     def _push_stream(self, job: _Push) -> Descriptor:
         """PushBlob through the gateway."""
@@ -138,7 +186,9 @@ class Pusher:
             final = job.digest or f"sha256:{hasher.hexdigest() if hasher else ''}"
             # The bytes are staged: a gateway restarting meanwhile only delays the commit.
             commit = job.commit_request(upload.id, final)
-            return Retry(self.retry_timeout).call(lambda: self.gateway.commit_upload(commit))
+            return Retry(self.retry_timeout).call(
+                lambda: self.gateway.commit_upload(commit), _commit_again
+            )
         except BaseException:
             self._cancel_quietly(job.repository, upload.id)  # drops the staged bytes
             raise
@@ -149,7 +199,8 @@ class Pusher:
         try:
             linked = self.gateway.mount(job.repository, job.digest, "", job.media_type)
         except ClientError as e:
-            if e.code != grpc.StatusCode.NOT_FOUND:
+            # Being deleted: upload it (its commit waits for the deletion to finish).
+            if e.code != grpc.StatusCode.NOT_FOUND and not is_deleting(e):
                 raise
             return None
         size = job.src.size
@@ -224,4 +275,10 @@ class Pusher:
             )
         final = job.digest or (hasher.hexdigest() if hasher is not None else "")
         commit = job.commit_request(upload.id, final)
-        return retry.call(lambda: self.gateway.commit_upload(commit))
+        return retry.call(lambda: self.gateway.commit_upload(commit), _commit_again)
+
+
+def _commit_again(e: ClientError) -> bool:
+    """Whether a push's commit is made again: on a transient failure, except a lease that
+    expired (then the whole push is, its bytes sent again: see Pusher._again)."""
+    return is_transient(e) and not is_lease_expired(e)

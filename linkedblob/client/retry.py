@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from linkedblob.client.errors import RETRYABLE, ClientError
+from linkedblob.client.errors import ClientError, is_transient
 
 T = TypeVar("T")
 
@@ -34,12 +34,15 @@ class Retry:
         time.sleep(self.delay)
         self.delay = min(self.delay * 2, _MAX_DELAY_SECONDS)
 
-    def call(self, fn: Callable[[], T]) -> T:
-        """``fn()``, retried while it fails with a transient error (:data:`RETRYABLE`)."""
+    def call(
+        self, fn: Callable[[], T], retryable: Callable[[ClientError], bool] = is_transient
+    ) -> T:
+        """``fn()``, retried while it fails with an error ``retryable`` accepts (by default a
+        transient one: :data:`linkedblob.client.errors.RETRYABLE`)."""
         while True:
             try:
                 return fn()
             except ClientError as e:
-                if e.code not in RETRYABLE:
+                if not retryable(e):
                     raise
                 self.wait(e)

@@ -30,6 +30,7 @@ class SourceReader:
     base: int = 0  # where the blob starts in `file`
     pos: int = 0  # where chunks() starts, from the blob's start (seek)
     owned: bool = False
+    started: bool = False  # whether chunks() was called (an iterable is then partly spent)
     _iterable: Iterable[bytes] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +70,14 @@ class SourceReader:
         if self.file is not None:
             self.file.seek(self.base + offset)
 
+    def rewind(self) -> bool:
+        """Back to the blob's start, to send it again; False when that cannot be done (an
+        iterable or an unseekable file that was read from)."""
+        if self.seekable:
+            self.seek(0)
+            return True
+        return not self.started
+
     def small_content(self, limit: int) -> bytes | None:
         """For an iterable source: all of it when it is at most ``limit`` bytes; otherwise
         None, and chunks() still yields everything (what was looked at is kept, at most
@@ -92,6 +101,7 @@ class SourceReader:
         return b"".join(bytes(chunk) for chunk in self.chunks(MAX_CHUNK_BYTES))
 
     def chunks(self, size: int) -> Iterator[bytes | memoryview]:
+        self.started = True
         if self.view is not None:
             for pos in range(self.pos, len(self.view), size):
                 yield self.view[pos : pos + size]
