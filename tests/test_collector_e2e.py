@@ -2,8 +2,9 @@
 `linkedblob gc` / `linkedblob fsck` run as a user runs them, against linksvc and blobsvc (with
 blobsvc's grant secret in the environment).
 
-Blobs are stored as the gateway commits them (Lease, blobsvc Put, Link with the lease) by
-`store` below, and unlinked through the gateway (started with deletes enabled).
+Blobs are pushed with linkedblob.client, or stored as the gateway commits them (Lease, blobsvc
+Put, Link with the lease) by `store` below, and unlinked through the gateway (started with
+deletes enabled).
 """
 
 from __future__ import annotations
@@ -128,9 +129,11 @@ def test_gc_reclaims_unlinked_bytes_and_keeps_a_blob_linked_elsewhere(
 ) -> None:
     with running_stack(kind, tmp_path) as stack:
         repo, other = f"gc/{secrets.token_hex(3)}", f"gc/{secrets.token_hex(3)}"
-        gone_data, shared_data = os.urandom(300_000), os.urandom(200_000)
-        gone, shared = store(stack, repo, gone_data), store(stack, repo, shared_data)
+        # Pushed through the gateway: a streamed push (over a message) and a small one.
+        gone_data, shared_data = os.urandom(3 * 1024 * 1024 + 5), os.urandom(200_000)
         with Client(stack.address) as client:
+            gone = client.push(repo, gone_data).digest
+            shared = client.push(repo, shared_data).digest
             assert client.mount(other, shared, from_repository=repo).digest == shared
             client.delete(repo, gone)
             client.delete(repo, shared)
@@ -159,7 +162,8 @@ def test_gc_reclaims_unlinked_bytes_and_keeps_a_blob_linked_elsewhere(
 def test_fsck_is_clean_then_reports_a_file_deleted_behind_blobsvcs_back(stack: Stack) -> None:
     repo = f"fsck/{secrets.token_hex(3)}"
     kept = store(stack, repo, os.urandom(1000))
-    lost = store(stack, repo, os.urandom(2000))
+    with Client(stack.address) as client:
+        lost = client.push(repo, os.urandom(2000)).digest
     code, report = fsck(stack)
     assert code == 0 and report["clean"] is True
     table = run(stack, "fsck")
@@ -247,3 +251,46 @@ def test_abandoned_uploads_are_purged_after_the_expiry(stack: Stack) -> None:
             links(stack).GetSession(link_pb2.GetSessionRequest(id=session))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
     assert fsck(stack)[0] == 0
+
+
+def test_a_runner_skips_while_another_holds_the_lock_and_wait_waits(stack: Stack) -> None:
+    lock = links(stack).AcquireRunnerLock(
+        link_pb2.AcquireRunnerLockRequest(name="gc", holder="elsewhere:1", ttl_seconds=60)
+    )
+    assert lock.acquired
+    skipped = run(stack, "gc")
+    assert skipped.returncode == 0
+    assert "skipped: the runner lock is held by elsewhere:1" in skipped.stdout
+
+    waiting = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "linkedblob.cli",
+            "gc",
+            "--wait",
+            "--json",
+            "--link-addr",
+            stack.link.address,
+            "--blob-addr",
+            stack.blob.address,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, GRANT_SECRET_ENV: stack.grant_secret},
+    )
+    try:
+        time.sleep(1.5)
+        assert waiting.poll() is None  # still waiting for the lock
+        links(stack).ReleaseRunnerLock(
+            link_pb2.ReleaseRunnerLockRequest(name="gc", holder="elsewhere:1")
+        )
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert waiting.returncode == 0, err
+    assert json.loads(out)["outcome"] == "ok"
+    assert "waiting for elsewhere:1" in err
