@@ -84,7 +84,7 @@ class Registry:
 
     async def close(self) -> None:
         """Ends the cleanups still pending (before the backends' channels close): an abort
-        not yet made is left to blobsvc's purge of stale uploads."""
+        not yet made is left to the collector's purge of staging areas with no session."""
         pending = list(self._cleanups)
         for task in pending:
             task.cancel()
@@ -173,6 +173,10 @@ class Registry:
                     size=written.size,
                 )
             digest = written.staged_digest
+            if not digest:  # a blobsvc older than want_staged_digest
+                raise LinkedBlobError(
+                    StatusCode.INTERNAL, Reason.INTERNAL, "blobsvc answered no staged digest"
+                )
             granted = await self._leases.take(digest, repository, media_type, written.size)
             if isinstance(granted, LinkedBlob):
                 self._drop_staging(upload_id, settle=False)
