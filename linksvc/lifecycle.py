@@ -59,6 +59,14 @@ def new_lease_id() -> str:
     return secrets.token_urlsafe(24)
 
 
+def _size_differs(digest: str, recorded: int, size: int) -> Exception:
+    return invalid_argument(
+        Reason.SIZE_INVALID,
+        f"blob {digest} is recorded with size {recorded}, not {size}",
+        size=recorded,
+    )
+
+
 def _indexed(row: Any) -> IndexedBlob:
     return IndexedBlob(row.digest, row.size, BlobState(row.state), row.updated_at, row.version)
 
@@ -87,15 +95,32 @@ class LifecycleStore:
         no longer matches); one being deleted is ABORTED / BLOB_DELETING."""
         now = utcnow()
         db, d = self.db, self.q.driver
+        if d.lease_one is not None:
+            grant = LeaseGrant(new_lease_id(), now + ttl)
+            row = db.fetch_one(
+                d.lease_one,
+                {"digest": digest, "repository": link_repository, "size": size,
+                 "media_type": media_type, "lease_id": grant.lease_id, "now": now,
+                 "expires_at": grant.expires_at},
+            )  # fmt: skip
+            assert row is not None  # the statement always answers one row
+            state, recorded, leased, created, existing_media_type = row
+            if leased:
+                return grant
+            if state == BlobState.ACTIVE:
+                if size is not None and size != recorded:
+                    raise _size_differs(digest, recorded, size)
+                if created:
+                    return LeaseGrant(linked=(LinkedBlob(digest, recorded, media_type), True))
+                if existing_media_type is not None and media_type in ("", existing_media_type):
+                    as_it_was = LinkedBlob(digest, recorded, existing_media_type)
+                    return LeaseGrant(linked=(as_it_was, False))
+            # Marked, deleting, or the link's media type changes: the general path.
         with db.transaction() as conn:
             recorded = self.links.lock_live(conn, digest, now)
             if link_repository and recorded is not None:
                 if size is not None and size != recorded:
-                    raise invalid_argument(
-                        Reason.SIZE_INVALID,
-                        f"blob {digest} is recorded with size {recorded}, not {size}",
-                        size=recorded,
-                    )
+                    raise _size_differs(digest, recorded, size)
                 linked = self.links.link_locked(conn, link_repository, digest, media_type, recorded)
                 return LeaseGrant(linked=linked)
             grant = LeaseGrant(new_lease_id(), now + ttl)

@@ -179,6 +179,42 @@ LEFT JOIN links AS existing ON existing.repository = :repository AND existing.di
 """
 
 
+# PostgreSQL only: a Lease as one statement in the common cases: no row (a lease), an active
+# blob without link_repository (a lease) or with it (a link, created or as it was). It locks the
+# blob's row first, as _LINK_PG. Returns the locked row's state and size (NULL: no row), whether
+# it took the lease, whether it created the link, and the existing link's media type (NULL when
+# there was none). A marked or deleting blob changes nothing, and the caller takes the general
+# path (which revives or refuses).
+_LEASE_PG = """
+WITH locked AS (
+    SELECT size, state FROM blobs WHERE digest = :digest FOR NO KEY UPDATE
+), usable AS (
+    SELECT size FROM locked
+    WHERE state = 'active' AND CAST(:repository AS TEXT) <> ''
+        AND size = COALESCE(CAST(:size AS BIGINT), size)
+), new_lease AS (
+    INSERT INTO blob_leases (id, digest, created_at, expires_at)
+    SELECT :lease_id, :digest, :now, :expires_at
+    WHERE NOT EXISTS (SELECT FROM locked WHERE state <> 'active')
+        AND NOT (CAST(:repository AS TEXT) <> '' AND EXISTS (SELECT FROM locked))
+    RETURNING 1
+), new_repository AS (
+    INSERT INTO repositories (name, created_at)
+    SELECT :repository, :now WHERE EXISTS (SELECT FROM usable)
+    ON CONFLICT (name) DO NOTHING
+), new_link AS (
+    INSERT INTO links (repository, digest, media_type, created_at)
+    SELECT :repository, :digest, :media_type, :now WHERE EXISTS (SELECT FROM usable)
+    ON CONFLICT (repository, digest) DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT state FROM locked), (SELECT size FROM locked), EXISTS (SELECT FROM new_lease),
+    EXISTS (SELECT FROM new_link), existing.media_type
+FROM (SELECT 1) AS one
+LEFT JOIN links AS existing ON existing.repository = :repository AND existing.digest = :digest
+"""
+
+
 class Queries:
     def __init__(self, dialect: Dialect) -> None:
         insert = _dialect_insert(dialect)
@@ -413,10 +449,14 @@ class DriverQueries:
         self.add_lease = compiled(q.add_lease)
         # One-statement versions, where the database can modify several tables in one.
         self.link_one: DriverQuery | None = None
+        self.lease_one: DriverQuery | None = None
         self.mount_one_from: DriverQuery | None = None
         self.mount_one_from_any: DriverQuery | None = None
         if dialect.name == "postgresql":
             self.link_one = compiled(_text(_LINK_PG))
+            self.lease_one = compiled(
+                _text(_LEASE_PG).bindparams(sa.bindparam("expires_at", type_=UtcDateTime()))
+            )
             self.mount_one_from = compiled(
                 _text(_MOUNT_PG.format(source_filter="AND links.repository = :from_repository"))
             )

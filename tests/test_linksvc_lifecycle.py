@@ -120,6 +120,8 @@ def test_lease_links_a_live_blob_at_once(store: Store, db_url: str) -> None:
     assert grant.lease_id == "" and grant.expires_at is None
     assert grant.linked == (LinkedBlob(d, 7, "a/dst"), True)
     assert store.lease(d, MINUTE, "dst", "", None).linked == (LinkedBlob(d, 7, "a/dst"), False)
+    assert store.lease(d, MINUTE, "dst", "a/new", 7).linked == (LinkedBlob(d, 7, "a/new"), False)
+    assert store.resolve("dst", d) == LinkedBlob(d, 7, "a/new")
     assert rows(db_url, "blob_leases") == []
     err = expect(
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -320,6 +320,15 @@ DRIVER_LOOKUPS: dict[str, dict[str, object]] = {
         "now": NOW,
     },
     "mount_one_from_any": {"repository": "r", "digest": DIGEST, "media_type": "", "now": NOW},
+    "lease_one": {
+        "digest": DIGEST,
+        "repository": "r",
+        "size": 1,
+        "media_type": "",
+        "lease_id": "l",
+        "now": NOW,
+        "expires_at": NOW,
+    },
 }
 
 
