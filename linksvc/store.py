@@ -7,6 +7,10 @@ block; the servicer runs them through the database (``Database.run_hot`` / ``Dat
 on the event loop or in the SQL threads). The SQL itself is in :mod:`linksvc.queries`; the hot
 calls run it on the driver's cursor, and on PostgreSQL a push's link and a mount are one
 statement each (one round trip) in the common case, with the general transaction behind them.
+
+Link, Mount and RecordBlob lock the blob's row before they decide anything (``lock_live``), as
+garbage collection's fence does (linksvc.lifecycle): a blob being deleted is refused
+(BLOB_DELETING), a marked one revived, and a new one recorded only with a live lease.
 """
 
 from __future__ import annotations
