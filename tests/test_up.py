@@ -58,7 +58,7 @@ def test_up_push_ls_pull_and_ctrl_c(tmp_path: Path) -> None:
                 m = _UP.match(lines.get(timeout=0.2))
                 address, blob_address = (m.group(1), m.group(2)) if m else ("", "")
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) == 3
+        assert len(children) == 4  # blobsvc, linksvc, gateway and the collector
         # blobsvc and the gateway share a grant secret made for the run, in their environment
         # and never on a command line (ps shows those).
         kinds = {c.cmdline()[c.cmdline().index("serve") + 1]: c for c in children}
