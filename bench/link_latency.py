@@ -6,7 +6,9 @@ channel (as the gateway has one channel per backend):
 
 - Health.Check: grpc.health.v1 on the same server, the floor: the gRPC hop alone;
 - Resolve: (repository, digest) -> descriptor, the read behind every gateway stat;
-- Link (new): record a new blob with its size and link it, one transaction (a push's commit);
+- Lease (new): a lease on a digest nobody recorded (the first step of every push's commit);
+- Link (new): record a new blob with its size and link it, consuming the lease taken for it
+  (one transaction: a push's commit; the Lease call is made beforehand, untimed);
 - Link (again): the same link repeated (idempotent; nothing to write);
 - Mount (new): link a blob another repository links into a new repository (a durable write);
 - Mount (again): the same mount repeated.
@@ -58,7 +60,15 @@ from linkedblob.link.v1 import link_pb2, link_pb2_grpc
 
 _READY = re.compile(r"^linkedblob link listening on (\S+)$")
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-CALLS = ("Health.Check", "Resolve", "Link (new)", "Link (again)", "Mount (new)", "Mount (again)")
+CALLS = (
+    "Health.Check",
+    "Resolve",
+    "Lease (new)",
+    "Link (new)",
+    "Link (again)",
+    "Mount (new)",
+    "Mount (again)",
+)
 
 
 @contextlib.contextmanager
@@ -163,10 +173,19 @@ class Target:
         self.resolved = digest_of("bench/hot")
         self.stub.Link(
             link_pb2.LinkRequest(
-                repository="bench/resolve", digest=self.resolved, size=1234, media_type="a/b"
+                repository="bench/resolve",
+                digest=self.resolved,
+                size=1234,
+                media_type="a/b",
+                lease_id=self.lease(self.resolved),
             )
         )
         self.results = {name: Results() for name in CALLS}
+
+    def lease(self, digest: str) -> str:
+        """A lease on ``digest``, as the gateway takes one before it commits new bytes: a Link
+        that records a new blob must consume a live one."""
+        return str(self.stub.Lease(link_pb2.LeaseRequest(digest=digest)).lease_id)
 
     def call(self, name: str) -> Callable[[], object]:
         """A fresh call of the kind ``name`` (new names and digests for the "new" kinds)."""
@@ -177,10 +196,14 @@ class Target:
         if name == "Resolve":
             resolve = link_pb2.ResolveRequest(repository="bench/resolve", digest=hot)
             return lambda: stub.Resolve(resolve)
+        if name == "Lease (new)":
+            lease = link_pb2.LeaseRequest(digest=digest_of(f"lease-{next(self.serial)}"))
+            return lambda: stub.Lease(lease)
         if name == "Link (new)":
             n = next(self.serial)
+            digest = digest_of(f"new-{n}")
             new = link_pb2.LinkRequest(
-                repository="bench/link", digest=digest_of(f"new-{n}"), size=1 + n
+                repository="bench/link", digest=digest, size=1 + n, lease_id=self.lease(digest)
             )
             return lambda: stub.Link(new)
         if name == "Link (again)":
