@@ -87,7 +87,8 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
     ) -> link_pb2.RecordBlobResponse:
         digest = check.digest(request.digest)
         size = check.blob_size(digest, request.size)
-        created = await self.db.run_hot(self.store.record_blob, digest, size)
+        lease_id = check.lease_id(request.lease_id) if request.lease_id else ""
+        created = await self.db.run_hot(self.store.record_blob, digest, size, lease_id)
         return link_pb2.RecordBlobResponse(created=created)
 
     @servicer_method

@@ -77,13 +77,18 @@ class LinkStore:
     # --- blobs ---------------------------------------------------------------------------
 
     @map_errors
-    def record_blob(self, digest: str, size: int) -> bool:
-        """Records a committed blob; True when new. A different size than recorded is refused,
-        a blob being deleted too (BLOB_DELETING); a marked one is revived."""
+    def record_blob(self, digest: str, size: int, lease_id: str = "") -> bool:
+        """Records a committed blob; True when new, which needs the live lease ``lease_id`` of
+        the digest (consumed), as Link does. A different size than recorded is refused, a blob
+        being deleted too (BLOB_DELETING); a marked one is revived."""
         now = utcnow()
-        with self.db.transaction() as conn:
+        db = self.db
+        with db.transaction() as conn:
             recorded = self.lock_live(conn, digest, now)
             if recorded is None:
+                lease = {"lease_id": lease_id, "digest": digest, "now": now}
+                if not (lease_id and db.execute(conn, self.q.driver.consume_lease, lease).rowcount):
+                    raise _lease_expired(digest)
                 if self._insert_blob(conn, digest, size, now):
                     return True
                 recorded = self.lock_live(conn, digest, now)  # recorded meanwhile

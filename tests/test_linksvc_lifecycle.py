@@ -144,7 +144,7 @@ def test_a_marked_blob_is_revived_by_link_mount_lease_and_record(store: Store) -
             lambda d: store.push("new", d, "", 3),
             lambda d: store.lease(d, MINUTE),
             lambda d: store.lease(d, MINUTE, "new", "", 3),
-            lambda d: store.record_blob(d, 3),
+            lambda d: store.record_blob(d, 3),  # recorded already: no lease needed
         ]
     ):
         d = digest_of(f"revived {i}")

@@ -27,7 +27,8 @@ FIXTURES = (linksvc, stub)
 
 def test_every_call(stub: link_pb2_grpc.LinkServiceStub) -> None:
     d, other = digest_of("one"), digest_of("two")
-    assert stub.RecordBlob(pb.RecordBlobRequest(digest=d, size=3)).created is True
+    lease_id = lease(stub, d)
+    assert stub.RecordBlob(pb.RecordBlobRequest(digest=d, size=3, lease_id=lease_id)).created
     assert stub.RecordBlob(pb.RecordBlobRequest(digest=d, size=3)).created is False
     stat = stub.StatBlob(pb.StatBlobRequest(digest=d))
     assert (stat.digest, stat.size) == (d, 3) and stat.created_at.seconds > 0

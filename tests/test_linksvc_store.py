@@ -91,7 +91,9 @@ def expect(code: grpc.StatusCode, reason: Reason, call: Callable[[], object]) ->
 def test_record_and_stat_blob(store: Store) -> None:
     d = digest_of("a")
     before = datetime.now(UTC)
-    assert store.record_blob(d, 10) is True
+    # A new blob needs the lease its committer took (its bytes may be gone otherwise).
+    expect(grpc.StatusCode.ABORTED, Reason.BLOB_UPLOAD_INVALID, lambda: store.record_blob(d, 10))
+    assert store.record_blob(d, 10, store.lease(d, timedelta(minutes=1)).lease_id) is True
     assert store.record_blob(d, 10) is False  # idempotent
     err = expect(
         grpc.StatusCode.FAILED_PRECONDITION, Reason.SIZE_INVALID, lambda: store.record_blob(d, 11)

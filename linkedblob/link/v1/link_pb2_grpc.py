@@ -156,7 +156,10 @@ class LinkServiceServicer:
 
     def RecordBlob(self, request, context):
         """Records a blob that blobsvc has committed. Idempotent; a size that disagrees with the
-        recorded one is FAILED_PRECONDITION / SIZE_INVALID.
+        recorded one is FAILED_PRECONDITION / SIZE_INVALID. Recording a new blob needs the live
+        lease taken before its bytes were committed (`lease_id`, consumed), as Link does;
+        without one it is ABORTED / BLOB_UPLOAD_INVALID. A marked blob is revived; one being
+        deleted is ABORTED / BLOB_DELETING.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -307,7 +310,8 @@ class LinkServiceServicer:
 
     def ForgetBlob(self, request, context):
         """Removes the row of a fenced blob whose bytes blobsvc deleted, if it still has the version
-        the fence gave it. Idempotent.
+        the fence gave it, and the digest's leases with it (one taken meanwhile protected bytes
+        that are gone: Link then refuses it, and the caller uploads again). Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

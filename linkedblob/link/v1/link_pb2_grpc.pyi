@@ -39,7 +39,10 @@ class LinkServiceStub:
     def __new__(cls, channel: _aio.Channel) -> LinkServiceAsyncStub: ...
     RecordBlob: _grpc.UnaryUnaryMultiCallable[_link_pb2.RecordBlobRequest, _link_pb2.RecordBlobResponse]
     """Records a blob that blobsvc has committed. Idempotent; a size that disagrees with the
-    recorded one is FAILED_PRECONDITION / SIZE_INVALID.
+    recorded one is FAILED_PRECONDITION / SIZE_INVALID. Recording a new blob needs the live
+    lease taken before its bytes were committed (`lease_id`, consumed), as Link does;
+    without one it is ABORTED / BLOB_UPLOAD_INVALID. A marked blob is revived; one being
+    deleted is ABORTED / BLOB_DELETING.
     """
     StatBlob: _grpc.UnaryUnaryMultiCallable[_link_pb2.StatBlobRequest, _link_pb2.StatBlobResponse]
     """The recorded blob. NOT_FOUND / BLOB_UNKNOWN when not recorded."""
@@ -111,7 +114,8 @@ class LinkServiceStub:
     """
     ForgetBlob: _grpc.UnaryUnaryMultiCallable[_link_pb2.ForgetBlobRequest, _link_pb2.ForgetBlobResponse]
     """Removes the row of a fenced blob whose bytes blobsvc deleted, if it still has the version
-    the fence gave it. Idempotent.
+    the fence gave it, and the digest's leases with it (one taken meanwhile protected bytes
+    that are gone: Link then refuses it, and the caller uploads again). Idempotent.
     """
     AdoptBlob: _grpc.UnaryUnaryMultiCallable[_link_pb2.AdoptBlobRequest, _link_pb2.AdoptBlobResponse]
     """fsck's repair: indexes bytes that blobsvc holds and linksvc did not know, as marked (so
@@ -134,7 +138,10 @@ class LinkServiceAsyncStub(LinkServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RecordBlob: _aio.UnaryUnaryMultiCallable[_link_pb2.RecordBlobRequest, _link_pb2.RecordBlobResponse]  # type: ignore[assignment]
     """Records a blob that blobsvc has committed. Idempotent; a size that disagrees with the
-    recorded one is FAILED_PRECONDITION / SIZE_INVALID.
+    recorded one is FAILED_PRECONDITION / SIZE_INVALID. Recording a new blob needs the live
+    lease taken before its bytes were committed (`lease_id`, consumed), as Link does;
+    without one it is ABORTED / BLOB_UPLOAD_INVALID. A marked blob is revived; one being
+    deleted is ABORTED / BLOB_DELETING.
     """
     StatBlob: _aio.UnaryUnaryMultiCallable[_link_pb2.StatBlobRequest, _link_pb2.StatBlobResponse]  # type: ignore[assignment]
     """The recorded blob. NOT_FOUND / BLOB_UNKNOWN when not recorded."""
@@ -206,7 +213,8 @@ class LinkServiceAsyncStub(LinkServiceStub):
     """
     ForgetBlob: _aio.UnaryUnaryMultiCallable[_link_pb2.ForgetBlobRequest, _link_pb2.ForgetBlobResponse]  # type: ignore[assignment]
     """Removes the row of a fenced blob whose bytes blobsvc deleted, if it still has the version
-    the fence gave it. Idempotent.
+    the fence gave it, and the digest's leases with it (one taken meanwhile protected bytes
+    that are gone: Link then refuses it, and the caller uploads again). Idempotent.
     """
     AdoptBlob: _aio.UnaryUnaryMultiCallable[_link_pb2.AdoptBlobRequest, _link_pb2.AdoptBlobResponse]  # type: ignore[assignment]
     """fsck's repair: indexes bytes that blobsvc holds and linksvc did not know, as marked (so
@@ -232,7 +240,10 @@ class LinkServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_link_pb2.RecordBlobResponse, _abc.Awaitable[_link_pb2.RecordBlobResponse]]:
         """Records a blob that blobsvc has committed. Idempotent; a size that disagrees with the
-        recorded one is FAILED_PRECONDITION / SIZE_INVALID.
+        recorded one is FAILED_PRECONDITION / SIZE_INVALID. Recording a new blob needs the live
+        lease taken before its bytes were committed (`lease_id`, consumed), as Link does;
+        without one it is ABORTED / BLOB_UPLOAD_INVALID. A marked blob is revived; one being
+        deleted is ABORTED / BLOB_DELETING.
         """
 
     @_abc_1.abstractmethod
@@ -412,7 +423,8 @@ class LinkServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_link_pb2.ForgetBlobResponse, _abc.Awaitable[_link_pb2.ForgetBlobResponse]]:
         """Removes the row of a fenced blob whose bytes blobsvc deleted, if it still has the version
-        the fence gave it. Idempotent.
+        the fence gave it, and the digest's leases with it (one taken meanwhile protected bytes
+        that are gone: Link then refuses it, and the caller uploads again). Idempotent.
         """
 
     @_abc_1.abstractmethod
