@@ -4,10 +4,12 @@ garbage collector (``serve gc``) beside them unless ``--no-gc``.
 Each service runs as its own process (its own gRPC server and its own core's worth of Python),
 exactly as ``linkedblob serve ...`` would run it: blobsvc on the filesystem under DATA/blobs,
 linksvc on the SQLite file DATA/linkedblob.db (migrated on start), and the gateway in front.
-blobsvc and the gateway share a grant secret made for the run (handed over in the environment,
-never on a command line, where ps would show it), so the gateway offers clients direct access to
-blobsvc (linkedblob.grants) at blobsvc's address; the collector gets it the same way, to sign its
-own blobsvc calls. The collector runs every --gc-interval with a grace period of --gc-grace.
+blobsvc and the gateway share a grant secret (LINKEDBLOB_GRANT_SECRET when set, so that
+`linkedblob gc` / `fsck` run by hand can sign their blobsvc calls too; else one made for the
+run), handed over in the environment, never on a command line, where ps would show it. So the
+gateway offers clients direct access to blobsvc (linkedblob.grants) at blobsvc's address; the
+collector gets it the same way, to sign its own blobsvc calls. The collector runs every
+--gc-interval with a grace period of --gc-grace.
 Ctrl-C or SIGTERM stops them all cleanly; if one dies, the others are stopped too.
 """
 
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     data = Path(args.data).resolve()
     data.mkdir(parents=True, exist_ok=True)
     common = ["--host", args.host, "--log-format", args.log_format]
-    granting = {GRANT_SECRET_ENV: secrets.token_urlsafe(32)}
+    granting = {GRANT_SECRET_ENV: os.environ.get(GRANT_SECRET_ENV) or secrets.token_urlsafe(32)}
     children: list[Child] = []
 
     def stop_all(sig: int = signal.SIGTERM) -> None:
