@@ -35,7 +35,8 @@ def grant(action: str, subject: str = "", ttl: float = 60, by: Signer = signer) 
     return ((METADATA_KEY, by.sign(action, subject, ttl)),)
 
 
-INTERNAL_GRANT = grant(INTERNAL)
+# Signed once, at import: it must outlive the whole test session, not only this module's run.
+INTERNAL_GRANT = grant(INTERNAL, ttl=24 * 3600)
 
 
 @pytest.fixture(scope="module")

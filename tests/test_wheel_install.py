@@ -195,7 +195,7 @@ def test_up_from_the_wheel_serves_and_stops_on_ctrl_c(installed: Installed) -> N
     log = installed.cwd / "up.log"
     with _up(installed, data, log) as (proc, address):
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) == 3
+        assert len(children) == 4  # blobsvc, linksvc, gateway and the collector
         venv = installed.venv.resolve()
         for child in children:  # each service runs the fresh venv's interpreter
             assert Path(child.cmdline()[0]).parent.resolve() == venv / "bin"
