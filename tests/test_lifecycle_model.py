@@ -169,6 +169,8 @@ def services(
 
 @dataclass
 class Upload:
+    id: str  # the session's (random: the model keys uploads by a counter, so that hypothesis
+    # draws the same upload when it replays the same choices)
     repository: str
     payload: int
     written: bool = False
@@ -214,7 +216,8 @@ class Lifecycle(RuleBasedStateMachine):
         ]
         self.digests = [Digest.of(p, "sha256") for p in self.payloads]
         self.links: dict[str, set[int]] = {r: set() for r in self.repositories}
-        self.uploads: dict[str, Upload] = {}
+        self.uploads: dict[int, Upload] = {}  # by a counter, not by the random id
+        self.started = 0
         self.clock_offset = 0.0
         self.listed: list[IndexedBlob] | None = None
         self.restarts = 0
@@ -350,15 +353,17 @@ class Lifecycle(RuleBasedStateMachine):
     def start_upload(self, repository: int, payload: int) -> None:
         repo = self.repositories[repository]
         session = self.gateway(lambda _, u: u.start(repo))
-        self.uploads[session.id] = Upload(repo, payload)
+        self.started += 1
+        self.uploads[self.started] = Upload(session.id, repo, payload)
 
     @precondition(lambda self: any(not u.written for u in self.uploads.values()))
     @rule(data=st.data())
     def write_upload(self, data: st.DataObject) -> None:
-        upload_id = data.draw(
-            st.sampled_from(sorted(i for i, u in self.uploads.items() if not u.written))
+        key = data.draw(
+            st.sampled_from(sorted(k for k, u in self.uploads.items() if not u.written))
         )
-        upload = self.uploads[upload_id]
+        upload = self.uploads[key]
+        upload_id = upload.id
         payload = self.payloads[upload.payload]
         outcome = self.attempt(
             lambda _, u: u.write(upload.repository, upload_id, 0, payload, _nothing())
@@ -366,7 +371,7 @@ class Lifecycle(RuleBasedStateMachine):
         if upload.purged:
             assert isinstance(outcome, LinkedBlobError), "wrote to a purged upload"
             self.expect(outcome, UPLOAD_UNKNOWN)
-            del self.uploads[upload_id]
+            del self.uploads[key]
             return
         assert not isinstance(outcome, LinkedBlobError), f"write failed: {outcome!r}"
         upload.written = True
@@ -374,8 +379,9 @@ class Lifecycle(RuleBasedStateMachine):
     @precondition(lambda self: self.uploads)
     @rule(data=st.data())
     def commit_upload(self, data: st.DataObject) -> None:
-        upload_id = data.draw(st.sampled_from(sorted(self.uploads)))
-        upload = self.uploads.pop(upload_id)
+        key = data.draw(st.sampled_from(sorted(self.uploads)))
+        upload = self.uploads.pop(key)
+        upload_id = upload.id
         digest = self.digests[upload.payload]
         # Unwritten: the data comes with the commit.
         last = b"" if upload.written else self.payloads[upload.payload]
@@ -389,7 +395,7 @@ class Lifecycle(RuleBasedStateMachine):
         if self.expect(outcome):
             self.links[upload.repository].add(upload.payload)
         else:  # BLOB_DELETING: the upload is still there; the client commits again later
-            self.uploads[upload_id] = upload
+            self.uploads[key] = upload
 
     @rule(steps=st.sampled_from(["mark", "sweep", "mark+sweep", "run"]))
     def collect(self, steps: str) -> None:
