@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRCS := $(shell find protos -name '*.proto')
 
-.PHONY: up test lint protos bench clean
+.PHONY: up test lint protos bench bench-gc clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The collector's figures (mark and sweep of 100k blobs, push with GC looping): ~20 minutes.
+bench-gc: $(STAMP)
+	$(BIN)/python -m bench.gc
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
