@@ -38,8 +38,6 @@ R = TypeVar("R")
 
 # The deadline of every call but Delete (which the runner bounds itself).
 DEFAULT_TIMEOUT = 60.0
-# The collector's own grant: it never leaves the collector-blobsvc link.
-_INTERNAL_TTL = 3600.0
 
 _BLOB_STATES = {
     link_pb2.IndexedBlob.ACTIVE: BlobState.ACTIVE,
@@ -184,33 +182,13 @@ class GrpcLinkIndex(_Channel):
         )
 
 
-class InternalGrant:
-    """The call metadata of the collector's own blobsvc calls: an ``internal`` grant, signed
-    for an hour and re-signed when half of it is gone (None without a secret)."""
-
-    def __init__(self, secret: str) -> None:
-        self._signer = grants.Signer(secret) if secret else None
-        self._metadata: tuple[tuple[str, str], ...] | None = None
-        self._renew_at = 0.0
-
-    def metadata(self) -> tuple[tuple[str, str], ...] | None:
-        if self._signer is None:
-            return None
-        now = time.monotonic()
-        if self._metadata is None or now >= self._renew_at:
-            token = self._signer.sign(grants.INTERNAL, "", _INTERNAL_TTL)
-            self._metadata = ((grants.METADATA_KEY, token),)
-            self._renew_at = now + _INTERNAL_TTL / 2
-        return self._metadata
-
-
 class GrpcBlobStorage(_Channel):
     def __init__(
         self, address: str, grant_secret: str = "", timeout: float = DEFAULT_TIMEOUT
     ) -> None:
         super().__init__(address)
         self._stub = blob_pb2_grpc.BlobServiceStub(self.channel)  # type: ignore[no-untyped-call]
-        self._grant = InternalGrant(grant_secret)
+        self._grant = grants.InternalGrant(grant_secret)
         self._timeout = timeout
 
     def _do(self, method: Callable[..., R], request: Any, timeout: float | None = None) -> R:

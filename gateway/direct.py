@@ -9,17 +9,11 @@ requires one on every call. Without a secret there is no direct access, and no g
 
 from __future__ import annotations
 
-import time
-
 from google.protobuf import timestamp_pb2
 
 from linkedblob import grants
 from linkedblob.errors import Reason, failed_precondition
 from linkedblob.v1 import registry_pb2
-
-# The gateway's own grant: long-lived (it never leaves the gateway-blobsvc link), re-signed
-# when half of it is gone, so a call never starts with one about to expire.
-_INTERNAL_TTL = 3600.0
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -31,8 +25,7 @@ class GrantIssuer:
         self._signer = grants.Signer(secret) if secret else None
         self.public_addr = public_addr
         self.ttl = ttl
-        self._internal: Metadata | None = None
-        self._internal_renew_at = 0.0
+        self._internal = grants.InternalGrant(secret)
 
     @property
     def offered(self) -> bool:
@@ -40,14 +33,7 @@ class GrantIssuer:
 
     def internal_metadata(self) -> Metadata | None:
         """Call metadata for the gateway's own blobsvc calls (None without a secret)."""
-        if self._signer is None:
-            return None
-        now = time.monotonic()
-        if self._internal is None or now >= self._internal_renew_at:
-            token = self._signer.sign(grants.INTERNAL, "", _INTERNAL_TTL)
-            self._internal = ((grants.METADATA_KEY, token),)
-            self._internal_renew_at = now + _INTERNAL_TTL / 2
-        return self._internal
+        return self._internal.metadata()
 
     def read(self, digest: str) -> registry_pb2.DirectAccess:
         return self._issue(grants.READ, digest)

@@ -119,3 +119,30 @@ def token_from(context: grpc.aio.ServicerContext) -> str:
         if key == METADATA_KEY:
             return value if isinstance(value, str) else value.decode()
     return ""
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+class InternalGrant:
+    """The call metadata of a trusted caller's own blobsvc calls (the gateway's, the
+    collector's): an ``internal`` grant, long-lived because it never leaves the link between the
+    two, re-signed when half of it is gone so that no call starts with one about to expire.
+    None without a secret (a blobsvc without one requires no grant)."""
+
+    TTL = 3600.0
+
+    def __init__(self, secret: str) -> None:
+        self._signer = Signer(secret) if secret else None
+        self._metadata: Metadata | None = None
+        self._renew_at = 0.0
+
+    def metadata(self) -> Metadata | None:
+        if self._signer is None:
+            return None
+        now = time.monotonic()
+        if self._metadata is None or now >= self._renew_at:
+            token = self._signer.sign(INTERNAL, "", self.TTL)
+            self._metadata = ((METADATA_KEY, token),)
+            self._renew_at = now + self.TTL / 2
+        return self._metadata
