@@ -326,6 +326,10 @@ class FakeBlobStorage:
         self.staging.pop(upload_id, None)
         self.faults.after("abort")
 
+    def stored_size(self, digest: str) -> int | None:
+        self._check()
+        return self.stored.get(digest)
+
     def list_blobs(self, page_size: int, token: str) -> Page[StoredBlob]:
         self._check()
         chosen, next_token = _page(list(self.stored), page_size, token)

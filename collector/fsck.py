@@ -209,6 +209,11 @@ class Fsck:
         if not self.repair:
             return Finding(ORPHAN, digest, detail)
         try:
+            # The two lists were read at different moments: a collector may have deleted these
+            # bytes and forgotten their row in between. Adopting them then would index bytes
+            # that are gone (and a later push would link them without sending any): look again.
+            if self.blobs.stored_size(digest) != size:
+                return Finding(ORPHAN, digest, detail, repair="gone or changed meanwhile: left")
             adopted = self.links.adopt_blob(digest, size)
         except LinkedBlobError as exc:
             return Finding(ORPHAN, digest, detail, repair=f"adopt failed: {exc}")

@@ -31,7 +31,7 @@ from collector.model import (
 )
 from linkedblob import grants, transport
 from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
-from linkedblob.errors import from_rpc_error
+from linkedblob.errors import LinkedBlobError, from_rpc_error
 from linkedblob.link.v1 import link_pb2, link_pb2_grpc
 
 R = TypeVar("R")
@@ -205,6 +205,14 @@ class GrpcBlobStorage(_Channel):
 
     def abort(self, upload_id: str) -> None:
         self._do(self._stub.Abort, blob_pb2.AbortRequest(upload_id=upload_id))
+
+    def stored_size(self, digest: str) -> int | None:
+        try:
+            return int(self._do(self._stub.Stat, blob_pb2.StatRequest(digest=digest)).blob.size)
+        except LinkedBlobError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
 
     def list_blobs(self, page_size: int, token: str) -> Page[StoredBlob]:
         page = self._do(

@@ -67,6 +67,9 @@ class Options:
         for name in ("grace", "upload_expiry", "takeover", "delete_timeout", "lock_ttl"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.delete_timeout <= 0:
+            # With no time to delete, every fenced blob would stay deleting for good.
+            raise ValueError("delete_timeout must be above 0")
         if self.takeover < 2 * self.delete_timeout:
             raise ValueError(
                 f"takeover ({self.takeover:g}s) must be at least twice the delete timeout "

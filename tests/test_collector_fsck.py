@@ -147,3 +147,23 @@ def test_it_refuses_lists_out_of_digest_order(world: World) -> None:
     )
     with pytest.raises(ValueError, match="not in digest order"):
         fsck(world)
+
+
+def test_repair_does_not_adopt_bytes_deleted_after_they_were_listed(world: World) -> None:
+    """The index and the bytes are listed at different moments: bytes a collector deleted (and
+    whose row it forgot) in between look like an orphan in the listing. Adopting them would
+    index bytes that are gone, which a later push would link without sending any."""
+    gone = digest_of("collected meanwhile")
+    world.blobs.stored[gone] = 8
+    listed = world.blobs.list_blobs
+
+    def list_then_collect(page_size: int, token: str):  # type: ignore[no-untyped-def]
+        page = listed(page_size, token)
+        world.blobs.stored.pop(gone, None)  # deleted by a collector right after the listing
+        return page
+
+    world.blobs.list_blobs = list_then_collect  # type: ignore[method-assign]
+    report = fsck(world, repair=True)
+    repairs = {f.subject: f.repair for f in report.findings}
+    assert repairs[gone].startswith("gone")
+    assert gone not in world.links.blobs  # not indexed
