@@ -246,8 +246,11 @@ class Uploads:
     ) -> BlobDescriptor:
         """Commits an upload's staged bytes (with an optional last chunk) in blobsvc."""
         if data:
+            # The digest's algorithm: a new upload then hashes with it as the bytes arrive
+            # (sha256 otherwise, and a sha512 commit would read the staged bytes again).
+            spec = CommitSpec(str(digest), algorithm=digest.algorithm)
             written = await self._write_staged(
-                session.id, offset, data, None, CommitSpec(str(digest)), counted_as="CommitUpload"
+                session.id, offset, data, None, spec, counted_as="CommitUpload"
             )
             assert written.blob is not None  # a write that commits answers with the blob
             return written.blob

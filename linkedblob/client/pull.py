@@ -62,13 +62,13 @@ class Puller:
         self.direct = direct
 
     def get(self, repository: str, digest: str, offset: int, length: int) -> bytes:
-        parts: list[bytes] = []
+        parts: list[memoryview] = []  # views into the received messages: one copy, the join
         desc, chunks = self._open(repository, digest, offset, length)
         check = Verifier(desc, digest, offset, length)
         with rpc_errors(), contextlib.closing(chunks):  # ends the read if this stops early
             for chunk in chunks:
                 check.update(chunk)
-                parts.append(bytes(chunk))
+                parts.append(chunk)
         check.finish()
         return b"".join(parts)
 
