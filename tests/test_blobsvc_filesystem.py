@@ -215,3 +215,4 @@ def test_filesystem_lists_only_staging_areas(
     assert fs.list_uploads("", 1) == listed  # a page is filled past the entries skipped
     assert fs.list_uploads("real", 1) == []
     assert fs.upload_info("empty-dir") is None
+    assert not (uploads / "empty-dir").exists()  # what a crash left empty is tidied away

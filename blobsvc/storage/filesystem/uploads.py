@@ -206,6 +206,7 @@ def open_upload(
         fd = _open_locked(upload_id, directory, data_path, create_with is not None)
         if fd is None:
             storage.claims.release(upload_id)
+            _remove_leftover(directory)
             return None
         try:
             algorithm, generation = _upload_info(directory, create_with)
@@ -251,6 +252,16 @@ def _open_locked(upload_id: str, directory: str, data_path: str, create: bool) -
     raise OSError(errno.EAGAIN, f"upload {upload_id} keeps being replaced")
 
 
+def _remove_leftover(directory: str) -> None:
+    """Removes a staging directory left empty: what a crash between creating the directory and
+    its data file, or between a discard's unlinks and its rmdir, leaves (a discard unlinks the
+    info file first), and nothing else would ever remove. rmdir removes only an empty
+    directory, so a creator's files are never touched; a creator that finds its directory gone
+    makes it again (_open_locked)."""
+    with contextlib.suppress(OSError):  # absent, or not empty: in use
+        os.rmdir(directory)
+
+
 def _upload_info(directory: str, create_with: str | None) -> tuple[str, str]:
     """The upload's algorithm and generation (we hold its lock), written when missing."""
     path = os.path.join(directory, "info")
@@ -278,8 +289,8 @@ def upload_info(storage: FilesystemStorage, upload_id: str) -> UploadInfo | None
 
 
 def list_uploads(storage: FilesystemStorage, after: str, limit: int) -> list[UploadInfo]:
-    """See Storage.list_uploads. A directory without a data file (being created, or being
-    removed by a commit or an abort) is not a staging area and is skipped."""
+    """See Storage.list_uploads. A directory without a data file (being created or removed) is
+    not a staging area and is skipped; one left empty by a crash is removed on the way."""
     root = os.path.join(storage.root, "uploads")
     found: list[UploadInfo] = []
     while len(found) < limit:
@@ -293,6 +304,7 @@ def list_uploads(storage: FilesystemStorage, after: str, limit: int) -> list[Upl
             try:
                 st = os.stat(os.path.join(root, name, "data"))
             except (FileNotFoundError, NotADirectoryError):
+                _remove_leftover(os.path.join(root, name))
                 continue
             found.append(UploadInfo(name, st.st_size, st.st_mtime_ns / 1e9))
         after = names[-1]
