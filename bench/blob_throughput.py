@@ -55,7 +55,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_server(data_dir: str, storage: str) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "linkedblob.cli", "serve", "blob", "--port", "0"]
+    cmd = [sys.executable, "-m", "linkedblob.cli", "serve", "blob", "--port", "0", "--open"]
     cmd += ["--data", data_dir, "--storage", storage, "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None

@@ -77,13 +77,18 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "linkedblob.cli", *args]
 
 
+def _open(kind: str) -> list[str]:
+    """The measured services serve on loopback without authentication (`serve gc` has none)."""
+    return ["--open"] if kind in ("blob", "link", "gateway") else []
+
+
 def serve(
     workdir: Path, kind: str, *args: str, env: dict[str, str] | None = None
 ) -> tuple[Process, str]:
     """`linkedblob serve KIND` on a free port; the process and its address."""
     process = Process(
         f"linkedblob {kind}",
-        _cli("serve", kind, "--host", "127.0.0.1", "--port", "0", *args),
+        _cli("serve", kind, "--host", "127.0.0.1", "--port", "0", *_open(kind), *args),
         workdir / f"{kind}.log",
         env={**QUIET, **(env or {})},
     )

@@ -84,6 +84,7 @@ def linksvc(
         "link",
         "--port",
         "0",
+        "--open",
         "--db",
         db_url,
         "--migrate",

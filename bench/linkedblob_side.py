@@ -108,7 +108,7 @@ class LinkedblobPostgres:
     def _serve(
         self, workdir: Path, kind: str, *args: str, env: dict[str, str] | None = None
     ) -> str:
-        argv = _cli("serve", kind, "--host", "127.0.0.1", "--port", "0", *args)
+        argv = _cli("serve", kind, "--host", "127.0.0.1", "--port", "0", "--open", *args)
         process = Process(
             f"linkedblob {kind}", argv, workdir / f"{kind}.log", env={**QUIET, **(env or {})}
         )

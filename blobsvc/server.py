@@ -54,10 +54,18 @@ def serve(args: argparse.Namespace) -> int | None:
         add_handlers(server, SERVICE_NAME, handlers)
 
     run(
-        Service("blob", [SERVICE_NAME], register, on_stop=store.close, extra_options=GRPC_OPTIONS),
+        Service(
+            "blob",
+            [SERVICE_NAME],
+            register,
+            on_stop=store.close,
+            extra_options=GRPC_OPTIONS,
+            secured=signer is not None,
+        ),
         args.host,
         args.port,
         args.grace,
         args.metrics_port,
+        open_=args.open,
     )
     return 0

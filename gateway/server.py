@@ -95,5 +95,6 @@ def serve(args: argparse.Namespace) -> int | None:
         args.port,
         args.grace,
         args.metrics_port,
+        open_=args.open,
     )
     return None

@@ -69,6 +69,14 @@ def add_server_options(parser: argparse.ArgumentParser, default_port: int) -> No
     )
     add_option(parser, "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     add_option(parser, "--log-format", default="json", choices=["json", "text"], help="log format")
+    add_option(
+        parser,
+        "--open",
+        action="store_true",
+        help="start without authentication: anyone who reaches the port may call. Without it, a "
+        "server with no authentication configured refuses to start (`linkedblob up` passes it "
+        "on loopback)",
+    )
 
 
 # The port of `linkedblob serve gc` (gRPC health only).

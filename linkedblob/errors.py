@@ -37,6 +37,16 @@ class Reason(enum.StrEnum):
     DENIED = "DENIED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    # RESOURCE_EXHAUSTED: a limit that protects everyone from one caller (streams per
+    # connection, open uploads, session creation rate); the ErrorInfo metadata ``limit`` names
+    # it. OCI's TOOMANYREQUESTS.
+    TOO_MANY_REQUESTS = "TOO_MANY_REQUESTS"
+    # RESOURCE_EXHAUSTED: a stream sent nothing for the idle timeout and was ended.
+    STREAM_IDLE = "STREAM_IDLE"
+    # RESOURCE_EXHAUSTED: the storage has no space left.
+    STORAGE_FULL = "STORAGE_FULL"
+    # INVALID_ARGUMENT: a request that is not a valid protobuf message of the method's type.
+    REQUEST_MALFORMED = "REQUEST_MALFORMED"
 
 
 class StatusError(Exception):

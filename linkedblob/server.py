@@ -97,6 +97,9 @@ class Service:
     register: Callable[[grpc.aio.Server], None]
     on_stop: Callable[[], Awaitable[None]] | None = None
     extra_options: list[tuple[str, int]] = field(default_factory=list)
+    # Whether the service authenticates its callers as configured; one that does not starts
+    # only when told it may serve openly (--open).
+    secured: bool = False
 
 
 @dataclass
@@ -198,8 +201,31 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
-def run(service: Service, host: str, port: int, grace: float, metrics_port: int = -1) -> None:
+def refuse_unless_secured(service: Service, open_: bool) -> None:
+    """Exits 2 with one line on stderr when the service would serve without authentication and
+    was not told it may (--open)."""
+    if service.secured or open_:
+        return
+    print(
+        f"linkedblob {service.name}: refusing to start without authentication; configure it "
+        "(see `linkedblob serve " + service.name + " --help`) or pass --open "
+        "(LINKEDBLOB_OPEN=true) to let anyone who reaches the port call",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
+def run(
+    service: Service,
+    host: str,
+    port: int,
+    grace: float,
+    metrics_port: int = -1,
+    *,
+    open_: bool = False,
+) -> None:
     """Runs the service until SIGTERM/SIGINT (the process's main entry for `serve`)."""
+    refuse_unless_secured(service, open_)
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve_until_signalled(service, host, port, grace, metrics_port))

@@ -16,6 +16,7 @@ Ctrl-C or SIGTERM stops them all cleanly; if one dies, the others are stopped to
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import secrets
@@ -96,10 +97,31 @@ class Child:
             sys.stdout.write(line)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
+    if not is_loopback(args.host):
+        # Zero-config is for one developer's machine: on any other address the services would
+        # serve everyone who reaches them.
+        print(
+            f"linkedblob up: refusing to serve on {args.host} without authentication; "
+            "`up` is for loopback (127.0.0.1, ::1) — run the services with `linkedblob serve` "
+            "and an authentication configuration to serve a network",
+            file=sys.stderr,
+        )
+        return 2
     data = Path(args.data).resolve()
     data.mkdir(parents=True, exist_ok=True)
     common = ["--host", args.host, "--log-format", args.log_format]
+    # On loopback only this machine's users reach the services: they serve openly.
+    serving = [*common, "--open"]
     granting = {GRANT_SECRET_ENV: os.environ.get(GRANT_SECRET_ENV) or secrets.token_urlsafe(32)}
     children: list[Child] = []
 
@@ -115,16 +137,16 @@ def run(args: argparse.Namespace) -> int:
         children.append(
             Child(
                 "blob",
-                [*common, "--port", str(args.blob_port), "--data", str(data / "blobs")],
+                [*serving, "--port", str(args.blob_port), "--data", str(data / "blobs")],
                 granting,
             )
         )
         db_url = f"sqlite:///{data / 'linkedblob.db'}"
         children.append(
-            Child("link", [*common, "--port", str(args.link_port), "--db", db_url, "--migrate"])
+            Child("link", [*serving, "--port", str(args.link_port), "--db", db_url, "--migrate"])
         )
         gateway_argv = [
-            *common,
+            *serving,
             "--port",
             str(args.port),
             "--blob-addr",

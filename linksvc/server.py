@@ -70,5 +70,6 @@ def serve(args: argparse.Namespace) -> int | None:
         args.port,
         args.grace,
         args.metrics_port,
+        open_=args.open,
     )
     return 0

@@ -61,11 +61,21 @@ class ServiceProcess:
             raise
 
 
+# The services that refuse to start without authentication unless told to serve openly.
+_AUTHENTICATING = ("blob", "link", "gateway")
+
+
 def spawn(
-    kind: str, *args: str, timeout: float = 30, env: dict[str, str] | None = None
+    kind: str,
+    *args: str,
+    timeout: float = 30,
+    env: dict[str, str] | None = None,
+    open_: bool = True,
 ) -> ServiceProcess:
-    """Starts `linkedblob serve KIND --port 0 ARGS...` and waits for its ready line."""
-    cmd = [sys.executable, "-m", "linkedblob.cli", "serve", kind, "--port", "0", *args]
+    """Starts `linkedblob serve KIND --port 0 ARGS...` and waits for its ready line; with
+    ``open_`` (the default) a blob, link or gateway serves without authentication (--open)."""
+    opening = ["--open"] if open_ and kind in _AUTHENTICATING else []
+    cmd = [sys.executable, "-m", "linkedblob.cli", "serve", kind, "--port", "0", *opening, *args]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -101,8 +111,10 @@ def spawn(
 
 
 @contextmanager
-def running(kind: str, *args: str, env: dict[str, str] | None = None) -> Iterator[ServiceProcess]:
-    svc = spawn(kind, *args, env=env)
+def running(
+    kind: str, *args: str, env: dict[str, str] | None = None, open_: bool = True
+) -> Iterator[ServiceProcess]:
+    svc = spawn(kind, *args, env=env, open_=open_)
     try:
         yield svc
     finally:

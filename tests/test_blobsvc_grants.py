@@ -310,7 +310,7 @@ def test_without_a_secret_no_grant_is_needed(tmp_path: Path) -> None:
 
 def test_a_short_secret_is_refused_at_start(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "linkedblob.cli", "serve", "blob", "--port", "0"],
+        [sys.executable, "-m", "linkedblob.cli", "serve", "blob", "--port", "0", "--open"],
         env={**os.environ, "LINKEDBLOB_GRANT_SECRET": "short", "LINKEDBLOB_DATA": str(tmp_path)},
         capture_output=True,
         text=True,

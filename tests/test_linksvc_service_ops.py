@@ -200,7 +200,17 @@ def test_calls_are_counted_by_method_and_code(sqlite_url: str) -> None:
 def test_migrate_on_serve_refuses_a_database_a_newer_linksvc_migrated(db_url: str) -> None:
     """--migrate runs alembic in a child process; its failure still stops the server, with
     alembic's reason."""
-    cmd = [str(BIN / "linkedblob"), "serve", "link", "--port", "0", "--db", db_url, "--migrate"]
+    cmd = [
+        str(BIN / "linkedblob"),
+        "serve",
+        "link",
+        "--port",
+        "0",
+        "--open",
+        "--db",
+        db_url,
+        "--migrate",
+    ]
     with running("link", "--db", db_url, "--migrate"):
         pass  # migrated to head
     engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
@@ -216,7 +226,7 @@ def test_migrate_on_serve_refuses_a_database_a_newer_linksvc_migrated(db_url: st
 
 
 def test_serve_refuses_an_unmigrated_database(db_url: str) -> None:
-    cmd = [str(BIN / "linkedblob"), "serve", "link", "--port", "0", "--db", db_url]
+    cmd = [str(BIN / "linkedblob"), "serve", "link", "--port", "0", "--open", "--db", db_url]
     refused_run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert refused_run.returncode != 0
     assert "linkedblob migrate" in refused_run.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,3 +71,50 @@ def test_a_server_hands_freed_memory_back_once_quiet(tmp_path: Path) -> None:
         while svc.rss() > idle + grew // 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert svc.rss() <= idle + grew // 2, (idle // MiB, grew // MiB, svc.rss() // MiB)
+
+
+@pytest.mark.parametrize(
+    ("kind", "args"),
+    [
+        ("blob", ["--data", "{tmp}/blobs"]),
+        ("link", ["--db", "sqlite:///{tmp}/links.db", "--migrate"]),
+        ("gateway", []),
+    ],
+)
+def test_a_server_without_authentication_refuses_to_start_unless_open(
+    kind: str, args: list[str], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    argv = [a.format(tmp=tmp_path) for a in args]
+    cmd = [sys.executable, "-m", "linkedblob.cli", "serve", kind, "--port", "0", *argv]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LINKEDBLOB_")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "refusing to start without authentication" in done.stderr
+    assert "--open" in done.stderr
+    assert "Traceback" not in done.stderr
+    # The same server, told it may serve openly, starts.
+    with running(kind, *argv):
+        pass
+
+
+def test_up_refuses_a_non_loopback_address(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "linkedblob.cli",
+        "up",
+        "--host",
+        "0.0.0.0",
+        "--data",
+        str(tmp_path),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "refusing to serve on 0.0.0.0 without authentication" in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing was started or created
