@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextvars
 
+import grpc
+
 # "" until a service has authenticated the call (an open service never does).
 CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("linkedblob_caller", default="")
 
@@ -19,3 +21,11 @@ def set_caller(identity: str) -> None:
 
 def caller() -> str:
     return CALLER.get()
+
+
+def peer_identities(context: grpc.aio.ServicerContext) -> tuple[str, ...]:
+    """The identities of the client certificate the peer presented on this call's connection:
+    its subject alternative names (DNS, URI), else its common name, as gRPC's TLS reports them;
+    () without a client certificate (plaintext, or TLS without mTLS)."""
+    found = context.peer_identities()
+    return tuple(i.decode() if isinstance(i, bytes) else str(i) for i in found or ())
