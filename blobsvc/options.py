@@ -5,12 +5,24 @@ from __future__ import annotations
 import argparse
 
 from linkedblob.config import BLOB_PORT, add_option
+from linkedblob.peers import add_peer_options
 
 HELP = "the data plane: content-addressed bytes (linkedblob.blob.v1.BlobService)"
 DEFAULT_PORT = BLOB_PORT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_peer_options(parser)
+    add_option(
+        parser,
+        "--direct-port",
+        type=int,
+        default=-1,
+        help="a second port for clients holding grants (the gateway's --blob-public-addr "
+        "points here): TLS with --tls-cert but no client certificate, only Read, Write and "
+        "UploadStatus with a read or write grant; needs --tls-client-ca, an --allow-* list and "
+        "a grant secret. -1: none, 0 picks a free one",
+    )
     add_option(
         parser, "--data", default="data/blobs", help="root directory of the filesystem store"
     )

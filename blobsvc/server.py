@@ -8,9 +8,11 @@ import sys
 
 import grpc
 
+from blobsvc import roles
 from blobsvc.servicer import RAW_REQUESTS, RAW_RESPONSES, SERVICE_NAME, BlobServicer
 from blobsvc.storage import open_storage
 from blobsvc.store import BlobStore
+from linkedblob import peers, tls
 from linkedblob.blob.v1 import blob_pb2
 from linkedblob.grants import Signer
 from linkedblob.server import Service, add_handlers, run
@@ -45,6 +47,18 @@ def serve(args: argparse.Namespace) -> int | None:
     except ValueError as exc:
         print(f"linkedblob blob: --grant-secret: {exc}", file=sys.stderr)
         return 2
+    direct = args.direct_port >= 0
+    try:
+        credentials = tls.server_credentials_from_args(args)
+        authorizer = peers.authorizer_from_args(args, roles.TABLE, direct=direct)
+        if direct and signer is None:
+            raise peers.PeerConfigError("--direct-port needs a grant secret")
+    except ValueError as exc:
+        tls.exit_with("blob", exc)
+    # The direct port: server TLS only (the same files, no client certificate).
+    direct_credentials = (
+        tls.server_credentials(args.tls_cert, args.tls_key) if direct and credentials else None
+    )
     limit_malloc_arenas(MALLOC_ARENAS)
     storage = open_storage(args.storage, args.data, direct_io=args.direct_io == "auto")
     store = BlobStore(storage)
@@ -60,7 +74,10 @@ def serve(args: argparse.Namespace) -> int | None:
             register,
             on_stop=store.close,
             extra_options=GRPC_OPTIONS,
-            secured=signer is not None,
+            secured=signer is not None or authorizer is not None,
+            credentials=credentials,
+            interceptors=[authorizer] if authorizer else [],
+            listeners=[("direct", args.direct_port, direct_credentials)] if direct else [],
         ),
         args.host,
         args.port,

@@ -29,7 +29,7 @@ from collector.model import (
     StagedUpload,
     StoredBlob,
 )
-from linkedblob import grants, transport
+from linkedblob import grants, tls, transport
 from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
 from linkedblob.errors import LinkedBlobError, from_rpc_error
 from linkedblob.link.v1 import link_pb2, link_pb2_grpc
@@ -86,16 +86,22 @@ def _session(session: link_pb2.Session) -> Session:
 
 
 class _Channel:
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address, options=transport.channel_options())
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.channel = tls.channel(address, credentials, transport.channel_options())
 
     def close(self) -> None:
         self.channel.close()
 
 
 class GrpcLinkIndex(_Channel):
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        super().__init__(address)
+    def __init__(
+        self,
+        address: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        super().__init__(address, credentials)
         self._stub = link_pb2_grpc.LinkServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self._timeout = timeout
 
@@ -184,9 +190,14 @@ class GrpcLinkIndex(_Channel):
 
 class GrpcBlobStorage(_Channel):
     def __init__(
-        self, address: str, grant_secret: str = "", timeout: float = DEFAULT_TIMEOUT
+        self,
+        address: str,
+        grant_secret: str = "",
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        super().__init__(address)
+        super().__init__(address, credentials)
         self._stub = blob_pb2_grpc.BlobServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self._grant = grants.InternalGrant(grant_secret)
         self._timeout = timeout

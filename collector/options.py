@@ -15,6 +15,7 @@ from linkedblob.config import (
     add_duration_option,
     add_option,
 )
+from linkedblob.tls import add_client_tls_options
 
 HELP = "the garbage collector, every --interval (runner lock, metrics, health)"
 DEFAULT_PORT = GC_PORT
@@ -25,6 +26,7 @@ OWN_SERVER_OPTIONS = True
 def add_backends(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--link-addr", default=f"127.0.0.1:{LINK_PORT}", help="linksvc address")
     add_option(parser, "--blob-addr", default=f"127.0.0.1:{BLOB_PORT}", help="blobsvc address")
+    add_client_tls_options(parser)  # --backend-tls-ca/-cert/-key
     add_option(
         parser,
         "--grant-secret",

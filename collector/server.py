@@ -18,11 +18,13 @@ import signal
 import sys
 import threading
 
+import grpc
+
 from collector import metrics as gc_metrics
 from collector.grpc_backends import GrpcBlobStorage, GrpcLinkIndex
 from collector.runner import Options, Runner
 from collector.stats import ERROR, RunStats
-from linkedblob import metrics, server
+from linkedblob import metrics, server, tls
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,9 @@ def _run_once(runner: Runner) -> RunStats:
         return RunStats(outcome=ERROR, error=f"{type(exc).__name__}: {exc}")
 
 
-async def _main(args: argparse.Namespace, options: Options) -> None:
+async def _main(
+    args: argparse.Namespace, options: Options, credentials: grpc.ChannelCredentials | None = None
+) -> None:
     service = server.Service(name="gc", service_names=[], register=lambda _server: None)
     running = await server.start(service, args.host, args.port)
     if args.metrics_port >= 0:
@@ -65,8 +69,8 @@ async def _main(args: argparse.Namespace, options: Options) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
 
-    links = GrpcLinkIndex(args.link_addr)
-    blobs = GrpcBlobStorage(args.blob_addr, args.grant_secret)
+    links = GrpcLinkIndex(args.link_addr, credentials=credentials)
+    blobs = GrpcBlobStorage(args.blob_addr, args.grant_secret, credentials=credentials)
     runner = Runner(links, blobs, options, should_stop=stopping.is_set)
     log.info(
         "gc every %.0fs (grace %.0fs, upload expiry %.0fs) as %s",
@@ -93,12 +97,13 @@ async def _main(args: argparse.Namespace, options: Options) -> None:
 def serve(args: argparse.Namespace) -> int:
     try:
         options = options_from(args)
+        credentials = tls.client_credentials_from_args(args)
     except ValueError as exc:
         print(f"linkedblob serve gc: {exc}", file=sys.stderr)
         return 2
     try:
         with asyncio.Runner(loop_factory=server.event_loop_factory()) as runner:
-            runner.run(_main(args, options))
+            runner.run(_main(args, options, credentials))
     except OSError as exc:
         print(f"linkedblob gc: {exc}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ from gateway.grpc_calls import (
     channel_failure,
 )
 from gateway.model import BlobDescriptor, CommitSpec, IncomingData, OutgoingData, Written
-from linkedblob import metrics, transport, wire
+from linkedblob import metrics, tls, transport, wire
 from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
 from linkedblob.errors import LinkedBlobError, Reason, from_rpc_error
 
@@ -44,14 +44,16 @@ class GrpcBlobBackend:
         metadata: Callable[[], Metadata | None],
         *,
         final_status_wait: float = FINAL_STATUS_WAIT,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         """Opens the channel (lazily connected; must run inside the server's event loop).
         ``metadata`` gives every call's metadata: the gateway's internal grant, if any.
         ``final_status_wait``: how long a failed send of a Write waits for the status blobsvc
-        ends the call with (gateway.grpc_calls.WriteCall)."""
+        ends the call with (gateway.grpc_calls.WriteCall). ``credentials``: TLS (None:
+        plaintext)."""
         self._final_status_wait = final_status_wait
-        self._channel = grpc.aio.insecure_channel(
-            address, options=[*transport.channel_options(), *transport.bounded_windows()]
+        self._channel = tls.aio_channel(
+            address, credentials, [*transport.channel_options(), *transport.bounded_windows()]
         )
         self._stub = blob_pb2_grpc.BlobServiceStub(self._channel)  # type: ignore[no-untyped-call]
         # Read: a ReadRequest in, serialized ReadResponses out.

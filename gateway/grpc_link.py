@@ -12,7 +12,7 @@ import grpc
 
 from gateway.grpc_calls import answer
 from gateway.model import BlobDescriptor, Lease, LinkedBlob, Page, SessionState, UploadSession
-from linkedblob import transport
+from linkedblob import tls, transport
 from linkedblob.link.v1 import link_pb2, link_pb2_grpc
 
 _STATES = {
@@ -39,10 +39,11 @@ def _session(session: link_pb2.Session) -> UploadSession:
 
 
 class GrpcLinkBackend:
-    def __init__(self, address: str) -> None:
-        """Opens the channel (lazily connected; must run inside the server's event loop)."""
-        self._channel = grpc.aio.insecure_channel(
-            address, options=[*transport.channel_options(), *transport.bounded_windows()]
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """Opens the channel (lazily connected; must run inside the server's event loop);
+        ``credentials``: TLS (None: plaintext)."""
+        self._channel = tls.aio_channel(
+            address, credentials, [*transport.channel_options(), *transport.bounded_windows()]
         )
         self._stub = link_pb2_grpc.LinkServiceStub(self._channel)  # type: ignore[no-untyped-call]
 

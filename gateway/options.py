@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from linkedblob.config import BLOB_PORT, GATEWAY_PORT, LINK_PORT, add_option
+from linkedblob.tls import add_client_tls_options
 
 HELP = "the public API (linkedblob.v1.Registry)"
 DEFAULT_PORT = GATEWAY_PORT
@@ -23,6 +24,7 @@ MAX_LEASE_TTL = 86_400.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--blob-addr", default=f"127.0.0.1:{BLOB_PORT}", help="blobsvc address")
     add_option(parser, "--link-addr", default=f"127.0.0.1:{LINK_PORT}", help="linksvc address")
+    add_client_tls_options(parser)  # --backend-tls-ca/-cert/-key
     add_option(
         parser,
         "--enable-delete",
@@ -41,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "--blob-public-addr",
         default="",
-        help="blobsvc's address as clients reach it, handed out with grants (default: --blob-addr)",
+        help="blobsvc's address as clients reach it, handed out with grants (default: "
+        "--blob-addr); with mTLS at blobsvc, its --direct-port",
     )
     add_option(
         parser,

@@ -16,6 +16,7 @@ from gateway.options import MAX_LEASE_TTL
 from gateway.registry import Registry
 from gateway.servicer import RegistryServicer
 from gateway.uploads import Uploads
+from linkedblob import tls
 from linkedblob.server import Service, add_handlers, run
 from linkedblob.server import method_handlers as server_method_handlers
 from linkedblob.transport import bounded_windows
@@ -64,14 +65,19 @@ def serve(args: argparse.Namespace) -> int | None:
             file=sys.stderr,
         )
         return 2
+    try:
+        server_tls = tls.server_credentials_from_args(args)
+        backend_tls = tls.client_credentials_from_args(args)
+    except ValueError as exc:
+        tls.exit_with("gateway", exc)
     cache: LinkCache[LinkedBlob] = LinkCache(args.link_cache_ttl, args.link_cache_size)
     opened: list[GrpcBlobBackend | GrpcLinkBackend] = []
     registries: list[Registry] = []
 
     def register(server: grpc.aio.Server) -> None:
         # Runs inside the server's event loop, where aio channels must be created.
-        blobs = GrpcBlobBackend(args.blob_addr, grants.internal_metadata)
-        links = GrpcLinkBackend(args.link_addr)
+        blobs = GrpcBlobBackend(args.blob_addr, grants.internal_metadata, credentials=backend_tls)
+        links = GrpcLinkBackend(args.link_addr, backend_tls)
         opened.extend((blobs, links))
         cached_links = CachedLinks(links, cache)
         registry = Registry(
@@ -89,8 +95,10 @@ def serve(args: argparse.Namespace) -> int | None:
         for backend in opened:
             await backend.close()
 
+    service = Service("gateway", [SERVICE_NAME], register, on_stop, _server_windows())
+    service.credentials = server_tls
     run(
-        Service("gateway", [SERVICE_NAME], register, on_stop, _server_windows()),
+        service,
         args.host,
         args.port,
         args.grace,

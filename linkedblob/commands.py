@@ -69,6 +69,18 @@ def _command(
 ) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
     add_option(parser, "--addr", default=DEFAULT_ADDR, help="gateway address")
+    add_option(parser, "--tls", action="store_true", help="reach the gateway over TLS")
+    add_option(
+        parser, "--ca", default="", help="PEM CA bundle the gateway's certificate chains to (TLS)"
+    )
+    add_option(parser, "--cert", default="", help="PEM client certificate (TLS)")
+    add_option(parser, "--key", default="", help="PEM private key of --cert")
+    add_option(
+        parser,
+        "--token",
+        default="",
+        help="bearer token sent on every call (over TLS, or in clear to a loopback address)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         try:
@@ -80,12 +92,21 @@ def _command(
         except OSError as e:
             print(f"linkedblob {name}: {e}", file=sys.stderr)
             return 1
+        except ValueError as e:  # TLS files or a token the client cannot use
+            print(f"linkedblob {name}: {e}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             return 130
         return 0
 
     parser.set_defaults(handler=run)
     return parser
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(
+        args.addr, tls=args.tls, ca=args.ca, cert=args.cert, key=args.key, token=args.token
+    )
 
 
 def _print_descriptor(desc: Descriptor) -> None:
@@ -112,7 +133,7 @@ def _progress(total: int | None, desc: str) -> Iterator[Progress]:
 
 
 def _push(args: argparse.Namespace) -> None:
-    with Client(args.addr) as client:
+    with _client(args) as client:
         if args.file == "-":
             if args.resumable:
                 raise OSError("--resumable needs a file, not stdin")
@@ -142,7 +163,7 @@ def _push(args: argparse.Namespace) -> None:
 
 def _pull(args: argparse.Namespace) -> None:
     to_stdout = args.output == "-"
-    with Client(args.addr) as client:
+    with _client(args) as client:
         size = client.stat(args.repository, args.digest).size
         total = max(size - args.offset, 0) if args.length == 0 else args.length
         with _progress(min(total, max(size - args.offset, 0)), "pull") as progress:
@@ -159,18 +180,18 @@ def _pull(args: argparse.Namespace) -> None:
 
 
 def _stat(args: argparse.Namespace) -> None:
-    with Client(args.addr) as client:
+    with _client(args) as client:
         _print_descriptor(client.stat(args.repository, args.digest))
 
 
 def _mount(args: argparse.Namespace) -> None:
-    with Client(args.addr) as client:
+    with _client(args) as client:
         desc = client.mount(args.repository, args.digest, from_repository=args.source)
     print(desc.digest)
 
 
 def _ls(args: argparse.Namespace) -> None:
-    with Client(args.addr) as client:
+    with _client(args) as client:
         if args.repository:
             for desc in client.list_blobs(args.repository, page_size=1000):
                 _print_descriptor(desc)
@@ -180,5 +201,5 @@ def _ls(args: argparse.Namespace) -> None:
 
 
 def _rm(args: argparse.Namespace) -> None:
-    with Client(args.addr) as client:
+    with _client(args) as client:
         client.delete(args.repository, args.digest)

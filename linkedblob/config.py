@@ -77,6 +77,20 @@ def add_server_options(parser: argparse.ArgumentParser, default_port: int) -> No
         "server with no authentication configured refuses to start (`linkedblob up` passes it "
         "on loopback)",
     )
+    # TLS (linkedblob.tls): the files are re-read when they change.
+    add_option(
+        parser,
+        "--tls-cert",
+        default="",
+        help="PEM certificate (chain) to serve TLS with; re-read when the file changes",
+    )
+    add_option(parser, "--tls-key", default="", help="PEM private key of --tls-cert")
+    add_option(
+        parser,
+        "--tls-client-ca",
+        default="",
+        help="PEM CA bundle: require client certificates it signed (mTLS)",
+    )
 
 
 # The port of `linkedblob serve gc` (gRPC health only).

@@ -100,6 +100,24 @@ class Service:
     # Whether the service authenticates its callers as configured; one that does not starts
     # only when told it may serve openly (--open).
     secured: bool = False
+    # TLS (linkedblob.tls); None serves plaintext.
+    credentials: grpc.ServerCredentials | None = None
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    # More ports on the same server: (name, port, credentials or None), e.g. blobsvc's direct
+    # port; each gets its own ready line, `linkedblob NAME listening on HOST:PORT`, first.
+    listeners: Sequence[tuple[str, int, grpc.ServerCredentials | None]] = ()
+
+
+def _listen(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    return bound
 
 
 @dataclass
@@ -108,6 +126,7 @@ class RunningServer:
     health: Any  # grpc_health.v1.health.aio.HealthServicer
     port: int
     service: Service
+    listener_ports: dict[str, int] = field(default_factory=dict)
 
     async def stop(self, grace: float | None) -> None:
         """Reports NOT_SERVING, stops taking calls, drains in-flight ones for up to ``grace``."""
@@ -118,20 +137,25 @@ class RunningServer:
 
 
 async def start(service: Service, host: str, port: int) -> RunningServer:
-    server = grpc.aio.server(options=server_options() + service.extra_options)
+    server = grpc.aio.server(
+        options=server_options() + service.extra_options,
+        interceptors=list(service.interceptors) or None,
+    )
     service.register(server)
     health_servicer = AioHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = _listen(server, f"{host}:{port}", service.credentials)
+    listener_ports = {
+        name: _listen(server, f"{host}:{extra_port}", credentials)
+        for name, extra_port, credentials in service.listeners
+    }
     await server.start()
     for name in ("", *service.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, health_servicer, bound, service)
+    return RunningServer(server, health_servicer, bound, service, listener_ports)
 
 
 async def serve_until_signalled(
@@ -142,6 +166,8 @@ async def serve_until_signalled(
         mport = metrics.start_http(host, metrics_port)
         log.info("metrics on http://%s:%d/metrics", host, mport)
     display_host = f"[{host}]" if ":" in host else host
+    for name, extra_port in running.listener_ports.items():
+        print(f"linkedblob {name} listening on {display_host}:{extra_port}", flush=True)
     print(f"linkedblob {service.name} listening on {display_host}:{running.port}", flush=True)
     loop = asyncio.get_running_loop()
     log.info(

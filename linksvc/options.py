@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 
 from linkedblob.config import LINK_PORT, add_option
+from linkedblob.peers import add_peer_options
 
 HELP = "the metadata plane: links, blob index, upload sessions (linkedblob.link.v1.LinkService)"
 DEFAULT_PORT = LINK_PORT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_peer_options(parser)
     add_option(
         parser,
         "--db",

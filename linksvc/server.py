@@ -12,9 +12,10 @@ import sys
 import grpc
 import sqlalchemy as sa
 
+from linkedblob import peers, tls
 from linkedblob.link.v1 import link_pb2_grpc
 from linkedblob.server import Service, run
-from linksvc import migrate
+from linksvc import migrate, roles
 from linksvc.database import Database, safe_url
 from linksvc.servicer import SERVICE_NAME, LinkServicer
 
@@ -22,6 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def serve(args: argparse.Namespace) -> int | None:
+    try:
+        credentials = tls.server_credentials_from_args(args)
+        authorizer = peers.authorizer_from_args(args, roles.TABLE)
+    except ValueError as exc:
+        tls.exit_with("link", exc)
     shown = safe_url(args.db)
     try:
         if args.migrate:
@@ -65,7 +71,15 @@ def serve(args: argparse.Namespace) -> int | None:
         await asyncio.to_thread(db.close)
 
     run(
-        Service("link", [SERVICE_NAME], register, on_stop=on_stop),
+        Service(
+            "link",
+            [SERVICE_NAME],
+            register,
+            on_stop=on_stop,
+            secured=authorizer is not None,
+            credentials=credentials,
+            interceptors=[authorizer] if authorizer else [],
+        ),
         args.host,
         args.port,
         args.grace,

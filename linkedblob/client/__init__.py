@@ -35,6 +35,7 @@ and calls), :mod:`.direct` (grants and blobsvc channels), :mod:`.uploads`, :mod:
 """
 
 from linkedblob.client.api import ADDR_ENV, DEFAULT_ADDR, MALLOC_TUNING_ENV, Client
+from linkedblob.client.channels import Security
 from linkedblob.client.errors import ClientError, DigestMismatchError
 from linkedblob.client.model import (
     Chunks,
@@ -63,6 +64,7 @@ __all__ = [
     "DigestMismatchError",
     "DirectGrant",
     "Progress",
+    "Security",
     "Source",
     "Upload",
 ]

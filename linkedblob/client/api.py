@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import grpc
 
 from linkedblob import tuning
-from linkedblob.client.channels import Gateway
+from linkedblob.client.channels import Gateway, Security
 from linkedblob.client.direct import DirectPath
 from linkedblob.client.errors import ClientError, is_deleting
 from linkedblob.client.model import Descriptor, Destination, DirectGrant, Progress, Source, Upload
@@ -45,6 +45,14 @@ class Client:
     once (a process can hand it back with :func:`linkedblob.tuning.release_free_memory`).
     ``malloc_tuning=False``, or LINKEDBLOB_MALLOC_TUNING=0 in the environment, leaves malloc as
     it is. A no-op off glibc.
+
+    Security (each from the environment when not given): ``tls`` (LINKEDBLOB_TLS) reaches the
+    gateway over TLS, checked against the roots in ``ca`` (LINKEDBLOB_CA; empty: the system's);
+    ``cert`` and ``key`` (LINKEDBLOB_CERT, LINKEDBLOB_KEY) present a client certificate; a
+    ``ca``, ``cert`` or ``key`` implies TLS. ``token`` (LINKEDBLOB_TOKEN) is sent as
+    ``authorization: Bearer <token>`` on every gateway call, over TLS, or in plain text only to
+    a loopback address (ValueError otherwise). The direct path to blobsvc uses TLS with the
+    same roots when the gateway channel does.
     """
 
     def __init__(
@@ -56,6 +64,11 @@ class Client:
         chunk_size: int = STREAM_CHUNK_BYTES,
         direct: bool = True,
         malloc_tuning: bool | None = None,
+        tls: bool | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        token: str | None = None,
     ) -> None:
         if not 0 < chunk_size <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_size must be 1-{MAX_CHUNK_BYTES}")
@@ -64,7 +77,8 @@ class Client:
             malloc_tuning = setting not in ("0", "false", "no", "off")
         if malloc_tuning:
             tuning.tune_malloc()  # once per process
-        self._gateway = Gateway(addr or os.environ.get(ADDR_ENV) or DEFAULT_ADDR, timeout)
+        security = Security.resolve(tls, ca, cert, key, token)
+        self._gateway = Gateway(addr or os.environ.get(ADDR_ENV) or DEFAULT_ADDR, timeout, security)
         self._direct = DirectPath(self._gateway, enabled=direct, chunk_size=chunk_size)
         self._uploads = Uploads(self._gateway, self._direct, chunk_size)
         self._pusher = Pusher(

@@ -4,13 +4,17 @@ stream that is not read to its end is ended."""
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 
 from linkedblob.client.errors import rpc_errors
 from linkedblob.client.model import Descriptor, Upload
+from linkedblob.tls import channel_credentials
 from linkedblob.transport import PUSH_BLOB, READ_BLOB, WRITE_UPLOAD, ChannelOptions, channel_options
 from linkedblob.v1 import registry_pb2, registry_pb2_grpc
 
@@ -25,14 +29,138 @@ def client_channel_options(*extra: tuple[str, int | str]) -> ChannelOptions:
     return [*channel_options(max_reconnect_backoff_ms=1_000), *extra]
 
 
+# The client's security settings, from the environment when not given.
+TLS_ENV = "LINKEDBLOB_TLS"
+CA_ENV = "LINKEDBLOB_CA"
+CERT_ENV = "LINKEDBLOB_CERT"
+KEY_ENV = "LINKEDBLOB_KEY"
+TOKEN_ENV = "LINKEDBLOB_TOKEN"
+
+
+@dataclass(frozen=True)
+class Security:
+    """How the client reaches the gateway: TLS (``ca``: the roots its certificate chains to,
+    empty for the system's; ``cert`` and ``key``: a client certificate), and a bearer token
+    sent as ``authorization: Bearer <token>`` on every call. A ``ca``, ``cert`` or ``key``
+    implies TLS. The direct path to blobsvc uses TLS with the same roots when this does."""
+
+    tls: bool = False
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    token: str = ""
+
+    @classmethod
+    def resolve(
+        cls,
+        tls: bool | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        token: str | None = None,
+    ) -> Security:
+        """Each setting not given (None) from LINKEDBLOB_TLS, _CA, _CERT, _KEY, _TOKEN."""
+        env = os.environ
+        if tls is None:
+            tls = env.get(TLS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        ca = env.get(CA_ENV, "") if ca is None else ca
+        cert = env.get(CERT_ENV, "") if cert is None else cert
+        key = env.get(KEY_ENV, "") if key is None else key
+        token = env.get(TOKEN_ENV, "") if token is None else token
+        return cls(tls or bool(ca or cert or key), ca, cert, key, token.strip())
+
+
+class _Metadata(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: Any
+    compression: Any
+
+
+class _TokenMetadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization`` to every call: the token on a plaintext loopback channel, where
+    gRPC refuses call credentials."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._entry]
+        return _Metadata(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def _loopback(addr: str) -> bool:
+    host = addr.rsplit(":", 1)[0] if ":" in addr else addr
+    host = host.removeprefix("ipv4:").removeprefix("ipv6:").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def gateway_channel(addr: str, security: Security) -> grpc.Channel:
+    """The channel to the gateway that ``security`` asks for. A token on a plaintext channel
+    only to a loopback address (ValueError otherwise: it would cross the network in clear)."""
+    options = client_channel_options()
+    if security.tls:
+        credentials = channel_credentials(security.ca, security.cert, security.key)
+        if security.token:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(security.token)
+            )
+        return grpc.secure_channel(addr, credentials, options=options)
+    channel = grpc.insecure_channel(addr, options=options)
+    if not security.token:
+        return channel
+    if not _loopback(addr):
+        channel.close()
+        raise ValueError(f"a token is sent to {addr} only over TLS (--tls, LINKEDBLOB_TLS)")
+    return grpc.intercept_channel(channel, _TokenMetadata(security.token))
+
+
 class Gateway:
     """One channel to the gateway; safe to share between threads. Each unary call is bounded by
     ``timeout`` and raises ClientError."""
 
-    def __init__(self, addr: str, timeout: float | None) -> None:
+    def __init__(self, addr: str, timeout: float | None, security: Security | None = None) -> None:
         self.addr = addr
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(addr, options=client_channel_options())
+        self.security = security or Security()
+        self.channel = gateway_channel(addr, self.security)
+        # The direct path's TLS to blobsvc: the same roots, no token (None: plaintext).
+        self.blobsvc_credentials = (
+            channel_credentials(self.security.ca, self.security.cert, self.security.key)
+            if self.security.tls
+            else None
+        )
         self.stub = registry_pb2_grpc.RegistryStub(self.channel)
         # The byte streams, with their data messages built and read without protobuf objects.
         self.push_blob = self.channel.stream_unary(

@@ -16,7 +16,7 @@ import time
 import grpc
 import grpc.experimental
 
-from linkedblob import wire
+from linkedblob import tls, wire
 from linkedblob.blob.v1 import blob_pb2
 from linkedblob.client.channels import Gateway, client_channel_options, end_read
 from linkedblob.client.errors import ClientError
@@ -48,11 +48,9 @@ class BlobsvcChannel:
     restarting); one that never did is given up at its first refusal.
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(
-            address, options=client_channel_options(READ_IN_CALLER)
-        )
+        self.channel = tls.channel(address, credentials, client_channel_options(READ_IN_CALLER))
         self.read = self.channel.unary_stream(
             BLOB_READ,
             request_serializer=blob_pb2.ReadRequest.SerializeToString,
@@ -158,7 +156,9 @@ class DirectPath:
         with self._blobsvcs_lock:
             blobsvc = self._blobsvcs.get(address)
             if blobsvc is None:
-                blobsvc = self._blobsvcs[address] = BlobsvcChannel(address)
+                blobsvc = self._blobsvcs[address] = BlobsvcChannel(
+                    address, self.gateway.blobsvc_credentials
+                )
             return blobsvc
 
     # --- grants -------------------------------------------------------------------------------
