@@ -537,3 +537,40 @@ def test_a_client_key_without_its_certificate_is_refused(pki: Pki) -> None:
         Client("127.0.0.1:1", tls=True, key=pki.path("gateway.key"))
     with pytest.raises(ValueError):
         Client("127.0.0.1:1", ca=pki.path("nope.pem"))
+
+
+class _MetadataRecorder(grpc.GenericRpcHandler):
+    """A stand-in gateway that records each call's metadata and answers StatBlob."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        from linkedblob.v1 import registry_pb2
+
+        def stat(request: bytes, context: grpc.ServicerContext) -> bytes:
+            self.seen.append({k: v for k, v in context.invocation_metadata()})  # type: ignore[misc]
+            return registry_pb2.Descriptor(digest=DIGEST, size=1).SerializeToString()
+
+        return grpc.unary_unary_rpc_method_handler(stat)
+
+
+@pytest.mark.parametrize("over_tls", [True, False])
+def test_the_token_is_sent_as_bearer_authorization(pki: Pki, over_tls: bool) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    recorder = _MetadataRecorder()
+    server = grpc.server(ThreadPoolExecutor(2), handlers=[recorder])
+    if over_tls:
+        creds = grpc.ssl_server_credentials([(pki.read("server.key"), pki.read("server.pem"))])
+        port = server.add_secure_port("127.0.0.1:0", creds)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        options = {"tls": True, "ca": pki.path("ca.pem")} if over_tls else {}
+        with Client(f"127.0.0.1:{port}", token="t0ken", **options) as client:  # type: ignore[arg-type]
+            assert client.stat("any/repo", DIGEST).size == 1
+        assert recorder.seen[-1].get("authorization") == "Bearer t0ken"
+    finally:
+        server.stop(None)
