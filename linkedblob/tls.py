@@ -60,7 +60,6 @@ class CertificateFiles:
         self.cert, self.key, self.client_ca = cert, key, client_ca
         self._lock = threading.Lock()
         self._stamp = self._stamps()
-        self.loads = 0  # how many configurations were read (the first one included)
 
     def _paths(self) -> tuple[str, ...]:
         return (self.cert, self.key, self.client_ca) if self.client_ca else (self.cert, self.key)
@@ -82,7 +81,6 @@ class CertificateFiles:
         key = _read(self.key, "--tls-key")
         ca = _read(self.client_ca, "--tls-client-ca") if self.client_ca else None
         _check_pair(self.cert, self.key)
-        self.loads += 1
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:

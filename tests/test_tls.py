@@ -303,6 +303,28 @@ def test_allow_lists_without_a_client_ca_refuse_to_start(pki: Pki, tmp_path: Pat
         timeout=60,
     )
     assert done.returncode == 2 and "missing.pem" in done.stderr, done
+    # A direct port needs mTLS with allow lists (else every call there would pass unchecked).
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "linkedblob.cli",
+            "serve",
+            "blob",
+            "--port",
+            "0",
+            "--open",
+            "--storage",
+            "memory",
+            *pki.server_args(client_ca=False),
+            "--direct-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--direct-port" in done.stderr, done
 
 
 # --- (d) certificate reload -----------------------------------------------------------------------
@@ -331,6 +353,15 @@ def test_a_renewed_certificate_serves_new_connections(pki: Pki, tmp_path: Path) 
             assert health(new) == health_pb2.HealthCheckResponse.SERVING
         assert health(old) == health_pb2.HealthCheckResponse.SERVING  # still connected
         old.close()
+        # Caught between its two writes (a certificate whose key is not there yet): the
+        # server keeps the last good pair, and takes the new one once it is whole.
+        third = pki.ca.issue_cert("localhost", "127.0.0.1", common_name="third")
+        third.cert_chain_pems[0].write_to_path(str(tmp_path / "new.crt"))
+        os.replace(tmp_path / "new.crt", cert)
+        assert "CN=second" in served_subject(link.address)
+        third.private_key_pem.write_to_path(str(tmp_path / "new.key"))
+        os.replace(tmp_path / "new.key", key)
+        assert "CN=third" in served_subject(link.address)
 
 
 # --- (c) the whole stack with mTLS, (e) the CLI ---------------------------------------------------
