@@ -605,3 +605,24 @@ def test_the_token_is_sent_as_bearer_authorization(pki: Pki, over_tls: bool) -> 
         assert recorder.seen[-1].get("authorization") == "Bearer t0ken"
     finally:
         server.stop(None)
+
+
+def test_grpcurl_over_tls_and_mtls(pki: Pki, stack: SecureStack) -> None:
+    grpcurl = str(Path(sys.executable).parent / "grpcurl")
+    ca = ["-cacert", pki.path("ca.pem")]
+    listed = subprocess.run(
+        [grpcurl, *ca, "-H", "authorization: Bearer t0ken", stack.gateway.address, "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0 and "linkedblob.v1.Registry" in listed.stdout, listed
+    mtls = [*ca, "-cert", pki.path("gateway.pem"), "-key", pki.path("gateway.key")]
+    listed = subprocess.run(
+        [grpcurl, *mtls, stack.link.address, "list"], capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0 and "linkedblob.link.v1.LinkService" in listed.stdout, listed
+    listed = subprocess.run(
+        [grpcurl, *ca, stack.link.address, "list"], capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode != 0  # no client certificate, no handshake
