@@ -205,6 +205,9 @@ def test_wrong_role_is_denied_and_the_right_role_allowed(
             "ListStaleSessions",
             GATEWAY_ID,
         )
+        # The refused Link changed nothing.
+        victim = link_pb2.ListLinksRequest(repository="victim/repo")
+        assert not links.ListLinks(victim, timeout=10).blobs
         links.ListRepositories(link_pb2.ListRepositoriesRequest(), timeout=10)
         # Link is the gateway's: the refusal now is linksvc's own (no lease), not the peer's.
         err = refused(lambda: links.Link(link_request, timeout=10))
