@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from gateway.auth import config as auth_config
 from linkedblob.config import BLOB_PORT, GATEWAY_PORT, LINK_PORT, add_option
 
 HELP = "the public API (linkedblob.v1.Registry)"
@@ -74,3 +75,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"is linked (at most {MAX_LEASE_TTL:.0f}); a commit that takes longer is answered "
         "ABORTED and pushed again",
     )
+    auth_config.add_arguments(parser)

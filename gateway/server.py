@@ -7,6 +7,7 @@ import sys
 
 import grpc
 
+from gateway.auth.config import AuthConfigError, build_access
 from gateway.direct import GrantIssuer
 from gateway.grpc_blob import GrpcBlobBackend
 from gateway.grpc_link import GrpcLinkBackend
@@ -64,6 +65,11 @@ def serve(args: argparse.Namespace) -> int | None:
             file=sys.stderr,
         )
         return 2
+    try:
+        access = build_access(args)
+    except AuthConfigError as exc:
+        print(f"linkedblob gateway: {exc}", file=sys.stderr)
+        return 2
     cache: LinkCache[LinkedBlob] = LinkCache(args.link_cache_ttl, args.link_cache_size)
     opened: list[GrpcBlobBackend | GrpcLinkBackend] = []
     registries: list[Registry] = []
@@ -79,7 +85,7 @@ def serve(args: argparse.Namespace) -> int | None:
         )
         registries.append(registry)
         uploads = Uploads(blobs, cached_links, lease_ttl=args.lease_ttl)
-        servicer = RegistryServicer(registry, uploads, grants)
+        servicer = RegistryServicer(registry, uploads, grants, access)
         add_registry(servicer, server)
 
     async def on_stop() -> None:
@@ -90,7 +96,14 @@ def serve(args: argparse.Namespace) -> int | None:
             await backend.close()
 
     run(
-        Service("gateway", [SERVICE_NAME], register, on_stop, _server_windows()),
+        Service(
+            "gateway",
+            [SERVICE_NAME],
+            register,
+            on_stop,
+            _server_windows(),
+            secured=access.secured,
+        ),
         args.host,
         args.port,
         args.grace,
