@@ -187,6 +187,22 @@ def test_within_the_leeway_a_token_is_still_valid(verifier: TokenVerifier, rsa_k
     assert verifier.verify(token).subject == "s"
 
 
+def test_a_remembered_token_is_refused_once_it_expires(rsa_key: Any, tmp_path: Path) -> None:
+    path = tmp_path / "k.pem"
+    path.write_bytes(pem(rsa_key))
+    verifier = TokenVerifier(load_keys([str(path)]), ISS, AUD, leeway=0)
+    expires = int(time.time()) + 2
+    token = jwt.encode(claims(exp=expires, nbf=None), rsa_key, algorithm="RS256")
+    assert verifier.verify(token).subject == "s"
+    assert verifier.verify(token).subject == "s"  # remembered
+    while time.time() < expires + 0.1:
+        time.sleep(0.1)
+    with pytest.raises(TokenError, match="expired"):
+        verifier.verify(token)
+    with pytest.raises(TokenError, match="expired"):
+        verifier.verify(token)  # a refusal is never remembered as valid
+
+
 def test_algorithms_that_do_not_suit_the_key_are_refused(
     verifier: TokenVerifier, rsa_key: Any
 ) -> None:

@@ -24,6 +24,8 @@ import base64
 import hashlib
 import json
 import re
+import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,9 @@ ACTIONS = frozenset({"pull", "push", "delete"})
 DEFAULT_LEEWAY = 30.0
 # A token longer than this is refused before it is parsed.
 MAX_TOKEN_LENGTH = 16 * 1024
+# Tokens verified lately, remembered (by their SHA-256) until they expire: a client sends the
+# same token on every call, and a signature check costs more than a small call itself.
+VERIFIED_CACHE_SIZE = 4096
 
 _RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
@@ -233,6 +238,8 @@ class TokenVerifier:
         self.issuer = issuer
         self.audience = audience
         self._leeway = leeway
+        # sha256(token) -> (claims, the time after which it is no longer accepted)
+        self._verified: OrderedDict[bytes, tuple[TokenClaims, float]] = OrderedDict()
 
     def _candidates(self, header: Mapping[str, Any]) -> list[VerificationKey]:
         alg = header.get("alg")
@@ -254,6 +261,20 @@ class TokenVerifier:
         """The verified claims; TokenError saying why the token is refused."""
         if len(token) > MAX_TOKEN_LENGTH:
             raise TokenError("the token is too long")
+        key = hashlib.sha256(token.encode()).digest()
+        remembered = self._verified.get(key)
+        if remembered is not None:
+            if time.time() < remembered[1]:
+                self._verified.move_to_end(key)
+                return remembered[0]
+            del self._verified[key]  # expired since: verified again, and refused as expired
+        claims, expires = self._verify(token)
+        self._verified[key] = (claims, expires + self._leeway)
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return claims
+
+    def _verify(self, token: str) -> tuple[TokenClaims, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError:
@@ -289,5 +310,6 @@ class TokenVerifier:
             if not isinstance(subject, str):
                 raise TokenError("the token's sub claim is not a string")
             repositories, catalog = _access(claims.get("access"))
-            return TokenClaims(subject, repositories, catalog)
+            # A token not valid yet was refused above (nbf), so only exp bounds its reuse.
+            return TokenClaims(subject, repositories, catalog), float(claims["exp"])
         raise TokenError("the token's signature does not verify with any configured key")
