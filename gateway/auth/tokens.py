@@ -145,7 +145,7 @@ def _pem_keys(data: bytes, source: str) -> list[VerificationKey]:
         try:
             if kind == "CERTIFICATE":
                 key: object = x509.load_pem_x509_certificate(block.group(0)).public_key()
-            elif kind == "PUBLIC KEY":
+            elif kind in ("PUBLIC KEY", "RSA PUBLIC KEY"):
                 key = serialization.load_pem_public_key(block.group(0))
             elif "PRIVATE KEY" in kind:
                 raise KeyFileError(f"{source}: holds a private key; give the public key")
