@@ -391,8 +391,8 @@ def test_the_filtered_catalog_bounds_its_work_and_its_tokens_stay_valid(
 # --- linksvc's ListLinkingRepositories ---------------------------------------------------------
 
 
-def test_linksvc_lists_the_repositories_linking_a_digest(tmp_path: Path) -> None:
-    with running("link", "--db", f"sqlite:///{tmp_path / 'l.db'}", "--migrate") as link:
+def test_linksvc_lists_the_repositories_linking_a_digest(db_url: str) -> None:
+    with running("link", "--db", db_url, "--migrate") as link:
         stub = link_pb2_grpc.LinkServiceStub(link.channel())  # type: ignore[no-untyped-call]
         digest = "sha256:" + secrets.token_hex(32)
         lease = stub.Lease(link_pb2.LeaseRequest(digest=digest, ttl_seconds=60))
