@@ -132,6 +132,13 @@ class LinkBackend(Protocol):
 
     async def list_repositories(self, page_size: int, page_token: str) -> Page[str]: ...
 
+    async def list_linking_repositories(
+        self, digest: str, page_size: int, page_token: str
+    ) -> Page[str]:
+        """The repositories that link ``digest``, in name order, paged (an unknown digest: an
+        empty page)."""
+        ...
+
     async def create_session(self, repository: str) -> UploadSession: ...
 
     async def get_session(self, upload_id: str) -> UploadSession:

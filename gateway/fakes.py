@@ -359,6 +359,15 @@ class FakeLinkBackend:
         page, more = self._page(names, page_size)
         return Page(page, paging.encode_page_token("repositories", "", page[-1]) if more else "")
 
+    async def list_linking_repositories(
+        self, digest: str, page_size: int, page_token: str
+    ) -> Page[str]:
+        self.failures.check("list_linking_repositories")
+        after = paging.decode_page_token(page_token, "linking", digest, validate_repository)
+        names = sorted(r for r, d in self.links if d == digest and r > after)
+        page, more = self._page(names, page_size)
+        return Page(page, paging.encode_page_token("linking", digest, page[-1]) if more else "")
+
     @staticmethod
     def _page(keys: list[str], page_size: int) -> tuple[list[str], bool]:
         size = paging.page_size(page_size)

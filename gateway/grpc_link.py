@@ -135,6 +135,17 @@ class GrpcLinkBackend:
         )
         return Page(list(names.repositories), names.next_page_token)
 
+    async def list_linking_repositories(
+        self, digest: str, page_size: int, page_token: str
+    ) -> Page[str]:
+        names = await answer(
+            self._stub.ListLinkingRepositories,
+            link_pb2.ListLinkingRepositoriesRequest(
+                digest=digest, page_size=page_size, page_token=page_token
+            ),
+        )
+        return Page(list(names.repositories), names.next_page_token)
+
     async def create_session(self, repository: str) -> UploadSession:
         session = await answer(
             self._stub.CreateSession, link_pb2.CreateSessionRequest(repository=repository)

@@ -175,6 +175,11 @@ class CachedLinks:
     async def list_repositories(self, page_size: int, page_token: str) -> Page[str]:
         return await self._links.list_repositories(page_size, page_token)
 
+    async def list_linking_repositories(
+        self, digest: str, page_size: int, page_token: str
+    ) -> Page[str]:
+        return await self._links.list_linking_repositories(digest, page_size, page_token)
+
     async def create_session(self, repository: str) -> UploadSession:
         return await self._links.create_session(repository)
 

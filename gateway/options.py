@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from gateway.auth import config as auth_config
 from linkedblob.config import BLOB_PORT, GATEWAY_PORT, LINK_PORT, add_option
 from linkedblob.tls import add_client_tls_options
 
@@ -77,3 +78,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"is linked (at most {MAX_LEASE_TTL:.0f}); a commit that takes longer is answered "
         "ABORTED and pushed again",
     )
+    auth_config.add_arguments(parser)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 from grpc import StatusCode  # the codes of LinkedBlobError
 
@@ -22,14 +22,35 @@ from gateway.backends import BlobBackend, LinkBackend
 from gateway.leases import DELETING_BACKOFF, Leases
 from gateway.model import CommitSpec, IncomingData, LinkedBlob, OutgoingData, Page
 from gateway.options import DEFAULT_LEASE_TTL
+from linkedblob import paging
 from linkedblob.digests import DEFAULT_ALGORITHM, Digest
 from linkedblob.errors import (
     LinkedBlobError,
     Reason,
     failed_precondition,
     invalid_argument,
+    not_found,
     out_of_range,
 )
+
+# Which repositories a caller may pull (gateway.auth.access.Caller.may_pull); None: all of them
+# (an open gateway, or a caller granted pull on every repository).
+MayPull = Callable[[str], bool] | None
+
+# Linking a blob without its bytes (a PushBlob declaring a recorded digest, a MountBlob without
+# a source) needs a repository the caller may already pull it from: the repositories that link
+# the digest are looked through, at most this many pages of this many (a digest linked more
+# widely than that, none of the first of them readable by the caller, needs its bytes sent).
+SOURCE_PAGES = 4
+SOURCE_PAGE_SIZE = 250
+# ListRepositories for a caller who may list only the repositories it may pull: at most this
+# many linksvc pages of this size are filtered per call; a page may then hold fewer names than
+# asked for (even none) and still have a next_page_token.
+CATALOG_PAGES = 8
+CATALOG_PAGE_SIZE = 500
+# linksvc's page-token kind of ListRepositories (linkedblob.paging: "<kind>\n<scope>\n<after>"):
+# a filtered page that ends inside a linksvc page resumes after its last name.
+LINKSVC_REPOSITORIES_TOKEN = "repositories"
 
 # Seconds after which a failed PushBlob's staging area is aborted a second time (default).
 ABORT_AGAIN_AFTER = 2.0
@@ -138,12 +159,18 @@ class Registry:
         digest: Digest | None,
         size: int | None,
         data: IncomingData,
+        may_pull: MayPull = None,
     ) -> LinkedBlob:
         """Stores the blob ``data`` streams and links it; a blob already recorded under
-        ``digest`` is linked without reading the data."""
+        ``digest`` is linked without reading the data, when the caller may pull it from some
+        repository (``may_pull``; see :meth:`readable_source`). Otherwise the data is read and
+        verified as for a new blob, and no answer depends on what is recorded."""
         if digest is None:
             return await self._push_undeclared(repository, media_type, size, data)
-        granted = await self._leases.take(str(digest), repository, media_type, size)
+        if may_pull is None or await self.readable_source(str(digest), may_pull) is not None:
+            granted = await self._leases.take(str(digest), repository, media_type, size)
+        else:
+            granted = await self._leases.take(str(digest))
         if isinstance(granted, LinkedBlob):
             return granted
         upload_id = _push_upload_id()
@@ -215,11 +242,38 @@ class Registry:
     # --- links ----------------------------------------------------------------------------------
 
     async def mount(
-        self, repository: str, source: str, digest: Digest, media_type: str
+        self,
+        repository: str,
+        source: str,
+        digest: Digest,
+        media_type: str,
+        may_pull: MayPull = None,
     ) -> LinkedBlob:
-        # With no source, any repository that links the blob will do. This is where
-        # authorization will restrict the candidates to the repositories the caller may read.
+        """Links into ``repository`` a blob ``source`` links; with no source, one of the
+        repositories the caller may pull (``may_pull``) links: none is answered as a blob no
+        repository links (NOT_FOUND / BLOB_UNKNOWN), whatever else links it."""
+        if not source and may_pull is not None:
+            found = await self.readable_source(str(digest), may_pull)
+            if found is None:
+                raise not_found(
+                    Reason.BLOB_UNKNOWN, f"blob {digest} is not linked in any repository"
+                )
+            source = found
         return await self._links.mount(repository, source, str(digest), media_type)
+
+    async def readable_source(self, digest: str, may_pull: Callable[[str], bool]) -> str | None:
+        """A repository that links ``digest`` and that ``may_pull`` allows; None when there is
+        none among the first SOURCE_PAGES x SOURCE_PAGE_SIZE repositories that link it."""
+        token = ""
+        for _ in range(SOURCE_PAGES):
+            page = await self._links.list_linking_repositories(digest, SOURCE_PAGE_SIZE, token)
+            for name in page.items:
+                if may_pull(name):
+                    return name
+            if not page.next_page_token:
+                return None
+            token = page.next_page_token
+        return None
 
     def check_delete_enabled(self) -> None:
         """FAILED_PRECONDITION / UNSUPPORTED unless deletes are enabled (checked before
@@ -238,5 +292,31 @@ class Registry:
     ) -> Page[LinkedBlob]:
         return await self._links.list_links(repository, page_size, page_token)
 
-    async def list_repositories(self, page_size: int, page_token: str) -> Page[str]:
-        return await self._links.list_repositories(page_size, page_token)
+    async def list_repositories(
+        self, page_size: int, page_token: str, may_pull: MayPull = None
+    ) -> Page[str]:
+        """Repository names in order, paged; with ``may_pull``, only those it allows: linksvc's
+        pages are filtered, at most CATALOG_PAGES of them per call, so a page may hold fewer
+        names than ``page_size`` (even none) while a next_page_token says more may follow."""
+        if may_pull is None:
+            return await self._links.list_repositories(page_size, page_token)
+        size = paging.page_size(page_size)
+        found: list[str] = []
+        token = page_token
+        for _ in range(CATALOG_PAGES):
+            page = await self._links.list_repositories(CATALOG_PAGE_SIZE, token)
+            for i, name in enumerate(page.items):
+                if may_pull(name):
+                    found.append(name)
+                    if len(found) == size:
+                        more = i < len(page.items) - 1 or bool(page.next_page_token)
+                        return Page(found, _after_repository(name) if more else "")
+            if not page.next_page_token:
+                return Page(found, "")
+            token = page.next_page_token
+        return Page(found, token)
+
+
+def _after_repository(name: str) -> str:
+    """linksvc's ListRepositories page token for the names after ``name``."""
+    return paging.encode_page_token(LINKSVC_REPOSITORIES_TOKEN, "", name)

@@ -7,6 +7,7 @@ import sys
 
 import grpc
 
+from gateway.auth.config import AuthConfigError, build_access
 from gateway.direct import GrantIssuer
 from gateway.grpc_blob import GrpcBlobBackend
 from gateway.grpc_link import GrpcLinkBackend
@@ -70,6 +71,11 @@ def serve(args: argparse.Namespace) -> int | None:
         backend_tls = tls.client_credentials_from_args(args)
     except ValueError as exc:
         tls.exit_with("gateway", exc)
+    try:
+        access = build_access(args)
+    except AuthConfigError as exc:
+        print(f"linkedblob gateway: {exc}", file=sys.stderr)
+        return 2
     cache: LinkCache[LinkedBlob] = LinkCache(args.link_cache_ttl, args.link_cache_size)
     opened: list[GrpcBlobBackend | GrpcLinkBackend] = []
     registries: list[Registry] = []
@@ -85,7 +91,7 @@ def serve(args: argparse.Namespace) -> int | None:
         )
         registries.append(registry)
         uploads = Uploads(blobs, cached_links, lease_ttl=args.lease_ttl)
-        servicer = RegistryServicer(registry, uploads, grants)
+        servicer = RegistryServicer(registry, uploads, grants, access)
         add_registry(servicer, server)
 
     async def on_stop() -> None:
@@ -95,7 +101,9 @@ def serve(args: argparse.Namespace) -> int | None:
         for backend in opened:
             await backend.close()
 
-    service = Service("gateway", [SERVICE_NAME], register, on_stop, _server_windows())
+    service = Service(
+        "gateway", [SERVICE_NAME], register, on_stop, _server_windows(), secured=access.secured
+    )
     service.credentials = server_tls
     run(
         service,

@@ -302,6 +302,13 @@ class Queries:
             .order_by(links.c.digest)
             .limit(b("limit"))
         )
+        # Served by the links' digest index (its entries carry the key's repository).
+        self.linking_repositories = (
+            sa.select(links.c.repository)
+            .where(links.c.digest == b("digest"), links.c.repository > b("after"))
+            .order_by(links.c.repository)
+            .limit(b("limit"))
+        )
         self.list_repositories = (
             sa.select(repositories.c.name)
             .where(repositories.c.name > b("after"))

@@ -25,6 +25,7 @@ TABLE = MethodTable(
         "Mount": _GATEWAY,
         "ListLinks": _BOTH,
         "ListRepositories": _BOTH,
+        "ListLinkingRepositories": _GATEWAY,
         "CreateSession": _GATEWAY,
         "GetSession": _BOTH,
         "AdvanceSession": _GATEWAY,

@@ -178,6 +178,18 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         token = check.encode_page_token(check.REPOSITORIES_TOKEN, "", last) if last else ""
         return link_pb2.ListRepositoriesResponse(repositories=page, next_page_token=token)
 
+    @servicer_method
+    async def ListLinkingRepositories(
+        self, request: link_pb2.ListLinkingRepositoriesRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.ListLinkingRepositoriesResponse:
+        digest = check.digest(request.digest)
+        limit = check.page_size(request.page_size)
+        # The token's scope is the digest: a token of another digest is refused.
+        after = check.decode_page_token(request.page_token, check.LINKING_TOKEN, digest)
+        page, last = await self.db.run(self.store.linking_repositories, digest, after, limit)
+        token = check.encode_page_token(check.LINKING_TOKEN, digest, last) if last else ""
+        return link_pb2.ListLinkingRepositoriesResponse(repositories=page, next_page_token=token)
+
     # --- upload sessions -------------------------------------------------------------------
 
     @servicer_method

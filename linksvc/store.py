@@ -327,6 +327,19 @@ class LinkStore:
         return page, (page[-1].digest if len(rows) > limit else None)
 
     @map_errors
+    def linking_repositories(
+        self, digest: str, after: str, limit: int
+    ) -> tuple[list[str], str | None]:
+        """Up to ``limit`` repositories that link ``digest``, after the name ``after``; and the
+        last name when more follow."""
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                self.q.linking_repositories, {"digest": digest, "after": after, "limit": limit + 1}
+            ).all()
+        page = [r.repository for r in rows[:limit]]
+        return page, (page[-1] if len(rows) > limit else None)
+
+    @map_errors
     def list_repositories(self, after: str, limit: int) -> tuple[list[str], str | None]:
         with self.db.connect() as conn:
             rows = conn.execute(

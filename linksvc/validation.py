@@ -63,6 +63,8 @@ LINKS_TOKEN = "links"
 REPOSITORIES_TOKEN = "repositories"
 BLOBS_TOKEN = "blobs"
 COLLECTABLE_TOKEN = "collectable"
+# ListLinkingRepositories: scoped by the digest, its key a repository name.
+LINKING_TOKEN = "linking"
 
 
 def encode_page_token(kind: str, scope: str, after: str) -> str:
@@ -71,7 +73,8 @@ def encode_page_token(kind: str, scope: str, after: str) -> str:
 
 def decode_page_token(token: str, kind: str, scope: str) -> str:
     """The key to list after ("" for the first page), or PAGINATION_INVALID."""
-    parse_key = validate_repository if kind == REPOSITORIES_TOKEN else Digest.parse
+    by_name = kind in (REPOSITORIES_TOKEN, LINKING_TOKEN)
+    parse_key = validate_repository if by_name else Digest.parse
     return paging.decode_page_token(token, kind, scope, parse_key)
 
 

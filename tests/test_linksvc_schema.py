@@ -230,6 +230,7 @@ LOOKUPS: dict[str, dict[str, object]] = {
     "unlink": {"repository": "r", "digest": DIGEST},
     "list_links": {"repository": "r", "after": "", "limit": 10},
     "list_repositories": {"after": "", "limit": 10},
+    "linking_repositories": {"digest": DIGEST, "after": "", "limit": 10},
     "link_recorded": {"repository": "r", "digest": DIGEST, "media_type": "", "created_at": NOW},
     "get_session": {"id": "s"},
     "advance_session": {"p_id": "s", "from_size": 0, "to_size": 1, "now": NOW},

@@ -441,6 +441,62 @@ class ListRepositoriesResponse(_message.Message):
 Global___ListRepositoriesResponse: _TypeAlias = ListRepositoriesResponse  # noqa: Y015
 
 @_typing.final
+class ListLinkingRepositoriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    """The digest whose links are listed (sha256:<64 hex> or sha512:<128 hex>)."""
+    page_size: _builtins.int
+    """1-1000; 0 means 100."""
+    page_token: _builtins.str
+    """Opaque, from the previous response for the same digest; empty for the first page. A token
+    of another digest or another list is INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLinkingRepositoriesRequest: _TypeAlias = ListLinkingRepositoriesRequest  # noqa: Y015
+
+@_typing.final
+class ListLinkingRepositoriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPOSITORIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def repositories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the repositories that link the digest, in ascending order."""
+
+    def __init__(
+        self,
+        *,
+        repositories: _abc.Iterable[_builtins.str] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "repositories", b"repositories"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLinkingRepositoriesResponse: _TypeAlias = ListLinkingRepositoriesResponse  # noqa: Y015
+
+@_typing.final
 class Session(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

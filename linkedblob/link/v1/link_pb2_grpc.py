@@ -79,6 +79,11 @@ class LinkServiceStub:
                 request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListRepositoriesRequest.SerializeToString,
                 response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListRepositoriesResponse.FromString,
                 _registered_method=True)
+        self.ListLinkingRepositories = channel.unary_unary(
+                '/linkedblob.link.v1.LinkService/ListLinkingRepositories',
+                request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListLinkingRepositoriesRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListLinkingRepositoriesResponse.FromString,
+                _registered_method=True)
         self.CreateSession = channel.unary_unary(
                 '/linkedblob.link.v1.LinkService/CreateSession',
                 request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.CreateSessionRequest.SerializeToString,
@@ -229,6 +234,17 @@ class LinkServiceServicer:
 
     def ListRepositories(self, request, context):
         """Repository names in order, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLinkingRepositories(self, request, context):
+        """The repositories that link a digest, in name order, paged. A digest nothing links (or that
+        is not recorded at all) answers an empty list, never NOT_FOUND. The gateway asks it before
+        it links a blob without its bytes (a PushBlob declaring a recorded digest, a MountBlob
+        without a source): only a caller that may already pull the blob from one of these
+        repositories is spared sending the bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -397,6 +413,11 @@ def add_LinkServiceServicer_to_server(servicer, server):
                     servicer.ListRepositories,
                     request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListRepositoriesRequest.FromString,
                     response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListRepositoriesResponse.SerializeToString,
+            ),
+            'ListLinkingRepositories': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLinkingRepositories,
+                    request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListLinkingRepositoriesRequest.FromString,
+                    response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListLinkingRepositoriesResponse.SerializeToString,
             ),
             'CreateSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSession,
@@ -712,6 +733,33 @@ class LinkService:
             '/linkedblob.link.v1.LinkService/ListRepositories',
             linkedblob_dot_link_dot_v1_dot_link__pb2.ListRepositoriesRequest.SerializeToString,
             linkedblob_dot_link_dot_v1_dot_link__pb2.ListRepositoriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLinkingRepositories(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.link.v1.LinkService/ListLinkingRepositories',
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ListLinkingRepositoriesRequest.SerializeToString,
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ListLinkingRepositoriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,13 @@ class LinkServiceStub:
     """A repository's links, in digest order, paged."""
     ListRepositories: _grpc.UnaryUnaryMultiCallable[_link_pb2.ListRepositoriesRequest, _link_pb2.ListRepositoriesResponse]
     """Repository names in order, paged."""
+    ListLinkingRepositories: _grpc.UnaryUnaryMultiCallable[_link_pb2.ListLinkingRepositoriesRequest, _link_pb2.ListLinkingRepositoriesResponse]
+    """The repositories that link a digest, in name order, paged. A digest nothing links (or that
+    is not recorded at all) answers an empty list, never NOT_FOUND. The gateway asks it before
+    it links a blob without its bytes (a PushBlob declaring a recorded digest, a MountBlob
+    without a source): only a caller that may already pull the blob from one of these
+    repositories is spared sending the bytes.
+    """
     CreateSession: _grpc.UnaryUnaryMultiCallable[_link_pb2.CreateSessionRequest, _link_pb2.Session]
     """Opens an upload session bound to a repository, with an unguessable id."""
     GetSession: _grpc.UnaryUnaryMultiCallable[_link_pb2.GetSessionRequest, _link_pb2.Session]
@@ -176,6 +183,13 @@ class LinkServiceAsyncStub(LinkServiceStub):
     """A repository's links, in digest order, paged."""
     ListRepositories: _aio.UnaryUnaryMultiCallable[_link_pb2.ListRepositoriesRequest, _link_pb2.ListRepositoriesResponse]  # type: ignore[assignment]
     """Repository names in order, paged."""
+    ListLinkingRepositories: _aio.UnaryUnaryMultiCallable[_link_pb2.ListLinkingRepositoriesRequest, _link_pb2.ListLinkingRepositoriesResponse]  # type: ignore[assignment]
+    """The repositories that link a digest, in name order, paged. A digest nothing links (or that
+    is not recorded at all) answers an empty list, never NOT_FOUND. The gateway asks it before
+    it links a blob without its bytes (a PushBlob declaring a recorded digest, a MountBlob
+    without a source): only a caller that may already pull the blob from one of these
+    repositories is spared sending the bytes.
+    """
     CreateSession: _aio.UnaryUnaryMultiCallable[_link_pb2.CreateSessionRequest, _link_pb2.Session]  # type: ignore[assignment]
     """Opens an upload session bound to a repository, with an unguessable id."""
     GetSession: _aio.UnaryUnaryMultiCallable[_link_pb2.GetSessionRequest, _link_pb2.Session]  # type: ignore[assignment]
@@ -326,6 +340,19 @@ class LinkServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_link_pb2.ListRepositoriesResponse, _abc.Awaitable[_link_pb2.ListRepositoriesResponse]]:
         """Repository names in order, paged."""
+
+    @_abc_1.abstractmethod
+    def ListLinkingRepositories(
+        self,
+        request: _link_pb2.ListLinkingRepositoriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_link_pb2.ListLinkingRepositoriesResponse, _abc.Awaitable[_link_pb2.ListLinkingRepositoriesResponse]]:
+        """The repositories that link a digest, in name order, paged. A digest nothing links (or that
+        is not recorded at all) answers an empty list, never NOT_FOUND. The gateway asks it before
+        it links a blob without its bytes (a PushBlob declaring a recorded digest, a MountBlob
+        without a source): only a caller that may already pull the blob from one of these
+        repositories is spared sending the bytes.
+        """
 
     @_abc_1.abstractmethod
     def CreateSession(
