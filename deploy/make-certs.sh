@@ -13,6 +13,8 @@
 #                  in the certificates are <service>.<NAMESPACE>.svc[.cluster.local]
 #   GATEWAY_NAMES  extra DNS names of the gateway for clients outside (e.g. registry.example.com)
 #   BLOB_NAMES     extra DNS names of blobsvc's direct port for clients outside
+#   LINK_NAMES     extra DNS names of linksvc (BLOB_NAMES, LINK_NAMES and GATEWAY_NAMES set to
+#                  localhost make certificates for a protected stack on one machine)
 #   DAYS           validity of the services' certificates (365); the CA's is 10 years
 #
 # Identities (what blobsvc's and linksvc's --allow-gateway / --allow-collector name) are DNS SANs
@@ -78,7 +80,8 @@ cert gateway linkedblob-gateway \
 cert blobsvc linkedblob-blobsvc \
     "$(svc_names linkedblob-blobsvc),$(svc_names linkedblob-blobsvc-direct)$(extra_names "${BLOB_NAMES:-}")" \
     serverAuth,clientAuth
-cert linksvc linkedblob-linksvc "$(svc_names linkedblob-linksvc)" serverAuth,clientAuth
+cert linksvc linkedblob-linksvc \
+    "$(svc_names linkedblob-linksvc)$(extra_names "${LINK_NAMES:-}")" serverAuth,clientAuth
 # Clients of blobsvc and linksvc: the names their allow lists hold.
 cert gateway-client "gateway.$NS.svc" "DNS:gateway.$NS.svc" clientAuth
 cert collector-client "collector.$NS.svc" "DNS:collector.$NS.svc" clientAuth
