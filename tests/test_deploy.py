@@ -8,7 +8,6 @@ by linkedblob's own command line, so a flag the manifest names and no service ha
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -20,13 +19,10 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-MANIFEST = DEPLOY / "linkedblob.yaml"
-CERT_MANAGER = DEPLOY / "cert-manager.yaml"
+from tests import deploy_helpers as d
+from tests.deploy_helpers import CERT_MANAGER, DEPLOY, DOCS
 
 # The file-valued flags: each must point into a read-only mounted Secret or ConfigMap.
 FILE_FLAGS = (
@@ -52,60 +48,6 @@ REQUIRED = {
 }
 
 
-def _load(path: Path) -> list[dict[str, Any]]:
-    with path.open() as f:
-        docs = [d for d in yaml.safe_load_all(f) if d is not None]
-    for doc in docs:
-        assert {"apiVersion", "kind", "metadata"} <= doc.keys(), doc
-    return docs
-
-
-DOCS = _load(MANIFEST)
-
-
-def _one(kind: str, name: str) -> dict[str, Any]:
-    (doc,) = [d for d in DOCS if d["kind"] == kind and d["metadata"]["name"] == name]
-    return doc
-
-
-def _pod_specs() -> list[dict[str, Any]]:
-    return [d["spec"]["template"]["spec"] for d in DOCS if d["kind"] in ("Deployment", "Job")]
-
-
-def _servers() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """{"blob"|"link"|"gateway"|"gc": (pod spec, container)} of the `serve` containers."""
-    found = {}
-    for pod in _pod_specs():
-        for c in pod["containers"]:
-            if c["args"][0] == "serve":
-                found[c["args"][1]] = (pod, c)
-    assert set(found) == set(REQUIRED)
-    return found
-
-
-def _flag(args: list[str], flag: str) -> str:
-    assert args.count(flag) == 1, f"{flag} once in {args}"
-    return args[args.index(flag) + 1]
-
-
-def _names(value: str) -> set[str]:
-    return {n.strip() for n in value.split(",") if n.strip()}
-
-
-def _mounted(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[dict, str]:
-    """The volume holding ``path`` in the container, and the file's key in it."""
-    for mount in container.get("volumeMounts", []):
-        prefix = mount["mountPath"].rstrip("/") + "/"
-        if path.startswith(prefix):
-            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-            return volume, path[len(prefix) :]
-    raise AssertionError(f"{path} is not on a mounted volume of {container['name']}")
-
-
-def _config() -> dict[str, str]:
-    return dict(_one("ConfigMap", "linkedblob")["data"])
-
-
 def test_manifest_is_one_multi_document_yaml_of_known_kinds() -> None:
     kinds = {d["kind"] for d in DOCS}
     assert kinds <= {
@@ -121,27 +63,27 @@ def test_manifest_is_one_multi_document_yaml_of_known_kinds() -> None:
 
 
 def test_every_server_has_its_protection_flags_and_none_is_open() -> None:
-    for kind, (_pod, c) in _servers().items():
+    for kind, (_pod, c) in d.servers().items():
         for flag in REQUIRED[kind]:
-            assert _flag(c["args"], flag), (kind, flag)
-    for pod in _pod_specs():
+            assert d.flag(c["args"], flag), (kind, flag)
+    for pod in d.pod_specs():
         for c in pod["containers"]:
             assert "--open" not in c["args"]
             assert not any(e["name"] == "LINKEDBLOB_OPEN" for e in c.get("env", []))
-    assert "LINKEDBLOB_OPEN" not in _config()
+    assert "LINKEDBLOB_OPEN" not in d.config()
 
 
-def test_allow_lists_name_client_identities_not_servers() -> None:
-    servers = _servers()
+def test_allow_lists_name_client_identities_notservers() -> None:
+    servers = d.servers()
     for kind in ("blob", "link"):
         args = servers[kind][1]["args"]
-        assert _names(_flag(args, "--allow-gateway")) == {"gateway.linkedblob.svc"}
-        assert _names(_flag(args, "--allow-collector")) == {"collector.linkedblob.svc"}
+        assert d.names(d.flag(args, "--allow-gateway")) == {"gateway.linkedblob.svc"}
+        assert d.names(d.flag(args, "--allow-collector")) == {"collector.linkedblob.svc"}
 
 
 def test_secrets_are_mounted_read_only_whole_and_hold_the_files_flags_name() -> None:
-    auth = _one("ConfigMap", "linkedblob-auth")["data"]
-    for kind, (pod, c) in _servers().items():
+    auth = d.one("ConfigMap", "linkedblob-auth")["data"]
+    for kind, (pod, c) in d.servers().items():
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         for mount in c.get("volumeMounts", []):
             volume = volumes[mount["name"]]
@@ -155,7 +97,7 @@ def test_secrets_are_mounted_read_only_whole_and_hold_the_files_flags_name() -> 
         for flag in FILE_FLAGS:
             if flag not in c["args"]:
                 continue
-            volume, key = _mounted(pod, c, _flag(c["args"], flag))
+            volume, key = d.mounted(pod, c, d.flag(c["args"], flag))
             if "configMap" in volume:
                 assert volume["configMap"]["name"] == "linkedblob-auth"
                 assert key in auth, (kind, flag, key)
@@ -166,41 +108,36 @@ def test_secrets_are_mounted_read_only_whole_and_hold_the_files_flags_name() -> 
                 )
                 assert key in expected, (kind, flag, secret, key)
         if "--auth-policy" in c["args"]:
-            tomllib.loads(auth[_flag(c["args"], "--auth-policy").rsplit("/", 1)[1]])
+            tomllib.loads(auth[d.flag(c["args"], "--auth-policy").rsplit("/", 1)[1]])
 
 
 def test_tls_servers_are_probed_over_tls_by_the_exec_probe() -> None:
     services = {"blob": "linkedblob-blobsvc", "link": "linkedblob-linksvc"}
     services["gateway"] = "linkedblob-gateway"
-    for kind, (pod, c) in _servers().items():
+    for kind, (pod, c) in d.servers().items():
         for probe in ("readinessProbe", "livenessProbe"):
             if kind == "gc":  # its port serves health only, in plaintext
-                assert c[probe]["grpc"]["port"] == int(_flag(c["args"], "--port"))
+                assert c[probe]["grpc"]["port"] == int(d.flag(c["args"], "--port"))
                 continue
             assert "grpc" not in c[probe]  # the kubelet's gRPC probe cannot do TLS
             command = c[probe]["exec"]["command"]
             assert command[:2] == ["python", "/app/deploy/probe.py"]
-            assert _flag(command, "--port") == _flag(c["args"], "--port")
-            assert _flag(command, "--server-name") == services[kind]
-            assert _flag(command, "--ca") == _flag(c["args"], "--tls-cert").replace(
+            assert d.flag(command, "--port") == d.flag(c["args"], "--port")
+            assert d.flag(command, "--server-name") == services[kind]
+            assert d.flag(command, "--ca") == d.flag(c["args"], "--tls-cert").replace(
                 "tls.crt", "ca.crt"
             )
             for flag in ("--ca", "--cert", "--key"):
                 if flag in command:
-                    _mounted(pod, c, _flag(command, flag))
+                    d.mounted(pod, c, d.flag(command, flag))
             if "--tls-client-ca" in c["args"]:  # mTLS: the probe presents the pod's own
-                assert _flag(command, "--cert") == _flag(c["args"], "--tls-cert")
-                assert _flag(command, "--key") == _flag(c["args"], "--tls-key")
+                assert d.flag(command, "--cert") == d.flag(c["args"], "--tls-cert")
+                assert d.flag(command, "--key") == d.flag(c["args"], "--tls-key")
 
 
 # --- the certificates --------------------------------------------------------------------
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-
-_SECRET_LINE = re.compile(
-    r"create secret generic (\S+) --type=kubernetes.io/tls --from-file=tls.crt=(\S+) "
-    r"--from-file=tls.key=(\S+) --from-file=ca.crt=(\S+)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -209,21 +146,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]
     from the commands it prints, plus "linkedblob-grant": {"secret": path}."""
     if shutil.which("openssl") is None:
         pytest.skip("needs openssl")
-    out = tmp_path_factory.mktemp("certs") / "certs"
-    env = {**os.environ, "GATEWAY_NAMES": "registry.example.com"}
-    printed = subprocess.run(
-        ["sh", str(DEPLOY / "make-certs.sh"), str(out)],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    secrets: dict[str, dict[str, Path]] = {}
-    for line in printed.splitlines():
-        if m := _SECRET_LINE.search(line):
-            secrets[m[1]] = {"tls.crt": Path(m[2]), "tls.key": Path(m[3]), "ca.crt": Path(m[4])}
-        elif "create secret generic linkedblob-grant --from-file=secret=" in line:
-            secrets["linkedblob-grant"] = {"secret": Path(line.rsplit("=", 1)[1])}
+    secrets = d.make_certs(
+        tmp_path_factory.mktemp("certs") / "certs", GATEWAY_NAMES="registry.example.com"
+    )
     for files in secrets.values():
         for path in files.values():
             assert path.is_file(), path
@@ -251,7 +176,7 @@ def _verify(cert: Path, ca: Path, purpose: str) -> bool:
 
 
 def _secret_of(pod: dict[str, Any], c: dict[str, Any], flag: str) -> str:
-    volume, _key = _mounted(pod, c, _flag(c["args"], flag))
+    volume, _key = d.mounted(pod, c, d.flag(c["args"], flag))
     return str(volume["secret"]["secretName"])
 
 
@@ -263,7 +188,7 @@ def _host(address: str) -> str:
 def test_make_certs_makes_every_secret_the_manifest_mounts(certs: dict) -> None:
     mounted = {
         v["secret"]["secretName"]
-        for pod in _pod_specs()
+        for pod in d.pod_specs()
         for v in pod.get("volumes", [])
         if "secret" in v
     }
@@ -275,8 +200,8 @@ def test_make_certs_makes_every_secret_the_manifest_mounts(certs: dict) -> None:
 
 @needs_openssl
 def test_certificates_chain_to_the_ca_and_carry_the_names_the_manifest_uses(certs: dict) -> None:
-    servers = _servers()
-    config = _config()
+    servers = d.servers()
+    config = d.config()
     for kind, (pod, c) in servers.items():
         args = c["args"]
         if "--tls-cert" in args:  # the server's name as its clients dial it
@@ -287,7 +212,7 @@ def test_certificates_chain_to_the_ca_and_carry_the_names_the_manifest_uses(cert
             names = _sans(files["tls.crt"])
             wanted = {
                 "blob": {_host(config["LINKEDBLOB_BLOB_ADDR"])}
-                | {_host(_flag(servers["gateway"][1]["args"], "--blob-public-addr"))},
+                | {_host(d.flag(servers["gateway"][1]["args"], "--blob-public-addr"))},
                 "link": {_host(config["LINKEDBLOB_LINK_ADDR"])},
                 "gateway": {"linkedblob-gateway", "registry.example.com"},
             }[kind]
@@ -298,17 +223,17 @@ def test_certificates_chain_to_the_ca_and_carry_the_names_the_manifest_uses(cert
             assert not _verify(files["tls.crt"], files["ca.crt"], "sslserver"), kind
             role = {"gateway": "--allow-gateway", "gc": "--allow-collector"}[kind]
             for backend in ("blob", "link"):
-                allowed = _names(_flag(servers[backend][1]["args"], role))
+                allowed = d.names(d.flag(servers[backend][1]["args"], role))
                 assert allowed & _sans(files["tls.crt"]), (kind, backend)
             # ...and in no other role's list
             other = {"gateway": "--allow-collector", "gc": "--allow-gateway"}[kind]
             for backend in ("blob", "link"):
-                allowed = _names(_flag(servers[backend][1]["args"], other))
+                allowed = d.names(d.flag(servers[backend][1]["args"], other))
                 assert not allowed & _sans(files["tls.crt"]), (kind, backend)
 
 
-def test_cert_manager_issues_the_same_secrets_and_names() -> None:
-    docs = _load(CERT_MANAGER)
+def test_cert_manager_issues_the_same_secrets_andnames() -> None:
+    docs = d.load(CERT_MANAGER)
     issued = {
         d["spec"]["secretName"]: d["spec"]
         for d in docs
@@ -316,22 +241,22 @@ def test_cert_manager_issues_the_same_secrets_and_names() -> None:
     }
     mounted = {
         v["secret"]["secretName"]
-        for pod in _pod_specs()
+        for pod in d.pod_specs()
         for v in pod.get("volumes", [])
         if "secret" in v
     }
     assert set(issued) == mounted - {"linkedblob-grant"}
-    servers = _servers()
+    servers = d.servers()
     for kind, role in (("gateway", "--allow-gateway"), ("gc", "--allow-collector")):
         pod, c = servers[kind]
         spec = issued[_secret_of(pod, c, "--backend-tls-cert")]
         assert "client auth" in spec["usages"] and "server auth" not in spec["usages"]
         for backend in ("blob", "link"):
-            assert set(spec["dnsNames"]) == _names(_flag(servers[backend][1]["args"], role))
-    config = _config()
+            assert set(spec["dnsNames"]) == d.names(d.flag(servers[backend][1]["args"], role))
+    config = d.config()
     blob = issued["linkedblob-blobsvc-tls"]["dnsNames"]
     assert _host(config["LINKEDBLOB_BLOB_ADDR"]) in blob
-    assert _host(_flag(servers["gateway"][1]["args"], "--blob-public-addr")) in blob
+    assert _host(d.flag(servers["gateway"][1]["args"], "--blob-public-addr")) in blob
     assert _host(config["LINKEDBLOB_LINK_ADDR"]) in issued["linkedblob-linksvc-tls"]["dnsNames"]
 
 
@@ -398,9 +323,7 @@ def test_probe_fails_without_a_client_certificate_or_under_the_wrong_name(
     assert wrong_name.returncode == 1
     # a certificate of another CA (make-certs.sh run again elsewhere) is refused
     other = tmp_path / "other"
-    subprocess.run(
-        ["sh", str(DEPLOY / "make-certs.sh"), str(other)], check=True, capture_output=True
-    )
+    d.make_certs(other)
     stranger = _probe(
         "--port",
         str(port),
@@ -419,37 +342,24 @@ def test_probe_fails_without_a_client_certificate_or_under_the_wrong_name(
 # --- against linkedblob's own command line, once the protection flags exist ------------------
 
 
-def _serve_parsers() -> dict[str, Any]:
-    from linkedblob.cli import build_parser
-
-    parser = build_parser()
-    serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
-    return dict(serve._subparsers._group_actions[0].choices)
-
-
-def _has_protection_flags() -> bool:
-    blob = _serve_parsers()["blob"]
-    return "--tls-cert" in blob._option_string_actions
-
-
 @pytest.mark.skipif(
-    not _has_protection_flags(), reason="the protection flags (issue 11) are not in this tree"
+    not d.has_protection_flags(), reason="the protection flags (issue 11) are not in this tree"
 )
 def test_every_container_parses_with_the_manifests_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    config = _config()
+    config = d.config()
     for key, value in config.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("LINKEDBLOB_DB", "sqlite:///unused.db")
     from linkedblob.cli import build_parser
 
     parser = build_parser()  # reads the LINKEDBLOB_* defaults now: a bad value fails here
-    for kind, (_pod, c) in _servers().items():
+    for kind, (_pod, c) in d.servers().items():
         args = parser.parse_args(c["args"])
         assert not getattr(args, "open", False), kind
     read = set()
-    for sub in _serve_parsers().values():
+    for sub in d.serve_parsers().values():
         for action in sub._actions:
             read |= set(re.findall(r"\[env (LINKEDBLOB_\w+)\]", action.help or ""))
     assert set(config) <= read, set(config) - read  # a variable no service reads is a typo
