@@ -73,6 +73,13 @@ def test_every_server_has_its_protection_flags_and_none_is_open() -> None:
     assert "LINKEDBLOB_OPEN" not in d.config()
 
 
+def test_the_shared_environment_sets_no_limit() -> None:
+    # Every service reads ConfigMap linkedblob, and the limits' defaults differ per service
+    # (blobsvc and linksvc allow ten times the gateway's streams per connection).
+    limits = ("MAX_", "IDLE_", "SESSION_", "READ_GRANT_", "GRANT_TTL")
+    assert not [k for k in d.config() if k.removeprefix("LINKEDBLOB_").startswith(limits)]
+
+
 def test_allow_lists_name_client_identities_notservers() -> None:
     servers = d.servers()
     for kind in ("blob", "link"):
@@ -108,7 +115,21 @@ def test_secrets_are_mounted_read_only_whole_and_hold_the_files_flags_name() -> 
                 )
                 assert key in expected, (kind, flag, secret, key)
         if "--auth-policy" in c["args"]:
-            tomllib.loads(auth[d.flag(c["args"], "--auth-policy").rsplit("/", 1)[1]])
+            policy = tomllib.loads(auth[d.flag(c["args"], "--auth-policy").rsplit("/", 1)[1]])
+            _check_policy(policy)
+
+
+# The policy file's shape (gateway/auth/policy.py refuses unknown keys).
+_RULE_KEYS = {"subjects", "certificates", "anonymous", "authenticated", "repositories"}
+_RULE_KEYS |= {"actions", "catalog"}
+
+
+def _check_policy(policy: dict[str, Any]) -> None:
+    assert set(policy) == {"rule"}
+    for rule in policy["rule"]:
+        assert set(rule) <= _RULE_KEYS, rule
+        assert set(rule.get("actions", [])) <= {"pull", "push", "delete", "*"}, rule
+    assert any(r.get("anonymous") and r["actions"] == ["pull"] for r in policy["rule"])
 
 
 def test_tls_servers_are_probed_over_tls_by_the_exec_probe() -> None:
@@ -363,3 +384,10 @@ def test_every_container_parses_with_the_manifests_environment(
         for action in sub._actions:
             read |= set(re.findall(r"\[env (LINKEDBLOB_\w+)\]", action.help or ""))
     assert set(config) <= read, set(config) - read  # a variable no service reads is a typo
+
+
+def test_the_example_policy_loads_in_the_gateway(tmp_path: Path) -> None:
+    policy = pytest.importorskip("gateway.auth.policy", reason="the gateway's policy (issue 11)")
+    path = tmp_path / "policy.toml"
+    path.write_text(d.one("ConfigMap", "linkedblob-auth")["data"]["policy.toml"])
+    policy.load_policy(str(path))
