@@ -7,7 +7,9 @@ this machine, protected, and together they answer over mTLS.
 - linksvc answers the gateway's certificate and refuses a certificate of the same CA that no
   allow list names, and refuses the gateway what only the collector may call.
 - The gateway serves TLS, lets anyone pull from public/ (the example policy) and asks a caller
-  without a token elsewhere to authenticate.
+  without a token elsewhere to authenticate; a token's subject the policy names pushes, links a
+  blob it may pull by digest alone (linksvc answers the gateway's no-oracle question), a
+  stranger declaring the digest gets no link, and a read grant reads at blobsvc's direct port.
 
 Skipped until the protection flags (issue 11) are in the tree.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 import grpc
 import pytest
 
+from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
 from linkedblob.errors import error_info
 from linkedblob.link.v1 import link_pb2, link_pb2_grpc
 from linkedblob.v1 import registry_pb2, registry_pb2_grpc
@@ -204,3 +208,70 @@ def test_the_gateway_serves_tls_and_its_example_policy(stack: Stack) -> None:
                 registry_pb2.StatBlobRequest(repository="myteam/app", digest=digest), timeout=10
             )
         assert private.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _token(stack: Stack, subject: str, access: list[dict[str, Any]] | None = None) -> str:
+    """A token as the manifest's gateway accepts it (its issuer and audience), signed by the key
+    standing in for the JWKS."""
+    jwt = pytest.importorskip("jwt")
+    args = d.servers()["gateway"][1]["args"]
+    now = int(time.time())
+    claims = {
+        "iss": d.flag(args, "--auth-token-issuer"),
+        "aud": d.flag(args, "--auth-token-audience"),
+        "sub": subject,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+        "access": access or [],
+    }
+    return str(jwt.encode(claims, (stack.tmp / "token.key").read_text(), algorithm="ES256"))
+
+
+def test_tokens_the_policy_the_no_oracle_rule_and_the_direct_port(stack: Stack) -> None:
+    """The CI of the example policy pushes, and links a blob it may pull by its digest alone;
+    a stranger declaring that digest gets no link; a read grant reads through blobsvc's direct
+    port over TLS."""
+    ci = [("authorization", f"Bearer {_token(stack, 'ci@example.com')}")]
+    stranger_access = [{"type": "repository", "name": "stranger/x", "actions": ["pull", "push"]}]
+    stranger = [("authorization", f"Bearer {_token(stack, 'stranger', stranger_access)}")]
+    with stack.channel("gateway", None) as ch:
+        registry = registry_pb2_grpc.RegistryStub(ch)
+        put = registry.PutBlob(
+            registry_pb2.PutBlobRequest(repository="myteam/app", data=b"hello"),
+            metadata=ci,
+            timeout=30,
+        )
+        header = registry_pb2.PushBlobRequest.Header(repository="myteam/other", digest=put.digest)
+        linked = registry.PushBlob(
+            iter([registry_pb2.PushBlobRequest(header=header)]), metadata=ci, timeout=30
+        )
+        assert (linked.digest, linked.size) == (put.digest, 5)
+
+        header = registry_pb2.PushBlobRequest.Header(repository="stranger/x", digest=put.digest)
+        with pytest.raises(grpc.RpcError):  # no bytes sent: nothing to link
+            registry.PushBlob(
+                iter([registry_pb2.PushBlobRequest(header=header)]), metadata=stranger, timeout=30
+            )
+        with pytest.raises(grpc.RpcError) as unknown:
+            registry.StatBlob(
+                registry_pb2.StatBlobRequest(repository="stranger/x", digest=put.digest),
+                metadata=stranger,
+                timeout=30,
+            )
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+        located = registry.LocateBlob(
+            registry_pb2.LocateBlobRequest(repository="myteam/app", digest=put.digest),
+            metadata=ci,
+            timeout=30,
+        )
+    assert located.direct.address == f"localhost:{stack.direct_port}"
+    ca = stack.secrets["linkedblob-blobsvc-tls"]["ca.crt"].read_bytes()
+    with grpc.secure_channel(located.direct.address, grpc.ssl_channel_credentials(ca)) as ch:
+        chunks = blob_pb2_grpc.BlobServiceStub(ch).Read(
+            blob_pb2.ReadRequest(digest=put.digest),
+            metadata=[("linkedblob-grant", located.direct.grant)],
+            timeout=30,
+        )
+        assert b"".join(c.data for c in chunks) == b"hello"
