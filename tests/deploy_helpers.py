@@ -1,0 +1,128 @@
+"""Reading deploy/ for the tests: the manifest's documents, its `serve` containers and their
+flags and mounts, and the Secrets deploy/make-certs.sh makes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+MANIFEST = DEPLOY / "linkedblob.yaml"
+CERT_MANAGER = DEPLOY / "cert-manager.yaml"
+SERVE_KINDS = {"blob", "link", "gateway", "gc"}
+
+Pod = dict[str, Any]
+Container = dict[str, Any]
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    """Every document of a multi-document YAML file; each a Kubernetes object."""
+    with path.open() as f:
+        docs = [d for d in yaml.safe_load_all(f) if d is not None]
+    for doc in docs:
+        assert {"apiVersion", "kind", "metadata"} <= doc.keys(), doc
+    return docs
+
+
+DOCS = load(MANIFEST)
+
+
+def one(kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in DOCS if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def pod_specs() -> list[Pod]:
+    return [d["spec"]["template"]["spec"] for d in DOCS if d["kind"] in ("Deployment", "Job")]
+
+
+def servers() -> dict[str, tuple[Pod, Container]]:
+    """{"blob"|"link"|"gateway"|"gc": (pod spec, container)} of the `serve` containers."""
+    found = {}
+    for pod in pod_specs():
+        for c in pod["containers"]:
+            if c["args"][0] == "serve":
+                found[c["args"][1]] = (pod, c)
+    assert set(found) == SERVE_KINDS
+    return found
+
+
+def flag(args: list[str], name: str) -> str:
+    """The value of ``name`` in ``args``, which must hold it exactly once."""
+    assert args.count(name) == 1, f"{name} once in {args}"
+    return args[args.index(name) + 1]
+
+
+def names(value: str) -> set[str]:
+    """The names of a comma-separated list."""
+    return {n.strip() for n in value.split(",") if n.strip()}
+
+
+def mounted(pod: Pod, container: Container, path: str) -> tuple[dict[str, Any], str]:
+    """The volume holding ``path`` in the container, and the file's key in it."""
+    for mount in container.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix):
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            return volume, path[len(prefix) :]
+    raise AssertionError(f"{path} is not on a mounted volume of {container['name']}")
+
+
+def config() -> dict[str, str]:
+    """The environment every service gets (ConfigMap linkedblob)."""
+    return dict(one("ConfigMap", "linkedblob")["data"])
+
+
+_SECRET_LINE = re.compile(
+    r"create secret generic (\S+) --type=kubernetes.io/tls --from-file=tls.crt=(\S+) "
+    r"--from-file=tls.key=(\S+) --from-file=ca.crt=(\S+)"
+)
+
+Secrets = dict[str, dict[str, Path]]
+
+
+def make_certs(out: Path, **env: str) -> Secrets:
+    """Runs deploy/make-certs.sh into ``out``; {secret name: {"tls.crt": path, "tls.key": ...,
+    "ca.crt": ...}} as the `kubectl create secret` commands it prints load them, and
+    "linkedblob-grant": {"secret": path}."""
+    printed = subprocess.run(
+        ["sh", str(DEPLOY / "make-certs.sh"), str(out)],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    secrets: Secrets = {}
+    for line in printed.splitlines():
+        if m := _SECRET_LINE.search(line):
+            secrets[m[1]] = {"tls.crt": Path(m[2]), "tls.key": Path(m[3]), "ca.crt": Path(m[4])}
+        elif "create secret generic linkedblob-grant --from-file=secret=" in line:
+            secrets["linkedblob-grant"] = {"secret": Path(line.rsplit("=", 1)[1])}
+    return secrets
+
+
+def serve_parsers() -> dict[str, Any]:
+    """linkedblob's argparse parsers of `serve blob|link|gateway|gc`."""
+    from linkedblob.cli import build_parser
+
+    parser = build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    return dict(serve._subparsers._group_actions[0].choices)
+
+
+def has_protection_flags() -> bool:
+    """Whether this tree's services have issue 11's flags (before the branches are merged,
+    the tests that run the manifest's arguments are skipped)."""
+    wanted = {
+        "blob": {"--tls-cert", "--tls-client-ca", "--allow-gateway", "--direct-port"},
+        "gateway": {"--backend-tls-cert", "--auth-token-key", "--grant-secret-file"},
+        "gc": {"--backend-tls-cert", "--grant-secret-file"},
+    }
+    parsers = serve_parsers()
+    return all(w <= parsers[k]._option_string_actions.keys() for k, w in wanted.items())
