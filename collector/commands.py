@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from collector import options as gc_options
+from linkedblob import grants
 from linkedblob.errors import StatusError
 
 _PROGRESS_DELAY = 0.5
@@ -91,7 +92,7 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"linkedblob gc: {exc}", file=sys.stderr)
         return 2
     links = GrpcLinkIndex(args.link_addr)
-    blobs = GrpcBlobStorage(args.blob_addr, args.grant_secret)
+    blobs = GrpcBlobStorage(args.blob_addr, grants.signer_from_args(args))
     try:
         runner = Runner(links, blobs, options, progress=TqdmProgress())
         try:
@@ -123,7 +124,7 @@ def _fsck(args: argparse.Namespace) -> int:
     from collector.grpc_backends import GrpcBlobStorage, GrpcLinkIndex
 
     links = GrpcLinkIndex(args.link_addr)
-    blobs = GrpcBlobStorage(args.blob_addr, args.grant_secret)
+    blobs = GrpcBlobStorage(args.blob_addr, grants.signer_from_args(args))
     try:
         check = Fsck(
             links,

@@ -184,7 +184,10 @@ class GrpcLinkIndex(_Channel):
 
 class GrpcBlobStorage(_Channel):
     def __init__(
-        self, address: str, grant_secret: str = "", timeout: float = DEFAULT_TIMEOUT
+        self,
+        address: str,
+        grant_secret: str | grants.Signer | None = "",
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__(address)
         self._stub = blob_pb2_grpc.BlobServiceStub(self.channel)  # type: ignore[no-untyped-call]

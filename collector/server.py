@@ -22,7 +22,7 @@ from collector import metrics as gc_metrics
 from collector.grpc_backends import GrpcBlobStorage, GrpcLinkIndex
 from collector.runner import Options, Runner
 from collector.stats import ERROR, RunStats
-from linkedblob import metrics, server
+from linkedblob import grants, metrics, server
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ async def _main(args: argparse.Namespace, options: Options) -> None:
         loop.add_signal_handler(sig, on_signal)
 
     links = GrpcLinkIndex(args.link_addr)
-    blobs = GrpcBlobStorage(args.blob_addr, args.grant_secret)
+    blobs = GrpcBlobStorage(args.blob_addr, grants.signer_from_args(args))
     runner = Runner(links, blobs, options, should_stop=stopping.is_set)
     log.info(
         "gc every %.0fs (grace %.0fs, upload expiry %.0fs) as %s",

@@ -219,8 +219,43 @@ def test_narrow_grants_allow_their_calls(stub: blob_pb2_grpc.BlobServiceStub, wo
         metadata=INTERNAL_GRANT,
     )
     assert committed.blob.digest == sha256(b"abcdefg")
+    # A new upload: the gateway makes its (empty) staging area when it hands out the grant.
+    stub.Write(write_requests(world.new_upload_id, b""), metadata=INTERNAL_GRANT)
     new = grant(WRITE, world.new_upload_id)
     assert stub.Write(write_requests(world.new_upload_id, b"fresh"), metadata=new).size == 5
+
+
+def test_a_write_grant_creates_no_upload(
+    blobsvc: ServiceProcess, stub: blob_pb2_grpc.BlobServiceStub, world: World
+) -> None:
+    """A write grant only appends to a staging area that exists: for an unknown upload (never
+    made, or committed or cancelled since) it is NOT_FOUND and nothing is created."""
+    before = snapshot(blobsvc.data)  # type: ignore[attr-defined]
+    new = grant(WRITE, world.new_upload_id)
+    with refused(Code.NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"):
+        stub.Write(write_requests(world.new_upload_id, b"fresh"), metadata=new)
+    assert snapshot(blobsvc.data) == before  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("finish", ["commit", "cancel"])
+def test_a_write_grant_writes_nothing_after_commit_or_cancel(
+    blobsvc: ServiceProcess, stub: blob_pb2_grpc.BlobServiceStub, world: World, finish: str
+) -> None:
+    write = grant(WRITE, world.upload_id)
+    if finish == "commit":
+        stub.Commit(
+            pb.CommitRequest(upload_id=world.upload_id, digest=sha256(b"abc")),
+            metadata=INTERNAL_GRANT,
+        )
+    else:
+        stub.Abort(pb.AbortRequest(upload_id=world.upload_id), metadata=INTERNAL_GRANT)
+    before = snapshot(blobsvc.data)  # type: ignore[attr-defined]
+    for offset in (0, 3):
+        with refused(Code.NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"):
+            stub.Write(write_requests(world.upload_id, b"more", offset=offset), metadata=write)
+    with refused(Code.NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"):
+        stub.UploadStatus(pb.UploadStatusRequest(upload_id=world.upload_id), metadata=write)
+    assert snapshot(blobsvc.data) == before  # type: ignore[attr-defined]
 
 
 def test_a_write_grant_stages_but_cannot_commit(
