@@ -89,8 +89,17 @@ class Grant:
         return self.expires < (time.time() if now is None else now)
 
 
+# ErrorInfo metadata of an expired grant's refusal: a client asks the gateway for a new one.
+EXPIRED = ("grant", "expired")
+
+
 def expired_error() -> LinkedBlobError:
-    return _unauthenticated("grant expired; ask the gateway for a new one")
+    return LinkedBlobError(
+        grpc.StatusCode.UNAUTHENTICATED,
+        Reason.UNAUTHORIZED,
+        "grant expired; ask the gateway for a new one",
+        dict([EXPIRED]),
+    )
 
 
 def _keys(secrets: list[str | bytes]) -> list[bytes]:
