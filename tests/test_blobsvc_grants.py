@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,3 +354,55 @@ def test_a_short_secret_is_refused_at_start(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--grant-secret" in result.stderr and "16 bytes" in result.stderr
+
+
+def test_secrets_from_a_file_rotate(tmp_path: Path) -> None:
+    """--grant-secret-file: the first line signs, every line verifies, and the file is re-read
+    when it changes (as a Kubernetes Secret is updated): a rotation never refuses a grant
+    signed by a secret still listed."""
+    old, new, gone = ("old-" + "a" * 30, "new-" + "b" * 30, "gone-" + "c" * 30)
+    secrets_file = tmp_path / "grant-secrets"
+    secrets_file.write_text(f"{old}\n{new}\n")
+    data = tmp_path / "data"
+    args = ("--data", str(data), "--grant-secret-file", str(secrets_file))
+    with running("blob", *args, env={"LINKEDBLOB_GRANT_SECRET": ""}) as svc, svc.channel() as ch:
+        stub = blob_pb2_grpc.BlobServiceStub(ch)
+
+        def stat_with(secret: str) -> str:
+            metadata = grant(INTERNAL, by=Signer(secret))
+            try:
+                stub.FindMissing(pb.FindMissingRequest(digests=[]), metadata=metadata)
+                return "OK"
+            except grpc.RpcError as err:
+                return err.code().name  # type: ignore[attr-defined,no-any-return]
+
+        assert [stat_with(s) for s in (old, new, gone)] == ["OK", "OK", "UNAUTHENTICATED"]
+        secrets_file.write_text(f"{new}\n")  # the rotation's last step: the old one is dropped
+        deadline = time.monotonic() + 10
+        while stat_with(old) == "OK":
+            assert time.monotonic() < deadline, "the file was not re-read"
+            time.sleep(0.1)
+        assert [stat_with(s) for s in (old, new, gone)] == [
+            "UNAUTHENTICATED",
+            "OK",
+            "UNAUTHENTICATED",
+        ]
+        secrets_file.write_text("")  # a broken file keeps the secrets read before
+        time.sleep(1.5)
+        assert stat_with(new) == "OK"
+
+
+def test_an_unreadable_secret_file_is_refused_at_start(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "linkedblob.cli", "serve", "blob", "--port", "0", "--open"],
+        env={
+            **os.environ,
+            "LINKEDBLOB_GRANT_SECRET_FILE": str(tmp_path / "absent"),
+            "LINKEDBLOB_DATA": str(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--grant-secret-file" in result.stderr and str(tmp_path) in result.stderr
