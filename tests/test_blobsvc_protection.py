@@ -22,8 +22,10 @@ import pytest
 from linkedblob.blob.v1 import blob_pb2 as pb
 from linkedblob.blob.v1 import blob_pb2_grpc
 from linkedblob.errors import error_info
+from linkedblob.v1 import registry_pb2, registry_pb2_grpc
 from tests.blobsvc_api_helpers import MiB, sha256
 from tests.services import ServiceProcess, running
+from tests.stack import running_stack
 
 Code = grpc.StatusCode
 
@@ -102,6 +104,46 @@ def test_header_only_writes_hold_no_descriptor(tmp_path: Path) -> None:
             assert after <= baseline + 10, (baseline, after)
 
         asyncio.run(run())
+
+
+def test_header_only_pushes_through_the_gateway_hold_no_blobsvc_descriptor(
+    tmp_path: Path,
+) -> None:
+    """The attack of the issue: header-only PushBlob streams, relayed into blobsvc Writes."""
+    streams = 200
+    with running_stack("sqlite", tmp_path) as stack:
+
+        async def run() -> None:
+            async with grpc.aio.insecure_channel(stack.address) as channel:
+                rpc = registry_pb2_grpc.RegistryStub(channel)
+                header = registry_pb2.PushBlobRequest.Header(
+                    repository="protect/push", media_type="a/b"
+                )
+                await rpc.PushBlob(
+                    iter([registry_pb2.PushBlobRequest(header=header), data_message(b"warm")])
+                )
+                baseline = fds(stack.blob)
+                calls = []
+                for _ in range(streams):
+                    call = rpc.PushBlob()  # type: ignore[call-arg]
+                    await call.write(registry_pb2.PushBlobRequest(header=header))
+                    calls.append(call)
+                await asyncio.sleep(2)  # the gateway relays them to blobsvc
+                during = fds(stack.blob)
+                # Everyone else is served meanwhile.
+                pushed = await rpc.PushBlob(
+                    iter([registry_pb2.PushBlobRequest(header=header), data_message(b"other")])
+                )
+                assert pushed.size == 5
+                for call in calls:
+                    call.cancel()
+            assert during <= baseline + 10, (baseline, during)
+
+        asyncio.run(run())
+
+
+def data_message(data: bytes) -> registry_pb2.PushBlobRequest:
+    return registry_pb2.PushBlobRequest(data=data)
 
 
 async def until_upload_size(stub: blob_pb2_grpc.BlobServiceStub, upload_id: str, size: int) -> None:
