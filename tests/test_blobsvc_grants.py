@@ -18,6 +18,7 @@ import pytest
 
 from linkedblob.blob.v1 import blob_pb2 as pb
 from linkedblob.blob.v1 import blob_pb2_grpc
+from linkedblob.errors import error_info
 from linkedblob.grants import INTERNAL, METADATA_KEY, READ, WRITE, Signer
 from tests.blobsvc_api_helpers import read_all, refused, write_requests
 from tests.services import ServiceProcess, running
@@ -406,3 +407,27 @@ def test_an_unreadable_secret_file_is_refused_at_start(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--grant-secret-file" in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_a_write_grant_is_checked_on_every_message(
+    stub: blob_pb2_grpc.BlobServiceStub, world: World
+) -> None:
+    """A stream opened within its grant's lifetime does not write past it: the message after
+    the expiry ends the stream (grant=expired); what was staged before it stays."""
+    write = grant(WRITE, world.upload_id, ttl=1)
+    expires = signer.verify(write[0][1]).expires
+
+    def slow() -> Iterator[pb.WriteRequest]:
+        yield pb.WriteRequest(upload_id=world.upload_id, offset=3, data=b"d")
+        while time.time() <= expires + 0.5:
+            time.sleep(0.1)
+        yield pb.WriteRequest(data=b"late")
+
+    with refused(Code.UNAUTHENTICATED, "UNAUTHORIZED") as caught:
+        stub.Write(slow(), metadata=write)
+    info = error_info(caught[0])
+    assert info is not None and info.metadata["grant"] == "expired"
+    status = stub.UploadStatus(
+        pb.UploadStatusRequest(upload_id=world.upload_id), metadata=INTERNAL_GRANT
+    )
+    assert status.size == 4

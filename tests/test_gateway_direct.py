@@ -6,8 +6,11 @@ secret, honours exactly that grant. Without a secret the gateway offers nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -345,3 +348,36 @@ def test_a_gateway_signs_with_the_first_secret_of_its_file(
     token = rpc.LocateBlob(pb.LocateBlobRequest(repository=repo, digest=desc.digest)).direct.grant
     assert grants.Signer(stack.grant_secret).verify(token).subject == desc.digest
     assert read(blobsvc, desc.digest, token) == data
+
+
+def test_the_collector_signs_with_its_secret_file(stack: Stack, tmp_path: Path) -> None:
+    def gc(secrets_text: str) -> subprocess.CompletedProcess[str]:
+        secret_file = tmp_path / "grant-secrets"
+        secret_file.write_text(secrets_text)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "linkedblob.cli",
+                "gc",
+                "--json",
+                "--dry-run",
+                "--link-addr",
+                stack.link.address,
+                "--blob-addr",
+                stack.blob.address,
+                "--grant-secret-file",
+                str(secret_file),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, GRANT_SECRET_ENV: ""},
+        )
+
+    ok = gc(f"{stack.grant_secret}\n{'n' * 32}\n")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["outcome"] == "ok"
+    refused = gc(f"{'w' * 32}\n{stack.grant_secret}\n")  # signs with one blobsvc does not know
+    assert refused.returncode != 0
+    assert "UNAUTHENTICATED" in refused.stdout + refused.stderr
