@@ -68,7 +68,8 @@ class StreamLimits:
             return
         while True:
             try:
-                raw = await asyncio.wait_for(anext(messages), self.idle_timeout)
+                async with asyncio.timeout(self.idle_timeout):  # no task per message
+                    raw = await anext(messages)
             except StopAsyncIteration:
                 return
             except TimeoutError:

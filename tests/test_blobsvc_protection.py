@@ -49,15 +49,19 @@ async def blob_stub(svc: ServiceProcess) -> AsyncIterator[blob_pb2_grpc.BlobServ
 async def held_write(
     stub: blob_pb2_grpc.BlobServiceStub, upload_id: str, data: bytes = b"", **first: object
 ) -> grpc.aio.StreamUnaryCall:
-    """A Write stream that sent its first message and is left open."""
+    """A Write stream that sent its first message and is left open. A stream the server
+    ended already fails its sends with a status of gRPC's own: the server's comes from
+    awaiting the call."""
     call = stub.Write()  # type: ignore[call-arg]
-    await call.write(pb.WriteRequest(upload_id=upload_id, data=data, **first))  # type: ignore[arg-type]
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await call.write(pb.WriteRequest(upload_id=upload_id, data=data, **first))  # type: ignore[arg-type]
     return call
 
 
 async def write(stub: blob_pb2_grpc.BlobServiceStub, upload_id: str, data: bytes, **first: object):  # type: ignore[no-untyped-def]
     call = await held_write(stub, upload_id, data, **first)
-    await call.done_writing()
+    with contextlib.suppress(grpc.aio.AioRpcError):  # ended by the server: see held_write
+        await call.done_writing()
     return await call
 
 
