@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from blobsvc.limits import add_limit_options
+from linkedblob import grants
 from linkedblob.config import BLOB_PORT, add_option
 from linkedblob.peers import add_peer_options
 
@@ -49,3 +51,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "on the command line); set, every call needs a grant signed with it (see "
         "linkedblob.grants); empty, none is needed",
     )
+    grants.add_secret_file_option(parser)
+    add_limit_options(parser)

@@ -9,12 +9,13 @@ import sys
 import grpc
 
 from blobsvc import roles
+from blobsvc.limits import StreamLimits
 from blobsvc.servicer import RAW_REQUESTS, RAW_RESPONSES, SERVICE_NAME, BlobServicer
 from blobsvc.storage import open_storage
 from blobsvc.store import BlobStore
 from linkedblob import peers, tls
 from linkedblob.blob.v1 import blob_pb2
-from linkedblob.grants import Signer
+from linkedblob.grants import signer_from_args
 from linkedblob.server import Service, add_handlers, run
 from linkedblob.server import method_handlers as server_method_handlers
 from linkedblob.tuning import limit_malloc_arenas
@@ -43,9 +44,9 @@ def method_handlers(servicer: BlobServicer) -> dict[str, grpc.RpcMethodHandler]:
 
 def serve(args: argparse.Namespace) -> int | None:
     try:
-        signer = Signer(args.grant_secret) if args.grant_secret else None
+        signer = signer_from_args(args)
     except ValueError as exc:
-        print(f"linkedblob blob: --grant-secret: {exc}", file=sys.stderr)
+        print(f"linkedblob blob: {exc}", file=sys.stderr)
         return 2
     direct = args.direct_port >= 0
     try:
@@ -62,7 +63,8 @@ def serve(args: argparse.Namespace) -> int | None:
     limit_malloc_arenas(MALLOC_ARENAS)
     storage = open_storage(args.storage, args.data, direct_io=args.direct_io == "auto")
     store = BlobStore(storage)
-    handlers = method_handlers(BlobServicer(store, signer))
+    limits = StreamLimits(args.idle_stream_timeout, args.max_open_uploads)
+    handlers = method_handlers(BlobServicer(store, signer, limits))
 
     def register(server: grpc.aio.Server) -> None:
         add_handlers(server, SERVICE_NAME, handlers)

@@ -8,6 +8,14 @@ allows it, checked before the request touches storage: "read" of a digest for St
 for Commit, Abort, Put, Delete, List, ListUploads and FindMissing). The token is verified when the
 call starts (UNAUTHENTICATED / UNAUTHORIZED), its scope once the request names its subject
 (PERMISSION_DENIED / DENIED); for Write, after the first message and before any byte is written.
+A write grant is bound to state: its Write only appends to a staging area that exists (the
+gateway creates it when it issues the grant), so after a commit or cancel it is NOT_FOUND and
+creates nothing; and its expiry is checked on every message (UNAUTHENTICATED / UNAUTHORIZED
+"grant expired" ends the stream, the bytes before it stay staged).
+
+Limits (blobsvc.limits): a Write stream idle for ``idle_stream_timeout`` seconds is ended with
+RESOURCE_EXHAUSTED / STREAM_IDLE; at most ``max_open_uploads`` Write streams run at once, the
+next answered RESOURCE_EXHAUSTED / TOO_MANY_REQUESTS (limit=open_uploads).
 
 The byte streams skip protobuf for their data messages (see linkedblob.wire and
 blobsvc.server.method_handlers): Write receives raw serialized WriteRequests and takes a
@@ -17,6 +25,7 @@ itself. That saves two or three copies of every MiB on the hot path.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -24,6 +33,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from blobsvc.limits import StreamLimits
 from blobsvc.storage import UploadInfo, validate_upload_id
 from blobsvc.store import MAX_FIND_MISSING, BlobStore, CommitSpec, Committed
 from linkedblob import metrics, wire
@@ -36,7 +46,7 @@ from linkedblob.errors import (
     invalid_argument,
     resource_exhausted,
 )
-from linkedblob.grants import INTERNAL, READ, WRITE, Grant, Signer, token_from
+from linkedblob.grants import INTERNAL, READ, WRITE, Grant, Signer, expired_error, token_from
 from linkedblob.rpc import servicer_method
 from linkedblob.transport import BLOB_READ, BLOB_READ_DATA, BLOB_WRITE, BLOB_WRITE_DATA
 
@@ -100,14 +110,18 @@ def _parse_write_request(raw: bytes) -> pb.WriteRequest:
 
 
 async def _write_data(
-    first: pb.WriteRequest, rest: AsyncIterator[bytes]
+    first: pb.WriteRequest, rest: AsyncIterator[bytes], grant: Grant | None
 ) -> AsyncIterator[bytes | memoryview]:
     """The data of a Write stream's messages, each checked against the size limit (before it
-    is written): a view into the raw message when it holds only data (the usual case)."""
+    is written): a view into the raw message when it holds only data (the usual case). A
+    client's write grant is checked on every message (its expiry: cheap)."""
+    expires = grant.expires if grant is not None and grant.action != INTERNAL else None
     data: bytes | memoryview = _check_chunk(first.data)
     _bytes_in_write.inc(len(data))
     yield data
     async for raw in rest:
+        if expires is not None and expires < time.time():
+            raise expired_error()
         view = wire.data_payload(raw, BLOB_WRITE_DATA)
         data = _check_chunk(view if view is not None else _parse_write_request(raw).data)
         _bytes_in_write.inc(len(data))
@@ -128,9 +142,12 @@ def _require(grant: Grant | None, action: str, subject: str = "") -> None:
 class BlobServicer:
     """Implements every method of BlobService (registered by blobsvc.server.method_handlers)."""
 
-    def __init__(self, store: BlobStore, signer: Signer | None = None) -> None:
+    def __init__(
+        self, store: BlobStore, signer: Signer | None = None, limits: StreamLimits | None = None
+    ) -> None:
         self.store = store
         self.signer = signer  # None: no grants required
+        self.limits = limits or StreamLimits()
 
     def _grant(self, context: grpc.aio.ServicerContext) -> Grant | None:
         """The call's verified grant (None when grants are not required)."""
@@ -181,7 +198,10 @@ class BlobServicer:
     ) -> pb.WriteResponse:
         """Takes serialized WriteRequests (RAW_REQUESTS)."""
         grant = self._grant(context)
-        messages = aiter(request_iterator)
+        with self.limits.open_upload():
+            return await self._write(grant, self.limits.idle(aiter(request_iterator)))
+
+    async def _write(self, grant: Grant | None, messages: AsyncIterator[bytes]) -> pb.WriteResponse:
         first_raw = await anext(messages, None)
         if first_raw is None:
             raise invalid_argument(
@@ -203,9 +223,12 @@ class BlobServicer:
             upload_id,
             first.offset,
             algorithm,
-            _write_data(first, messages),
+            _write_data(first, messages, grant),
             commit,
             staged_digest=first.want_staged_digest,
+            # A client's write grant appends to the staging area the gateway made, never
+            # creates one (so it cannot outlive a commit or cancel).
+            create=grant is None or grant.action == INTERNAL,
         )
         if result.committed is None:
             staged = str(result.staged_digest) if result.staged_digest else ""

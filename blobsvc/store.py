@@ -10,6 +10,11 @@ Hashing: each upload's hash state is kept in memory as its bytes arrive (blobsvc
 a commit, or the staged digest a Write without commit answers, only reads it. When no state
 covers the staged bytes (after a restart, when another replica wrote, or for a commit with
 another algorithm) they are re-read.
+
+Protection: a Write opens no file before its first data byte, a client's write grant never
+creates an upload, a failed one-shot Write drops its staging area (see write), and the storage
+faults a client can act on (full disk, out of descriptors) become statuses here, once, for
+every driver call (blobsvc.storage.faults).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from prometheus_client import Counter
 
 from blobsvc.hashing import HashStates, RunningHash, hash_staged
 from blobsvc.jobs import finish, finished, outcome, settle
-from blobsvc.storage import StagedUpload, Storage, UploadInfo, validate_upload_id
+from blobsvc.storage import StagedUpload, Storage, UploadInfo, busy, validate_upload_id
+from blobsvc.storage.faults import mapped
 from linkedblob import paging
 from linkedblob.config import STREAM_CHUNK_BYTES
 from linkedblob.digests import DEFAULT_ALGORITHM, Digest
@@ -117,6 +123,9 @@ class BlobStore:
         self._pipeline_depth = pipeline_depth
         self._read_ahead = read_ahead
         self._read_ahead_budget = read_ahead_budget_bytes  # bytes of extra read-ahead left
+        # Write streams here that have not opened their upload yet (waiting for their first
+        # byte), by upload id: an abort waits for them as for a holder (ABORTED, retry).
+        self._arriving: collections.Counter[str] = collections.Counter()
 
     async def close(self) -> None:
         await asyncio.to_thread(self._executor.shutdown, wait=True)
@@ -125,7 +134,8 @@ class BlobStore:
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) in a worker thread. Cancelling the caller does not stop a job that has
         started: see blobsvc.jobs.outcome."""
-        return await outcome(self._executor.submit(fn, *args))
+        with mapped():
+            return await outcome(self._executor.submit(fn, *args))
 
     async def _open(self, fn: Callable[..., _Held], *args: object) -> _Held:
         """Like _run, for a job that returns something to close (an upload, which holds its
@@ -133,7 +143,8 @@ class BlobStore:
         worker opens it, nobody else would ever close it, so it is closed here."""
         job = self._executor.submit(fn, *args)
         try:
-            return await outcome(job)
+            with mapped():
+                return await outcome(job)
         except asyncio.CancelledError:
             if not job.cancelled() and job.exception() is None:
                 held = job.result()
@@ -187,7 +198,8 @@ class BlobStore:
                     submitted += length
                 if not pending:
                     break
-                chunk = await outcome(pending[0])
+                with mapped():
+                    chunk = await outcome(pending[0])
                 pending.popleft()
                 if borrowed:  # one chunk fewer ahead
                     borrowed -= STREAM_CHUNK_BYTES
@@ -283,7 +295,10 @@ class BlobStore:
         return page, next_token
 
     async def abort(self, upload_id: str) -> None:
-        """Drops the upload's staged bytes; an unknown upload is fine (idempotent)."""
+        """Drops the upload's staged bytes; an unknown upload is fine (idempotent). ABORTED
+        while a stream writes it, or is about to (it has not received its first byte)."""
+        if self._arriving[upload_id]:
+            raise busy(upload_id)
         upload = await self._open(self.storage.open_upload, upload_id)
         self._hashes.forget(upload_id)
         if upload is None:
@@ -308,11 +323,19 @@ class BlobStore:
         chunks: AsyncIterable[bytes | memoryview],
         commit: CommitSpec | None = None,
         staged_digest: bool = False,
+        *,
+        create: bool = True,
     ) -> WriteResult:
         """Appends ``chunks`` to the upload at ``offset`` (which must equal its staged size;
-        offset 0 creates an unknown upload hashing with ``algorithm``), then commits when
-        ``commit`` is given; otherwise, with ``staged_digest``, the result has the digest of all
-        the staged bytes.
+        offset 0 creates an unknown upload hashing with ``algorithm``, unless ``create`` is
+        False: a client's write grant, which only appends to an upload that exists), then
+        commits when ``commit`` is given; otherwise, with ``staged_digest``, the result has the
+        digest of all the staged bytes.
+
+        Lazy: the offset is checked against the staged size (a stat) at once, but the upload
+        is opened only when the first data byte arrives (or the stream ends), so an idle or
+        header-only stream holds no descriptor. A stream that asks to commit and created the
+        upload (one-shot) drops it when it fails; a resumable one keeps what was written.
 
         Pipelined: each chunk goes to two lanes, the file write and the running hash, each
         run in order in worker threads, beside each other and beside the caller's iterator
@@ -320,45 +343,79 @@ class BlobStore:
         waits), so a stream holds a few chunks at most, whatever the blob's size."""
         if offset < 0:
             raise invalid_argument(Reason.BLOB_UPLOAD_INVALID, f"negative offset {offset}")
-        if offset == 0:
-            upload = await self._open(self.storage.open_upload, upload_id, algorithm)
-            assert upload is not None
-        else:
-            upload = await self._open_existing(upload_id)
+        self._arriving[upload_id] += 1
         try:
-            if upload.size != offset:
-                raise out_of_range(
-                    Reason.BLOB_UPLOAD_INVALID,
-                    f"upload {upload_id} has {upload.size} bytes staged; cannot write at {offset}",
-                    size=upload.size,
-                )
-            state = self._hashes.for_write(upload)
-            in_flight: list[asyncio.Future[None]] = []  # the lanes' jobs, oldest first
-            most_in_flight = self._pipeline_depth * (1 if state is None else 2)
-            last_write: asyncio.Future[None] | None = None
-            last_hash: asyncio.Future[None] | None = None
-            try:
-                async for data in chunks:
-                    if not data:
-                        continue
-                    last_write = self._in_order(last_write, upload.append, data)
-                    in_flight.append(last_write)
-                    if state is not None:
-                        last_hash = self._in_order(last_hash, state.update, data)
-                        in_flight.append(last_hash)
-                    await finish(in_flight, keep=most_in_flight)
-                await finish(in_flight)
-            finally:
-                for future in in_flight:
-                    await settle(future)
-            size = upload.size
-            if commit is not None:
-                return WriteResult(size, await self._commit_held(upload, commit))
-            if staged_digest:
-                return WriteResult(size, None, await self._staged_digest(upload))
-            return WriteResult(size, None)
+            staged = await self._run(self.storage.upload_size, upload_id)
+            if staged is None and (offset > 0 or not create):
+                raise not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} not found")
+            if staged is not None and staged != offset:
+                raise _wrong_offset(upload_id, staged, offset)
+            messages = aiter(chunks)
+            first: bytes | memoryview = b""
+            async for data in messages:  # no descriptor until there is something to write
+                if data:
+                    first = data
+                    break
+            if not first and commit is None and not staged_digest and staged is not None:
+                return WriteResult(staged, None)  # nothing to write or answer
+            # Created only when it was not there: one committed meanwhile is not made again.
+            create_with = algorithm if staged is None else None
+            upload = await self._open(self.storage.open_upload, upload_id, create_with)
+        finally:
+            self._arriving[upload_id] -= 1
+            if not self._arriving[upload_id]:
+                del self._arriving[upload_id]
+        if upload is None:  # committed or aborted meanwhile
+            raise not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} not found")
+        one_shot = commit is not None and staged is None
+        try:
+            return await self._write_held(
+                upload, offset, _chain(first, messages), commit, staged_digest
+            )
+        except BaseException:
+            if one_shot:  # nothing resumable depends on it: free its space now
+                self._hashes.forget(upload_id)
+                await settle(asyncio.wrap_future(self._submit(upload.discard)))
+            raise
         finally:
             upload.close()
+
+    async def _write_held(
+        self,
+        upload: StagedUpload,
+        offset: int,
+        chunks: AsyncIterable[bytes | memoryview],
+        commit: CommitSpec | None,
+        staged_digest: bool,
+    ) -> WriteResult:
+        """write() once the upload is open (the caller closes it)."""
+        if upload.size != offset:
+            raise _wrong_offset(upload.upload_id, upload.size, offset)
+        state = self._hashes.for_write(upload)
+        in_flight: list[asyncio.Future[None]] = []  # the lanes' jobs, oldest first
+        most_in_flight = self._pipeline_depth * (1 if state is None else 2)
+        last_write: asyncio.Future[None] | None = None
+        last_hash: asyncio.Future[None] | None = None
+        try:
+            async for data in chunks:
+                if not data:
+                    continue
+                last_write = self._in_order(last_write, upload.append, data)
+                in_flight.append(last_write)
+                if state is not None:
+                    last_hash = self._in_order(last_hash, state.update, data)
+                    in_flight.append(last_hash)
+                await finish(in_flight, keep=most_in_flight)
+            await finish(in_flight)
+        finally:
+            for future in in_flight:
+                await settle(future)
+        size = upload.size
+        if commit is not None:
+            return WriteResult(size, await self._commit_held(upload, commit))
+        if staged_digest:
+            return WriteResult(size, None, await self._staged_digest(upload))
+        return WriteResult(size, None)
 
     async def _staged_digest(self, upload: StagedUpload) -> Digest:
         """The digest of all of the (held) upload's bytes with its algorithm: from a copy of
@@ -409,3 +466,20 @@ class BlobStore:
         existed = await self._run(upload.store_as, actual)
         self._hashes.forget(upload.upload_id)
         return Committed(actual, size, existed)
+
+
+def _wrong_offset(upload_id: str, size: int, offset: int) -> LinkedBlobError:
+    return out_of_range(
+        Reason.BLOB_UPLOAD_INVALID,
+        f"upload {upload_id} has {size} bytes staged; cannot write at {offset}",
+        size=size,
+    )
+
+
+async def _chain(
+    first: bytes | memoryview, rest: AsyncIterator[bytes | memoryview]
+) -> AsyncIterator[bytes | memoryview]:
+    if first:
+        yield first
+    async for data in rest:
+        yield data

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from collector import options as gc_options
-from linkedblob import tls
+from linkedblob import grants, tls
 from linkedblob.errors import StatusError
 
 _PROGRESS_DELAY = 0.5
@@ -89,11 +89,12 @@ def _gc(args: argparse.Namespace) -> int:
     try:
         options = options_from(args, dry_run=args.dry_run)
         credentials = tls.client_credentials_from_args(args)
+        signer = grants.signer_from_args(args)
     except ValueError as exc:
         print(f"linkedblob gc: {exc}", file=sys.stderr)
         return 2
     links = GrpcLinkIndex(args.link_addr, credentials=credentials)
-    blobs = GrpcBlobStorage(args.blob_addr, args.grant_secret, credentials=credentials)
+    blobs = GrpcBlobStorage(args.blob_addr, signer, credentials=credentials)
     try:
         runner = Runner(links, blobs, options, progress=TqdmProgress())
         try:
@@ -126,10 +127,11 @@ def _fsck(args: argparse.Namespace) -> int:
 
     try:
         credentials = tls.client_credentials_from_args(args)
+        signer = grants.signer_from_args(args)
     except ValueError as exc:
         tls.exit_with("fsck", exc)
     links = GrpcLinkIndex(args.link_addr, credentials=credentials)
-    blobs = GrpcBlobStorage(args.blob_addr, args.grant_secret, credentials=credentials)
+    blobs = GrpcBlobStorage(args.blob_addr, signer, credentials=credentials)
     try:
         check = Fsck(
             links,

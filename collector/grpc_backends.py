@@ -192,7 +192,7 @@ class GrpcBlobStorage(_Channel):
     def __init__(
         self,
         address: str,
-        grant_secret: str = "",
+        grant_secret: str | grants.Signer | None = "",
         timeout: float = DEFAULT_TIMEOUT,
         *,
         credentials: grpc.ChannelCredentials | None = None,

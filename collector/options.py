@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from linkedblob import grants
 from linkedblob.config import (
     BLOB_PORT,
     GC_PORT,
@@ -34,6 +35,7 @@ def add_backends(parser: argparse.ArgumentParser) -> None:
         help="blobsvc's grant secret, when it has one (pass it in the environment, not on the "
         "command line): the collector signs itself an internal grant",
     )
+    grants.add_secret_file_option(parser)
 
 
 def add_upload_expiry(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from collector import metrics as gc_metrics
 from collector.grpc_backends import GrpcBlobStorage, GrpcLinkIndex
 from collector.runner import Options, Runner
 from collector.stats import ERROR, RunStats
-from linkedblob import metrics, server, tls
+from linkedblob import grants, metrics, server, tls
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,10 @@ def _run_once(runner: Runner) -> RunStats:
 
 
 async def _main(
-    args: argparse.Namespace, options: Options, credentials: grpc.ChannelCredentials | None = None
+    args: argparse.Namespace,
+    options: Options,
+    credentials: grpc.ChannelCredentials | None = None,
+    signer: grants.Signer | None = None,
 ) -> None:
     service = server.Service(name="gc", service_names=[], register=lambda _server: None)
     running = await server.start(service, args.host, args.port)
@@ -70,7 +73,7 @@ async def _main(
         loop.add_signal_handler(sig, on_signal)
 
     links = GrpcLinkIndex(args.link_addr, credentials=credentials)
-    blobs = GrpcBlobStorage(args.blob_addr, args.grant_secret, credentials=credentials)
+    blobs = GrpcBlobStorage(args.blob_addr, signer, credentials=credentials)
     runner = Runner(links, blobs, options, should_stop=stopping.is_set)
     log.info(
         "gc every %.0fs (grace %.0fs, upload expiry %.0fs) as %s",
@@ -98,12 +101,13 @@ def serve(args: argparse.Namespace) -> int:
     try:
         options = options_from(args)
         credentials = tls.client_credentials_from_args(args)
+        signer = grants.signer_from_args(args)
     except ValueError as exc:
         print(f"linkedblob serve gc: {exc}", file=sys.stderr)
         return 2
     try:
         with asyncio.Runner(loop_factory=server.event_loop_factory()) as runner:
-            runner.run(_main(args, options, credentials))
+            runner.run(_main(args, options, credentials, signer))
     except OSError as exc:
         print(f"linkedblob gc: {exc}", file=sys.stderr)
         return 1

@@ -21,11 +21,22 @@ Metadata = tuple[tuple[str, str], ...]
 class GrantIssuer:
     """Signs the grants: the clients' (for one digest or one upload) and the gateway's own."""
 
-    def __init__(self, secret: str, public_addr: str, ttl: float) -> None:
-        self._signer = grants.Signer(secret) if secret else None
+    def __init__(
+        self,
+        signer: grants.Signer | str | None,
+        public_addr: str,
+        ttl: float,
+        read_ttl: float | None = None,
+    ) -> None:
+        """``ttl``: of write grants; ``read_ttl``: of read grants (default ``ttl``), short, since
+        a read grant keeps reading a blob whose link was deleted until it expires."""
+        if isinstance(signer, str):
+            signer = grants.Signer(signer) if signer else None
+        self._signer = signer
         self.public_addr = public_addr
         self.ttl = ttl
-        self._internal = grants.InternalGrant(secret)
+        self.read_ttl = ttl if read_ttl is None else read_ttl
+        self._internal = grants.InternalGrant(signer)
 
     @property
     def offered(self) -> bool:
@@ -36,10 +47,12 @@ class GrantIssuer:
         return self._internal.metadata()
 
     def read(self, digest: str) -> registry_pb2.DirectAccess:
-        return self._issue(grants.READ, digest)
+        return self._issue(grants.READ, digest, self.read_ttl)
 
     def write(self, upload_id: str) -> registry_pb2.DirectAccess:
-        return self._issue(grants.WRITE, upload_id)
+        """A grant to append to the upload's staging area, which the caller has created
+        (gateway.uploads.Uploads.prepare_direct): blobsvc creates none for a write grant."""
+        return self._issue(grants.WRITE, upload_id, self.ttl)
 
     def require(self) -> grants.Signer:
         """The signer; FAILED_PRECONDITION / UNSUPPORTED when direct access is not offered."""
@@ -51,9 +64,9 @@ class GrantIssuer:
             )
         return self._signer
 
-    def _issue(self, action: str, subject: str) -> registry_pb2.DirectAccess:
+    def _issue(self, action: str, subject: str, ttl: float) -> registry_pb2.DirectAccess:
         signer = self.require()
-        token = signer.sign(action, subject, self.ttl)
+        token = signer.sign(action, subject, ttl)
         expires = signer.verify(token).expires  # exactly what blobsvc will check
         return registry_pb2.DirectAccess(
             address=self.public_addr,

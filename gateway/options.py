@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from gateway.auth import config as auth_config
-from linkedblob.config import BLOB_PORT, GATEWAY_PORT, LINK_PORT, add_option
+from linkedblob import grants
+from linkedblob.config import BLOB_PORT, GATEWAY_PORT, LINK_PORT, add_duration_option, add_option
 from linkedblob.tls import add_client_tls_options
 
 HELP = "the public API (linkedblob.v1.Registry)"
@@ -20,6 +21,19 @@ DEFAULT_LINK_CACHE_SIZE = 10_000
 # and their link (linksvc's default; it allows at most MAX_LEASE_TTL).
 DEFAULT_LEASE_TTL = 600.0
 MAX_LEASE_TTL = 86_400.0
+
+
+def add_grant_options(parser: argparse.ArgumentParser) -> None:
+    """The grant secret file and the read grants' lifetime."""
+    grants.add_secret_file_option(parser)
+    add_duration_option(
+        parser,
+        "--read-grant-ttl",
+        default="60s",
+        help="how long a read grant (LocateBlob) is valid, checked when a Read starts: a deleted "
+        "link stays readable through one already issued at most this long, plus a read in "
+        "progress",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,8 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grant-ttl",
         type=float,
         default=300.0,
-        help="seconds a grant handed to a client is valid (checked when a call starts)",
+        help="seconds a write grant handed to a client is valid (checked on every message of a "
+        "Write; the client then asks for a new one)",
     )
+    add_grant_options(parser)
     add_option(
         parser,
         "--link-cache-ttl",

@@ -18,6 +18,7 @@ from gateway.registry import Registry
 from gateway.servicer import RegistryServicer
 from gateway.uploads import Uploads
 from linkedblob import tls
+from linkedblob.grants import signer_from_args
 from linkedblob.server import Service, add_handlers, run
 from linkedblob.server import method_handlers as server_method_handlers
 from linkedblob.transport import bounded_windows
@@ -55,10 +56,13 @@ def _server_windows() -> list[tuple[str, int]]:
 def serve(args: argparse.Namespace) -> int | None:
     try:
         grants = GrantIssuer(
-            args.grant_secret, args.blob_public_addr or args.blob_addr, args.grant_ttl
+            signer_from_args(args),
+            args.blob_public_addr or args.blob_addr,
+            args.grant_ttl,
+            args.read_grant_ttl,
         )
     except ValueError as exc:
-        print(f"linkedblob gateway: --grant-secret: {exc}", file=sys.stderr)
+        print(f"linkedblob gateway: {exc}", file=sys.stderr)
         return 2
     if not 1 <= args.lease_ttl <= MAX_LEASE_TTL:
         print(

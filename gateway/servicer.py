@@ -192,6 +192,7 @@ class RegistryServicer:
         session = await self._uploads.start(repository)
         upload = _upload(session, 0)
         if request.direct:
+            await self._uploads.prepare_direct(session)
             upload.direct.CopyFrom(self._grants.write(session.id))
         return upload
 
@@ -237,6 +238,7 @@ class RegistryServicer:
         session, staged = await self._uploads.status(repository, upload_id)
         upload = _upload(session, staged)
         if request.direct:
+            await self._uploads.prepare_direct(session, staged)
             upload.direct.CopyFrom(self._grants.write(upload_id))
         return upload
 

@@ -71,6 +71,22 @@ class Uploads:
     async def start(self, repository: str) -> UploadSession:
         return await self._links.create_session(repository)
 
+    async def prepare_direct(self, session: UploadSession, staged: int = 0) -> None:
+        """Makes sure an active upload has a staging area in blobsvc before a write grant for
+        it is handed out: a client's grant only appends to one that exists (blobsvc creates
+        none for it), so once the upload is committed or cancelled (its staging area gone) the
+        grant writes nothing. An empty internal Write at 0 creates it (no descriptor is kept
+        open); one with bytes (``staged``, or OUT_OF_RANGE) is left as it is, and so is a
+        session that recorded bytes blobsvc no longer stages (an earlier commit stored them
+        and stopped before linking: the next commit finishes that, see _commit_staged)."""
+        if staged > 0 or session.size > 0:
+            return
+        try:
+            await self._blobs.write(session.id, 0, b"")
+        except LinkedBlobError as err:
+            if err.code != StatusCode.OUT_OF_RANGE:
+                raise
+
     async def write(
         self, repository: str, upload_id: str, offset: int, data: bytes, rest: IncomingData
     ) -> tuple[UploadSession, int]:

@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from linkedblob.blob.v1 import blob_pb2 as pb
 from linkedblob.blob.v1 import blob_pb2_grpc
+from linkedblob.errors import error_info
 from linkedblob.grants import INTERNAL, METADATA_KEY, READ, WRITE, Signer
 from tests.blobsvc_api_helpers import read_all, refused, write_requests
 from tests.services import ServiceProcess, running
@@ -219,8 +221,43 @@ def test_narrow_grants_allow_their_calls(stub: blob_pb2_grpc.BlobServiceStub, wo
         metadata=INTERNAL_GRANT,
     )
     assert committed.blob.digest == sha256(b"abcdefg")
+    # A new upload: the gateway makes its (empty) staging area when it hands out the grant.
+    stub.Write(write_requests(world.new_upload_id, b""), metadata=INTERNAL_GRANT)
     new = grant(WRITE, world.new_upload_id)
     assert stub.Write(write_requests(world.new_upload_id, b"fresh"), metadata=new).size == 5
+
+
+def test_a_write_grant_creates_no_upload(
+    blobsvc: ServiceProcess, stub: blob_pb2_grpc.BlobServiceStub, world: World
+) -> None:
+    """A write grant only appends to a staging area that exists: for an unknown upload (never
+    made, or committed or cancelled since) it is NOT_FOUND and nothing is created."""
+    before = snapshot(blobsvc.data)  # type: ignore[attr-defined]
+    new = grant(WRITE, world.new_upload_id)
+    with refused(Code.NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"):
+        stub.Write(write_requests(world.new_upload_id, b"fresh"), metadata=new)
+    assert snapshot(blobsvc.data) == before  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("finish", ["commit", "cancel"])
+def test_a_write_grant_writes_nothing_after_commit_or_cancel(
+    blobsvc: ServiceProcess, stub: blob_pb2_grpc.BlobServiceStub, world: World, finish: str
+) -> None:
+    write = grant(WRITE, world.upload_id)
+    if finish == "commit":
+        stub.Commit(
+            pb.CommitRequest(upload_id=world.upload_id, digest=sha256(b"abc")),
+            metadata=INTERNAL_GRANT,
+        )
+    else:
+        stub.Abort(pb.AbortRequest(upload_id=world.upload_id), metadata=INTERNAL_GRANT)
+    before = snapshot(blobsvc.data)  # type: ignore[attr-defined]
+    for offset in (0, 3):
+        with refused(Code.NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"):
+            stub.Write(write_requests(world.upload_id, b"more", offset=offset), metadata=write)
+    with refused(Code.NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"):
+        stub.UploadStatus(pb.UploadStatusRequest(upload_id=world.upload_id), metadata=write)
+    assert snapshot(blobsvc.data) == before  # type: ignore[attr-defined]
 
 
 def test_a_write_grant_stages_but_cannot_commit(
@@ -318,3 +355,79 @@ def test_a_short_secret_is_refused_at_start(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--grant-secret" in result.stderr and "16 bytes" in result.stderr
+
+
+def test_secrets_from_a_file_rotate(tmp_path: Path) -> None:
+    """--grant-secret-file: the first line signs, every line verifies, and the file is re-read
+    when it changes (as a Kubernetes Secret is updated): a rotation never refuses a grant
+    signed by a secret still listed."""
+    old, new, gone = ("old-" + "a" * 30, "new-" + "b" * 30, "gone-" + "c" * 30)
+    secrets_file = tmp_path / "grant-secrets"
+    secrets_file.write_text(f"{old}\n{new}\n")
+    data = tmp_path / "data"
+    args = ("--data", str(data), "--grant-secret-file", str(secrets_file))
+    with running("blob", *args, env={"LINKEDBLOB_GRANT_SECRET": ""}) as svc, svc.channel() as ch:
+        stub = blob_pb2_grpc.BlobServiceStub(ch)
+
+        def stat_with(secret: str) -> str:
+            metadata = grant(INTERNAL, by=Signer(secret))
+            try:
+                stub.FindMissing(pb.FindMissingRequest(digests=[]), metadata=metadata)
+                return "OK"
+            except grpc.RpcError as err:
+                return err.code().name  # type: ignore[attr-defined,no-any-return]
+
+        assert [stat_with(s) for s in (old, new, gone)] == ["OK", "OK", "UNAUTHENTICATED"]
+        secrets_file.write_text(f"{new}\n")  # the rotation's last step: the old one is dropped
+        deadline = time.monotonic() + 10
+        while stat_with(old) == "OK":
+            assert time.monotonic() < deadline, "the file was not re-read"
+            time.sleep(0.1)
+        assert [stat_with(s) for s in (old, new, gone)] == [
+            "UNAUTHENTICATED",
+            "OK",
+            "UNAUTHENTICATED",
+        ]
+        secrets_file.write_text("")  # a broken file keeps the secrets read before
+        time.sleep(1.5)
+        assert stat_with(new) == "OK"
+
+
+def test_an_unreadable_secret_file_is_refused_at_start(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "linkedblob.cli", "serve", "blob", "--port", "0", "--open"],
+        env={
+            **os.environ,
+            "LINKEDBLOB_GRANT_SECRET_FILE": str(tmp_path / "absent"),
+            "LINKEDBLOB_DATA": str(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--grant-secret-file" in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_a_write_grant_is_checked_on_every_message(
+    stub: blob_pb2_grpc.BlobServiceStub, world: World
+) -> None:
+    """A stream opened within its grant's lifetime does not write past it: the message after
+    the expiry ends the stream (grant=expired); what was staged before it stays."""
+    write = grant(WRITE, world.upload_id, ttl=1)
+    expires = signer.verify(write[0][1]).expires
+
+    def slow() -> Iterator[pb.WriteRequest]:
+        yield pb.WriteRequest(upload_id=world.upload_id, offset=3, data=b"d")
+        while time.time() <= expires + 0.5:
+            time.sleep(0.1)
+        yield pb.WriteRequest(data=b"late")
+
+    with refused(Code.UNAUTHENTICATED, "UNAUTHORIZED") as caught:
+        stub.Write(slow(), metadata=write)
+    info = error_info(caught[0])
+    assert info is not None and info.metadata["grant"] == "expired"
+    status = stub.UploadStatus(
+        pb.UploadStatusRequest(upload_id=world.upload_id), metadata=INTERNAL_GRANT
+    )
+    assert status.size == 4

@@ -6,8 +6,11 @@ secret, honours exactly that grant. Without a secret the gateway offers nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,3 +278,106 @@ def test_a_gateway_without_a_secret_offers_no_direct_access(tmp_path: Path) -> N
 def test_a_gateway_refuses_a_short_secret() -> None:
     with pytest.raises(RuntimeError, match="at least 16 bytes"):
         spawn("gateway", env={GRANT_SECRET_ENV: "too-short"})
+
+
+# --- grants bound to state ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("finish", ["commit", "cancel"])
+def test_a_write_grant_writes_nothing_once_its_upload_is_finished(
+    stack: Stack,
+    rpc: registry_pb2_grpc.RegistryStub,
+    blobsvc: blob_pb2_grpc.BlobServiceStub,
+    repo: str,
+    finish: str,
+) -> None:
+    data = os.urandom(1000)
+    upload = rpc.StartUpload(pb.StartUploadRequest(repository=repo, direct=True))
+    token = upload.direct.grant
+    # The gateway made the staging area when it handed out the grant: nothing staged yet.
+    status = blob_pb2.UploadStatusRequest(upload_id=upload.id)
+    assert blobsvc.UploadStatus(status, metadata=grant(token)).size == 0
+    assert write(blobsvc, upload.id, 0, data, token) == len(data)
+    if finish == "commit":
+        rpc.CommitUpload(
+            pb.CommitUploadRequest(repository=repo, upload_id=upload.id, digest=digest_of(data))
+        )
+    else:
+        rpc.CancelUpload(pb.CancelUploadRequest(repository=repo, upload_id=upload.id))
+    for offset in (0, len(data)):
+        with rpc_error(Code.NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"):
+            write(blobsvc, upload.id, offset, b"more", token)
+    with rpc_error(Code.NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"):
+        blobsvc.UploadStatus(status, metadata=stack.blob_metadata())  # nothing was made
+
+
+def test_read_grants_are_short_lived(
+    stack: Stack, blobsvc: blob_pb2_grpc.BlobServiceStub, repo: str
+) -> None:
+    """--read-grant-ttl: a deleted link stays readable through a read grant already issued,
+    until it expires (checked when a Read starts); write grants keep --grant-ttl."""
+    gateway = stack.another_gateway(enable_delete=True, args=("--read-grant-ttl", "2s"))
+    rpc = registry(gateway.address)
+    data = os.urandom(1000)
+    desc = put(rpc, repo, data)
+    located = rpc.LocateBlob(pb.LocateBlobRequest(repository=repo, digest=desc.digest))
+    assert located.direct.expires_at.seconds <= time.time() + 3
+    upload = rpc.StartUpload(pb.StartUploadRequest(repository=repo, direct=True))
+    assert upload.direct.expires_at.seconds >= time.time() + 200  # --grant-ttl: 300 s
+    rpc.DeleteBlob(pb.DeleteBlobRequest(repository=repo, digest=desc.digest))
+    assert read(blobsvc, desc.digest, located.direct.grant) == data  # still, until it expires
+    deadline = time.time() + 10
+    while time.time() <= located.direct.expires_at.seconds + 1:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    with rpc_error(Code.UNAUTHENTICATED, "UNAUTHORIZED"):
+        read(blobsvc, desc.digest, located.direct.grant)
+
+
+def test_a_gateway_signs_with_the_first_secret_of_its_file(
+    stack: Stack, blobsvc: blob_pb2_grpc.BlobServiceStub, repo: str, tmp_path: Path
+) -> None:
+    secret_file = tmp_path / "grant-secrets"
+    secret_file.write_text(f"{stack.grant_secret}\n{'o' * 32}\n")
+    gateway = stack.another_gateway(
+        enable_delete=False, args=("--grant-secret-file", str(secret_file))
+    )
+    rpc = registry(gateway.address)
+    data = os.urandom(100)
+    desc = put(rpc, repo, data)  # its own blobsvc calls carry grants blobsvc accepts
+    token = rpc.LocateBlob(pb.LocateBlobRequest(repository=repo, digest=desc.digest)).direct.grant
+    assert grants.Signer(stack.grant_secret).verify(token).subject == desc.digest
+    assert read(blobsvc, desc.digest, token) == data
+
+
+def test_the_collector_signs_with_its_secret_file(stack: Stack, tmp_path: Path) -> None:
+    def gc(secrets_text: str) -> subprocess.CompletedProcess[str]:
+        secret_file = tmp_path / "grant-secrets"
+        secret_file.write_text(secrets_text)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "linkedblob.cli",
+                "gc",
+                "--json",
+                "--dry-run",
+                "--link-addr",
+                stack.link.address,
+                "--blob-addr",
+                stack.blob.address,
+                "--grant-secret-file",
+                str(secret_file),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, GRANT_SECRET_ENV: ""},
+        )
+
+    ok = gc(f"{stack.grant_secret}\n{'n' * 32}\n")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["outcome"] == "ok"
+    refused = gc(f"{'w' * 32}\n{stack.grant_secret}\n")  # signs with one blobsvc does not know
+    assert refused.returncode != 0
+    assert "UNAUTHENTICATED" in refused.stdout + refused.stderr

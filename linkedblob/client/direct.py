@@ -10,13 +10,15 @@ go through the gateway for a while.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
+from collections.abc import Iterable, Iterator
 
 import grpc
 import grpc.experimental
 
-from linkedblob import tls, wire
+from linkedblob import grants, tls, wire
 from linkedblob.blob.v1 import blob_pb2
 from linkedblob.client.channels import Gateway, client_channel_options, end_read
 from linkedblob.client.errors import ClientError
@@ -30,6 +32,12 @@ _DIRECT_RECHECK_SECONDS = 60.0
 _UNREACHABLE_SECONDS = 30.0
 # How long to wait for a connection to blobsvc before going through the gateway.
 _CONNECT_TIMEOUT_SECONDS = 5.0
+# A direct Write whose grant expires mid-stream (blobsvc checks it on every message) gets a
+# new grant from the gateway and resumes from the staged size: the bytes sent but not staged are
+# sent again from what is kept of the last ones sent (at least this much, or this many chunks).
+_RESEND_BYTES = 8 * 1024 * 1024
+_RESEND_CHUNKS = 8
+_MAX_RENEWALS = 1000
 
 # blobsvc's Read streams are consumed in the reader's thread: each message is handed over once
 # (grpc core -> reader) instead of twice (-> the channel's spin thread -> reader), which pulls
@@ -202,10 +210,41 @@ class DirectPath:
         offset: int,
         chunks: Pieces,
         algorithm: str = "",
+        *,
+        repository: str = "",
     ) -> int:
-        """One blobsvc Write stream appending ``chunks`` at ``offset``; the staged size after.
+        """Appends ``chunks`` at ``offset`` with blobsvc Write streams; the staged size after.
         ``algorithm``: what blobsvc hashes a new upload with as bytes arrive (the commit's, so
-        that it re-reads nothing; sha256 by default)."""
+        that it re-reads nothing; sha256 by default). With ``repository``, a grant that
+        expires mid-stream is renewed (GetUpload with direct) and the write resumes from the
+        staged size."""
+        resend = _Resend(chunks, offset, max(_RESEND_BYTES, _RESEND_CHUNKS * self.chunk_size))
+        for _ in range(_MAX_RENEWALS):
+            try:
+                return self._write_once(
+                    blobsvc, grant, upload_id, offset, resend.from_offset(offset), algorithm
+                )
+            except ClientError as e:
+                if not repository or e.metadata.get(grants.EXPIRED[0]) != grants.EXPIRED[1]:
+                    raise
+                fresh = self.get_upload(repository, upload_id)
+                if fresh is None or fresh.direct is None or not resend.covers(fresh.offset):
+                    raise
+                grant, offset = fresh.direct, fresh.offset
+        raise ClientError(
+            grpc.StatusCode.UNAUTHENTICATED, "UNAUTHORIZED", "grants keep expiring; giving up"
+        )
+
+    def _write_once(
+        self,
+        blobsvc: BlobsvcChannel,
+        grant: DirectGrant,
+        upload_id: str,
+        offset: int,
+        chunks: Pieces,
+        algorithm: str,
+    ) -> int:
+        """One blobsvc Write stream appending ``chunks`` at ``offset``."""
         header = blob_pb2.WriteRequest(
             upload_id=upload_id, offset=offset, algorithm=algorithm if offset == 0 else ""
         ).SerializeToString()
@@ -285,3 +324,57 @@ class DirectPath:
 
 def _no_chunks() -> Chunks:
     yield from ()
+
+
+class _Resend:
+    """The chunks of a direct write, keeping the last ``keep`` bytes sent (at least) so that a
+    stream cut by an expired grant can resume from the staged size. Each :meth:`from_offset`
+    iterator supersedes the previous one (which gRPC's sending thread may still hold: it stops
+    taking chunks)."""
+
+    def __init__(self, chunks: Pieces, offset: int, keep: int) -> None:
+        self._source: Iterator[bytes | memoryview] = iter(chunks)
+        self._kept: collections.deque[memoryview] = collections.deque()
+        self._kept_from = offset  # the offset of the first kept chunk
+        self._end = offset  # the offset after the last chunk taken from the source
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._generation = 0
+
+    def covers(self, offset: int) -> bool:
+        with self._lock:
+            return self._kept_from <= offset <= self._end
+
+    def _kept_at(self, position: int) -> memoryview | None:
+        start = self._kept_from
+        for chunk in self._kept:
+            if start + len(chunk) > position:
+                return chunk[position - start :]
+            start += len(chunk)
+        return None
+
+    def _take(self) -> memoryview | None:
+        raw = next(self._source, None)
+        if raw is None:
+            return None
+        view = memoryview(raw).cast("B")
+        self._kept.append(view)
+        self._end += len(view)
+        while self._kept and self._end - self._kept_from - len(self._kept[0]) >= self._keep:
+            self._kept_from += len(self._kept.popleft())
+        return view
+
+    def from_offset(self, offset: int) -> Iterable[bytes | memoryview]:
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+        position = offset
+        while True:
+            with self._lock:
+                if generation != self._generation:
+                    return
+                chunk = self._kept_at(position) if position < self._end else self._take()
+            if chunk is None:
+                return
+            position += len(chunk)
+            yield chunk

@@ -182,7 +182,9 @@ class Pusher:
         chunks = hashed_chunks(job.src, self.chunk_size, hasher, job.progress)
         try:
             algorithm = job.digest.partition(":")[0] if job.digest else ""
-            self.direct.write(blobsvc, upload.direct, upload.id, 0, chunks, algorithm)
+            self.direct.write(
+                blobsvc, upload.direct, upload.id, 0, chunks, algorithm, repository=job.repository
+            )
             final = job.digest or f"sha256:{hasher.hexdigest() if hasher else ''}"
             # The bytes are staged: a gateway restarting meanwhile only delays the commit.
             commit = job.commit_request(upload.id, final)

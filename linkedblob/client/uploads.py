@@ -46,7 +46,9 @@ class Uploads:
         if upload.direct is not None:
             blobsvc = self.direct.blobsvc(upload.direct.address)
             if blobsvc.reachable():
-                size = self.direct.write(blobsvc, upload.direct, upload.id, offset, chunks)
+                size = self.direct.write(
+                    blobsvc, upload.direct, upload.id, offset, chunks, repository=upload.repository
+                )
                 return dataclasses.replace(upload, offset=size)
         written = self.write(upload.repository, upload.id, offset, chunks)
         return dataclasses.replace(upload, offset=written.offset)
