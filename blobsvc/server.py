@@ -13,6 +13,7 @@ from blobsvc.storage import open_storage
 from blobsvc.store import BlobStore
 from linkedblob.blob.v1 import blob_pb2
 from linkedblob.grants import Signer
+from linkedblob.limits import ServerLimits
 from linkedblob.server import Service, add_handlers, run
 from linkedblob.server import method_handlers as server_method_handlers
 from linkedblob.tuning import limit_malloc_arenas
@@ -61,6 +62,7 @@ def serve(args: argparse.Namespace) -> int | None:
             on_stop=store.close,
             extra_options=GRPC_OPTIONS,
             secured=signer is not None,
+            limits=ServerLimits.from_args(args),
         ),
         args.host,
         args.port,

@@ -37,7 +37,7 @@ from linkedblob.errors import (
     resource_exhausted,
 )
 from linkedblob.grants import INTERNAL, READ, WRITE, Grant, Signer, token_from
-from linkedblob.rpc import servicer_method
+from linkedblob.rpc import malformed_request, servicer_method
 from linkedblob.transport import BLOB_READ, BLOB_READ_DATA, BLOB_WRITE, BLOB_WRITE_DATA
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlobService"].full_name
@@ -96,7 +96,7 @@ def _parse_write_request(raw: bytes) -> pb.WriteRequest:
     try:
         return pb.WriteRequest.FromString(raw)
     except DecodeError:
-        raise invalid_argument(Reason.BLOB_UPLOAD_INVALID, "malformed WriteRequest") from None
+        raise malformed_request("Write") from None
 
 
 async def _write_data(

@@ -16,6 +16,7 @@ from gateway.options import MAX_LEASE_TTL
 from gateway.registry import Registry
 from gateway.servicer import RegistryServicer
 from gateway.uploads import Uploads
+from linkedblob.limits import ServerLimits
 from linkedblob.server import Service, add_handlers, run
 from linkedblob.server import method_handlers as server_method_handlers
 from linkedblob.transport import bounded_windows
@@ -90,7 +91,14 @@ def serve(args: argparse.Namespace) -> int | None:
             await backend.close()
 
     run(
-        Service("gateway", [SERVICE_NAME], register, on_stop, _server_windows()),
+        Service(
+            "gateway",
+            [SERVICE_NAME],
+            register,
+            on_stop,
+            _server_windows(),
+            limits=ServerLimits.from_args(args),
+        ),
         args.host,
         args.port,
         args.grace,

@@ -77,6 +77,9 @@ def add_server_options(parser: argparse.ArgumentParser, default_port: int) -> No
         "server with no authentication configured refuses to start (`linkedblob up` passes it "
         "on loopback)",
     )
+    from linkedblob.limits import add_limit_options  # limits builds on this module
+
+    add_limit_options(parser)
 
 
 # The port of `linkedblob serve gc` (gRPC health only).

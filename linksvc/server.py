@@ -12,8 +12,9 @@ import sys
 import grpc
 import sqlalchemy as sa
 
-from linkedblob.link.v1 import link_pb2_grpc
-from linkedblob.server import Service, run
+from linkedblob.limits import ServerLimits
+from linkedblob.link.v1 import link_pb2
+from linkedblob.server import Service, add_handlers, method_handlers, run
 from linksvc import migrate
 from linksvc.database import Database, safe_url
 from linksvc.servicer import SERVICE_NAME, LinkServicer
@@ -58,14 +59,24 @@ def serve(args: argparse.Namespace) -> int | None:
 
     servicer = LinkServicer(db)
 
+    # Built as blobsvc's and the gateway's are, so a malformed request answers
+    # INVALID_ARGUMENT / REQUEST_MALFORMED (linkedblob.server.method_handlers).
+    handlers = method_handlers(link_pb2.DESCRIPTOR.services_by_name["LinkService"], servicer)
+
     def register(server: grpc.aio.Server) -> None:
-        link_pb2_grpc.add_LinkServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        add_handlers(server, SERVICE_NAME, handlers)
 
     async def on_stop() -> None:
         await asyncio.to_thread(db.close)
 
     run(
-        Service("link", [SERVICE_NAME], register, on_stop=on_stop),
+        Service(
+            "link",
+            [SERVICE_NAME],
+            register,
+            on_stop=on_stop,
+            limits=ServerLimits.from_args(args),
+        ),
         args.host,
         args.port,
         args.grace,
