@@ -10,6 +10,7 @@ import grpc
 from gateway.direct import GrantIssuer
 from gateway.grpc_blob import GrpcBlobBackend
 from gateway.grpc_link import GrpcLinkBackend
+from gateway.limits import Limits, LimitSettings
 from gateway.linkcache import CachedLinks, LinkCache
 from gateway.model import LinkedBlob
 from gateway.options import MAX_LEASE_TTL
@@ -66,6 +67,7 @@ def serve(args: argparse.Namespace) -> int | None:
         )
         return 2
     cache: LinkCache[LinkedBlob] = LinkCache(args.link_cache_ttl, args.link_cache_size)
+    limits = Limits(LimitSettings.from_args(args))
     opened: list[GrpcBlobBackend | GrpcLinkBackend] = []
     registries: list[Registry] = []
 
@@ -81,7 +83,7 @@ def serve(args: argparse.Namespace) -> int | None:
         registries.append(registry)
         uploads = Uploads(blobs, cached_links, lease_ttl=args.lease_ttl)
         servicer = RegistryServicer(registry, uploads, grants)
-        add_registry(servicer, server)
+        add_handlers(server, SERVICE_NAME, limits.wrap(method_handlers(servicer)))
 
     async def on_stop() -> None:
         # The registry's pending cleanups first: they call blobsvc, whose channel closes next.

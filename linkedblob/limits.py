@@ -28,6 +28,10 @@ from dataclasses import dataclass
 from linkedblob.config import add_duration_option, add_option
 
 DEFAULT_MAX_STREAMS_PER_CONNECTION = 100
+# blobsvc and linksvc: a gateway multiplexes every relayed upload and read onto its one
+# connection to each, so their limit must sit well above a gateway's --max-open-uploads plus
+# its concurrent reads.
+DEFAULT_MAX_STREAMS_PER_INTERNAL_CONNECTION = 1000
 DEFAULT_MAX_CONNECTION_IDLE = "5m"
 DEFAULT_MAX_CONNECTION_AGE = "1h"
 DEFAULT_MAX_CONNECTION_AGE_GRACE = "24h"
@@ -69,13 +73,16 @@ def _ms(seconds: float) -> int:
     return min(int(seconds * 1000), 2**31 - 1)
 
 
-def add_limit_options(parser: argparse.ArgumentParser) -> None:
-    """The connection-limit flags every server takes (linkedblob.config.add_server_options)."""
+def add_limit_options(parser: argparse.ArgumentParser, *, internal: bool = False) -> None:
+    """The connection-limit flags every server takes (linkedblob.config.add_server_options);
+    ``internal``: a backend (blobsvc, linksvc), called by gateways."""
     add_option(
         parser,
         "--max-streams-per-connection",
         type=int,
-        default=DEFAULT_MAX_STREAMS_PER_CONNECTION,
+        default=DEFAULT_MAX_STREAMS_PER_INTERNAL_CONNECTION
+        if internal
+        else DEFAULT_MAX_STREAMS_PER_CONNECTION,
         help="most concurrent calls (HTTP/2 streams) one connection may have open; a gRPC "
         "client queues further calls until one ends; 0: gRPC's default (no limit)",
     )
