@@ -57,7 +57,7 @@ def serve(args: argparse.Namespace) -> int | None:
         )
         return 1
 
-    servicer = LinkServicer(db)
+    servicer = LinkServicer(db, args.max_sessions_per_repository)
 
     # Built as blobsvc's and the gateway's are, so a malformed request answers
     # INVALID_ARGUMENT / REQUEST_MALFORMED (linkedblob.server.method_handlers).

@@ -18,8 +18,8 @@ import pytest
 
 from linkedblob.errors import Reason, error_info
 from linkedblob.v1 import registry_pb2, registry_pb2_grpc
-from tests.services import ServiceProcess
-from tests.stack import Stack
+from tests.services import ServiceProcess, spawn
+from tests.stack import Stack, database, spawn_gateway
 
 PUSH = "/linkedblob.v1.Registry/PushBlob"
 WRITE = "/linkedblob.v1.Registry/WriteUpload"
@@ -288,3 +288,51 @@ def _test_session_flood_is_rate_limited_per_caller(stack: Stack) -> None:
         # Tokens come back with time.
         time.sleep(1.2)
         stub.StartUpload(registry_pb2.StartUploadRequest(repository="flood/b"))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_sessions_open_per_repository_are_capped_by_linksvc(tmp_path: Path, kind: str) -> None:
+    """The session flood: StartUpload in a loop stops at the repository's cap (counted by
+    linksvc in the transaction that creates a session); another repository is still served,
+    and a finished session frees its place."""
+    with database(kind, tmp_path) as url:
+        stack = Stack.start(tmp_path, url, direct=False, gateway_args=("--session-rate", "0"))
+        try:
+            # linksvc again with a low cap, and a gateway on it.
+            stack.link.stop()
+            stack.link = spawn("link", "--db", url, "--max-sessions-per-repository", "5")
+            stack.gateway.stop()
+            stack.gateway = spawn_gateway(stack.blob.address, stack.link.address)
+            _session_cap(stack)
+        finally:
+            stack.stop()
+
+
+def _session_cap(stack: Stack) -> None:
+    with grpc.insecure_channel(stack.address) as channel:
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        opened = []
+        refusals = []
+        for _ in range(20):
+            try:
+                opened.append(stub.StartUpload(registry_pb2.StartUploadRequest(repository="cap/a")))
+            except grpc.RpcError as err:
+                refusals.append(status_of(err))
+        assert len(opened) == 5
+        assert (
+            refusals
+            == [
+                (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    Reason.TOO_MANY_REQUESTS,
+                    {"limit": "max-sessions-per-repository"},
+                )
+            ]
+            * 15
+        )
+        # Another repository is served; a cancelled session frees a place.
+        stub.StartUpload(registry_pb2.StartUploadRequest(repository="cap/b"))
+        stub.CancelUpload(
+            registry_pb2.CancelUploadRequest(repository="cap/a", upload_id=opened[0].id)
+        )
+        stub.StartUpload(registry_pb2.StartUploadRequest(repository="cap/a"))
