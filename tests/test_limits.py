@@ -336,3 +336,72 @@ def _session_cap(stack: Stack) -> None:
             registry_pb2.CancelUploadRequest(repository="cap/a", upload_id=opened[0].id)
         )
         stub.StartUpload(registry_pb2.StartUploadRequest(repository="cap/a"))
+
+
+HEADER_ONLY_STREAMS = 10_000
+
+
+def test_ten_thousand_header_only_pushes_on_one_connection(tmp_path: Path) -> None:
+    """The attack of issue 11: ~10,000 PushBlob streams on one connection that send a header and
+    then nothing. The gateway runs 100 of them at once (streams per connection), gives 50 an
+    upload (the repository's limit; the others are refused at once), ends those by the idle
+    timeout; descriptors and memory stay bounded, another client (another repository) is
+    served throughout, and nothing is left afterwards."""
+    args = (
+        "--idle-stream-timeout", "1s", "--max-uploads-per-repository", "50",
+        "--max-open-uploads", "200",
+    )  # fmt: skip
+    with running_stack(tmp_path, *args) as stack:
+        push_ok(stack.address, "flood/warmup", b"warm")
+        time.sleep(0.5)
+        before = {"gateway": fds(stack.gateway), "blob": fds(stack.blob)}
+        rss_before = stack.gateway.rss()
+        peaks = dict(before)
+        served: list[float] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            n = 0
+            while not done.is_set():
+                for name, svc in (("gateway", stack.gateway), ("blob", stack.blob)):
+                    peaks[name] = max(peaks[name], fds(svc))
+                push_ok(stack.address, "flood/other", f"payload {n}".encode())
+                served.append(time.monotonic())
+                n += 1
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            results = asyncio.run(_attack(stack.address, HEADER_ONLY_STREAMS, True))
+        finally:
+            done.set()
+            watcher.join()
+        outcomes: dict[str, int] = {}
+        for outcome in results:
+            code, reason, metadata = status_of(outcome)  # type: ignore[arg-type]
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                key = f"{reason}:{metadata.get('limit')}"
+                assert key in (
+                    "STREAM_IDLE:idle-stream-timeout",
+                    "TOO_MANY_REQUESTS:max-uploads-per-repository",
+                ), key
+            else:
+                # Refused by the transport (REFUSED_STREAM), as the client reports it.
+                assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), outcome
+                assert not reason, outcome
+                key = code.name
+            outcomes[key] = outcomes.get(key, 0) + 1
+        assert outcomes.get("STREAM_IDLE:idle-stream-timeout", 0) >= 50, outcomes
+        assert len(served) >= 3, "the other client was not served during the attack"
+        assert peaks["gateway"] <= before["gateway"] + 20, (before, peaks)
+        # 50 uploads at once (and the other client's), two descriptors each until blobsvc
+        # opens uploads lazily.
+        assert peaks["blob"] <= before["blob"] + 2 * 51 + 20, (before, peaks)
+        assert stack.gateway.rss() < rss_before + 200 * 1024 * 1024
+        deadline = time.monotonic() + 20
+        while staging(stack) or fds(stack.blob) > before["blob"] + 5:
+            assert time.monotonic() < deadline, (staging(stack), fds(stack.blob), before)
+            time.sleep(0.2)
+        assert fds(stack.gateway) <= before["gateway"] + 5
+        push_ok(stack.address, "flood/after", b"after")
