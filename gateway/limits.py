@@ -16,36 +16,44 @@ servicer and the domain stay as they are:
   repository) to their end. One more is refused with RESOURCE_EXHAUSTED / TOO_MANY_REQUESTS and
   ErrorInfo metadata ``limit`` naming the limit, before anything is staged.
 - **Session rate** (``--session-rate``, ``--session-burst``): StartUpload calls per second of
-  one caller (a token bucket per caller: linkedblob.caller when the call's identity is known
-  before the handler runs, else the peer's address without its port).
+  one caller: a token bucket per caller identity (linkedblob.caller, set when the servicer
+  authenticated the call), or for an anonymous caller per peer address without its port. It is
+  taken where the domain starts the session (:meth:`Limits.limit_session_starts`), after
+  authentication and validation.
 
-A refusal is raised inside the servicer method (linkedblob.rpc.Refusal, or from the request
-stream), so it is mapped, counted and access-logged like every other answer; everyone else is
-served as before. (Sessions open per repository are counted by linksvc, in the transaction that
-creates one: ``--max-sessions-per-repository`` of `serve link`.)
+A refusal is raised inside the servicer method (from the request stream, or from the domain's
+start of a session), so it is mapped, counted and access-logged like every other answer;
+everyone else is served as before. (Sessions open per repository are counted by linksvc, in
+the transaction that creates one: ``--max-sessions-per-repository`` of `serve link`.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from gateway.model import UploadSession
 from gateway.options import (
     DEFAULT_MAX_OPEN_UPLOADS,
     DEFAULT_MAX_UPLOADS_PER_REPOSITORY,
     DEFAULT_SESSION_BURST,
     DEFAULT_SESSION_RATE,
 )
+from gateway.uploads import Uploads
 from linkedblob.caller import caller
 from linkedblob.errors import LinkedBlobError, Reason, resource_exhausted
 from linkedblob.limits import TokenBucket
-from linkedblob.rpc import Refusal
 from linkedblob.v1 import registry_pb2
+
+# The address (without port) of the peer of the StartUpload call in progress: the session
+# rate's key for a caller with no identity.
+_PEER_HOST: contextvars.ContextVar[str] = contextvars.ContextVar("gateway_peer_host", default="")
 
 # The repository a byte stream's first message names ("" when it does not parse: the servicer
 # refuses it right after).
@@ -193,19 +201,33 @@ class Limits:
     # --- session rate -------------------------------------------------------------------------
 
     def _session_start(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        buckets = self._sessions
-        if buckets is None:
+        """StartUpload, with its peer's address noted for the session rate's key."""
+        if self._sessions is None:
             return behaviour
 
-        async def limited(request: Any, context: Any) -> Any:
-            key = caller() or peer_host(context.peer() or "")
-            if not buckets.take(key):
-                request = Refusal(
-                    lambda: too_many(
-                        "session-rate",
-                        "too many uploads started; retry later (--session-rate)",
-                    )
-                )
+        async def noting_peer(request: Any, context: Any) -> Any:
+            _PEER_HOST.set(peer_host(context.peer() or ""))
             return await behaviour(request, context)
 
-        return limited
+        return noting_peer
+
+    def limit_session_starts(self, uploads: Uploads) -> Uploads:
+        """``uploads`` whose start() first takes a token of the caller's bucket. There, inside
+        the servicer method, the call is authenticated (linkedblob.caller is set), so the key
+        is the caller's identity; for an anonymous caller, its address (noted by the
+        StartUpload handler)."""
+        buckets = self._sessions
+        if buckets is None:
+            return uploads
+        start = uploads.start
+
+        async def limited_start(repository: str) -> UploadSession:
+            if not buckets.take(caller() or _PEER_HOST.get()):
+                raise too_many(
+                    "session-rate", "too many uploads started; retry later (--session-rate)"
+                )
+            return await start(repository)
+
+        # An instance attribute in front of the method: the domain class stays as it is.
+        uploads.start = limited_start  # type: ignore[method-assign]
+        return uploads

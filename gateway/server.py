@@ -81,7 +81,9 @@ def serve(args: argparse.Namespace) -> int | None:
             blobs, cached_links, enable_delete=args.enable_delete, lease_ttl=args.lease_ttl
         )
         registries.append(registry)
-        uploads = Uploads(blobs, cached_links, lease_ttl=args.lease_ttl)
+        uploads = limits.limit_session_starts(
+            Uploads(blobs, cached_links, lease_ttl=args.lease_ttl)
+        )
         servicer = RegistryServicer(registry, uploads, grants)
         add_handlers(server, SERVICE_NAME, limits.wrap(method_handlers(servicer)))
 
