@@ -2,13 +2,18 @@
 options, set by linkedblob.server from the flags of :func:`add_limit_options`), and the token
 bucket the gateway's rate limits use.
 
-What gRPC does at ``grpc.max_concurrent_streams``: the server advertises it in its HTTP/2
-SETTINGS, and a gRPC client that reaches it queues its further calls on that connection until a
-stream ends (no error: they start later, or meet their deadline). A peer that ignores SETTINGS
-and opens more gets those streams reset (REFUSED_STREAM) by the transport, before any handler
-runs. Either way the server never holds more than that many streams of one connection, which is
-what bounds it; refusals with RESOURCE_EXHAUSTED / TOO_MANY_REQUESTS come from the limits that
-count what the streams do (open uploads, session rate: gateway.limits).
+What gRPC does at ``grpc.max_concurrent_streams`` (seen in tests/test_limits.py): the server
+advertises it in its HTTP/2 SETTINGS, and a gRPC client that reaches it queues its further calls
+on that connection until a stream ends (no error: they start later, or meet their deadline).
+A stream the client opens over the limit anyway (before it has the SETTINGS, or as another
+ends, before the server has counted that one out; or a peer that ignores SETTINGS) is reset by
+the server's transport with REFUSED_STREAM before any handler runs: the caller sees UNAVAILABLE
+(retryable, nothing was processed; Python's aio client says INTERNAL "Internal error from Core"
+when the reset races its own write). Either way the server never holds more than that many
+streams of one connection, which is what bounds it. A per-connection counter of our own would
+never see more streams than that, so there is none; the refusals with RESOURCE_EXHAUSTED /
+TOO_MANY_REQUESTS come from the limits that count what the streams do (open uploads, session
+rate: gateway.limits; sessions per repository: linksvc).
 
 ``grpc.max_connection_idle_ms``: a connection with no call in flight for that long is sent a
 GOAWAY (a gRPC client reconnects on its next call). ``grpc.max_connection_age_ms``: a

@@ -164,8 +164,8 @@ def servicer_method(method: F) -> F:
             _log_access(name, code, reason, started, context)
 
     def aborted_code(context: Any, exc: BaseException) -> grpc.StatusCode:
-        if isinstance(exc, asyncio.CancelledError):
-            return grpc.StatusCode.CANCELLED  # the caller went away
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            return grpc.StatusCode.CANCELLED  # the caller went away (mid-stream: the close)
         return context.code() or grpc.StatusCode.UNKNOWN
 
     if inspect.isasyncgenfunction(method):
@@ -183,7 +183,7 @@ def servicer_method(method: F) -> F:
                     async for item in method(self, request, context):
                         yield item
                     code = grpc.StatusCode.OK
-                except (grpc.aio.AbortError, asyncio.CancelledError) as exc:
+                except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit) as exc:
                     code = aborted_code(context, exc)
                     raise
                 except Exception as exc:

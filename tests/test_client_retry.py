@@ -62,12 +62,16 @@ def test_put_and_push_by_digest_wait_for_a_gateway_that_listens_late(
     big = bytes(range(256)) * 1024  # 256 KiB: more than a chunk, so PushBlob streams it
     with Client(f"127.0.0.1:{port}", retry_timeout=60, chunk_size=CHUNK) as client:
         starter = _late(backends, port, 1.5)
-        with ThreadPoolExecutor(2) as pool:
-            put: Future[object] = pool.submit(client.put, "retry/late", small)
-            push: Future[object] = pool.submit(client.push, "retry/late", big, digest=_digest(big))
-            assert put.result(timeout=90).digest == _digest(small)  # type: ignore[attr-defined]
-            assert push.result(timeout=90).digest == _digest(big)  # type: ignore[attr-defined]
-        starter.join()
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                put: Future[object] = pool.submit(client.put, "retry/late", small)
+                push: Future[object] = pool.submit(
+                    client.push, "retry/late", big, digest=_digest(big)
+                )
+                assert put.result(timeout=90).digest == _digest(small)  # type: ignore[attr-defined]
+                assert push.result(timeout=90).digest == _digest(big)  # type: ignore[attr-defined]
+        finally:
+            starter.join()  # its gateway is stopped with the backends, not left running
         assert client.get("retry/late", _digest(big)) == big
 
 
