@@ -405,3 +405,49 @@ def test_ten_thousand_header_only_pushes_on_one_connection(tmp_path: Path) -> No
             time.sleep(0.2)
         assert fds(stack.gateway) <= before["gateway"] + 5
         push_ok(stack.address, "flood/after", b"after")
+
+
+def test_an_idle_write_upload_ends_and_the_upload_resumes(tmp_path: Path) -> None:
+    """WriteUpload idles out like PushBlob; a resumable upload keeps what it staged (as after a
+    broken connection) and goes on from there."""
+    with (
+        running_stack(tmp_path, "--idle-stream-timeout", "1s") as stack,
+        grpc.insecure_channel(stack.address) as channel,
+    ):
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        upload = stub.StartUpload(registry_pb2.StartUploadRequest(repository="idle/w"))
+        first = registry_pb2.WriteUploadRequest(
+            repository="idle/w", upload_id=upload.id, data=b"abc"
+        )
+        stalled = threading.Event()
+
+        def messages() -> Iterator[registry_pb2.WriteUploadRequest]:
+            yield first
+            stalled.wait(30)  # then nothing, until the test ends
+
+        try:
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.WriteUpload(messages(), timeout=30)
+        finally:
+            stalled.set()
+        assert status_of(caught.value) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Reason.STREAM_IDLE,
+            {"limit": "idle-stream-timeout"},
+        )
+        got = stub.GetUpload(
+            registry_pb2.GetUploadRequest(repository="idle/w", upload_id=upload.id)
+        )
+        assert got.offset == 3
+        rest = registry_pb2.WriteUploadRequest(
+            repository="idle/w", upload_id=upload.id, offset=3, data=b"def"
+        )
+        assert stub.WriteUpload(iter([rest]), timeout=30).offset == 6
+        desc = stub.CommitUpload(
+            registry_pb2.CommitUploadRequest(
+                repository="idle/w",
+                upload_id=upload.id,
+                digest=f"sha256:{hashlib.sha256(b'abcdef').hexdigest()}",
+            )
+        )
+        assert desc.size == 6
