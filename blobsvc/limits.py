@@ -33,7 +33,7 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_OPEN_UPLOADS,
         help="Write streams in flight at once, in total; the next is refused "
-        "(RESOURCE_EXHAUSTED / TOO_MANY_REQUESTS, limit=open_uploads); 0: no limit",
+        "(RESOURCE_EXHAUSTED / TOO_MANY_REQUESTS, limit=max-open-uploads); 0: no limit",
     )
 
 
@@ -52,7 +52,7 @@ class StreamLimits:
             raise resource_exhausted(
                 Reason.TOO_MANY_REQUESTS,
                 f"too many uploads in progress (at most {self.max_open_uploads}); retry later",
-                limit="open_uploads",
+                limit="max-open-uploads",
             )
         self.open_uploads += 1
         try:
@@ -76,6 +76,7 @@ class StreamLimits:
                 raise resource_exhausted(
                     Reason.STREAM_IDLE,
                     f"nothing received for {self.idle_timeout:g} seconds; stream ended",
+                    limit="idle-stream-timeout",
                     idle_seconds=f"{self.idle_timeout:g}",
                 ) from None
             yield raw

@@ -16,6 +16,7 @@ from blobsvc.store import BlobStore
 from linkedblob import peers, tls
 from linkedblob.blob.v1 import blob_pb2
 from linkedblob.grants import signer_from_args
+from linkedblob.limits import ServerLimits
 from linkedblob.server import Service, add_handlers, run
 from linkedblob.server import method_handlers as server_method_handlers
 from linkedblob.tuning import limit_malloc_arenas
@@ -80,6 +81,7 @@ def serve(args: argparse.Namespace) -> int | None:
             credentials=credentials,
             interceptors=[authorizer] if authorizer else [],
             listeners=[("direct", args.direct_port, direct_credentials)] if direct else [],
+            limits=ServerLimits.from_args(args),
         ),
         args.host,
         args.port,

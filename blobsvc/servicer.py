@@ -15,7 +15,7 @@ creates nothing; and its expiry is checked on every message (UNAUTHENTICATED / U
 
 Limits (blobsvc.limits): a Write stream idle for ``idle_stream_timeout`` seconds is ended with
 RESOURCE_EXHAUSTED / STREAM_IDLE; at most ``max_open_uploads`` Write streams run at once, the
-next answered RESOURCE_EXHAUSTED / TOO_MANY_REQUESTS (limit=open_uploads).
+next answered RESOURCE_EXHAUSTED / TOO_MANY_REQUESTS (limit=max-open-uploads).
 
 The byte streams skip protobuf for their data messages (see linkedblob.wire and
 blobsvc.server.method_handlers): Write receives raw serialized WriteRequests and takes a
@@ -47,7 +47,7 @@ from linkedblob.errors import (
     resource_exhausted,
 )
 from linkedblob.grants import INTERNAL, READ, WRITE, Grant, Signer, expired_error, token_from
-from linkedblob.rpc import servicer_method
+from linkedblob.rpc import malformed_request, servicer_method
 from linkedblob.transport import BLOB_READ, BLOB_READ_DATA, BLOB_WRITE, BLOB_WRITE_DATA
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlobService"].full_name
@@ -106,7 +106,7 @@ def _parse_write_request(raw: bytes) -> pb.WriteRequest:
     try:
         return pb.WriteRequest.FromString(raw)
     except DecodeError:
-        raise invalid_argument(Reason.BLOB_UPLOAD_INVALID, "malformed WriteRequest") from None
+        raise malformed_request("Write") from None
 
 
 async def _write_data(

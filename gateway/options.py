@@ -22,6 +22,13 @@ DEFAULT_LINK_CACHE_SIZE = 10_000
 DEFAULT_LEASE_TTL = 600.0
 MAX_LEASE_TTL = 86_400.0
 
+# Limits (gateway.limits).
+DEFAULT_IDLE_STREAM_TIMEOUT = "1m"
+DEFAULT_MAX_OPEN_UPLOADS = 256
+DEFAULT_MAX_UPLOADS_PER_REPOSITORY = 64
+DEFAULT_SESSION_RATE = 50.0
+DEFAULT_SESSION_BURST = 500
+
 
 def add_grant_options(parser: argparse.ArgumentParser) -> None:
     """The grant secret file and the read grants' lifetime."""
@@ -95,3 +102,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ABORTED and pushed again",
     )
     auth_config.add_arguments(parser)
+    add_limit_arguments(parser)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The gateway's limit flags (gateway.limits)."""
+    add_duration_option(
+        parser,
+        "--idle-stream-timeout",
+        default=DEFAULT_IDLE_STREAM_TIMEOUT,
+        help="end a PushBlob or WriteUpload stream whose caller sends nothing for this long "
+        "(RESOURCE_EXHAUSTED / STREAM_IDLE; a push's staged bytes are dropped); 0: never",
+    )
+    add_option(
+        parser,
+        "--max-open-uploads",
+        type=int,
+        default=DEFAULT_MAX_OPEN_UPLOADS,
+        help="most PushBlob and WriteUpload streams in progress at once; more are refused "
+        "(RESOURCE_EXHAUSTED / TOO_MANY_REQUESTS); 0: no limit",
+    )
+    add_option(
+        parser,
+        "--max-uploads-per-repository",
+        type=int,
+        default=DEFAULT_MAX_UPLOADS_PER_REPOSITORY,
+        help="most PushBlob and WriteUpload streams in progress into one repository; 0: no limit",
+    )
+    add_option(
+        parser,
+        "--session-rate",
+        type=float,
+        default=DEFAULT_SESSION_RATE,
+        help="StartUpload calls per second one caller (identity, else address) may make on "
+        "average, beyond --session-burst; 0: no limit",
+    )
+    add_option(
+        parser,
+        "--session-burst",
+        type=int,
+        default=DEFAULT_SESSION_BURST,
+        help="StartUpload calls one caller may make at once before --session-rate applies",
+    )

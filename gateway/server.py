@@ -11,6 +11,7 @@ from gateway.auth.config import AuthConfigError, build_access
 from gateway.direct import GrantIssuer
 from gateway.grpc_blob import GrpcBlobBackend
 from gateway.grpc_link import GrpcLinkBackend
+from gateway.limits import Limits, LimitSettings
 from gateway.linkcache import CachedLinks, LinkCache
 from gateway.model import LinkedBlob
 from gateway.options import MAX_LEASE_TTL
@@ -19,6 +20,7 @@ from gateway.servicer import RegistryServicer
 from gateway.uploads import Uploads
 from linkedblob import tls
 from linkedblob.grants import signer_from_args
+from linkedblob.limits import ServerLimits
 from linkedblob.server import Service, add_handlers, run
 from linkedblob.server import method_handlers as server_method_handlers
 from linkedblob.transport import bounded_windows
@@ -81,6 +83,7 @@ def serve(args: argparse.Namespace) -> int | None:
         print(f"linkedblob gateway: {exc}", file=sys.stderr)
         return 2
     cache: LinkCache[LinkedBlob] = LinkCache(args.link_cache_ttl, args.link_cache_size)
+    limits = Limits(LimitSettings.from_args(args))
     opened: list[GrpcBlobBackend | GrpcLinkBackend] = []
     registries: list[Registry] = []
 
@@ -94,9 +97,11 @@ def serve(args: argparse.Namespace) -> int | None:
             blobs, cached_links, enable_delete=args.enable_delete, lease_ttl=args.lease_ttl
         )
         registries.append(registry)
-        uploads = Uploads(blobs, cached_links, lease_ttl=args.lease_ttl)
+        uploads = limits.limit_session_starts(
+            Uploads(blobs, cached_links, lease_ttl=args.lease_ttl)
+        )
         servicer = RegistryServicer(registry, uploads, grants, access)
-        add_registry(servicer, server)
+        add_handlers(server, SERVICE_NAME, limits.wrap(method_handlers(servicer)))
 
     async def on_stop() -> None:
         # The registry's pending cleanups first: they call blobsvc, whose channel closes next.
@@ -106,9 +111,15 @@ def serve(args: argparse.Namespace) -> int | None:
             await backend.close()
 
     service = Service(
-        "gateway", [SERVICE_NAME], register, on_stop, _server_windows(), secured=access.secured
+        "gateway",
+        [SERVICE_NAME],
+        register,
+        on_stop,
+        _server_windows(),
+        secured=access.secured,
+        credentials=server_tls,
+        limits=ServerLimits.from_args(args),
     )
-    service.credentials = server_tls
     run(
         service,
         args.host,

@@ -91,6 +91,11 @@ def add_server_options(parser: argparse.ArgumentParser, default_port: int) -> No
         default="",
         help="PEM CA bundle: require client certificates it signed (mTLS)",
     )
+    from linkedblob.limits import add_limit_options  # limits builds on this module
+
+    # blobsvc and linksvc are called by the gateways, each over one connection that carries
+    # all its callers' calls: they allow more streams per connection than the public gateway.
+    add_limit_options(parser, internal=default_port != GATEWAY_PORT)
 
 
 # The port of `linkedblob serve gc` (gRPC health only).

@@ -13,17 +13,20 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from google.protobuf import descriptor, message_factory
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from linkedblob import metrics
 from linkedblob.config import TRANSPORT_LIMIT_BYTES
+from linkedblob.limits import ServerLimits
+from linkedblob.rpc import Refusal, malformed_request
 from linkedblob.tuning import release_free_memory
 
 log = logging.getLogger(__name__)
@@ -32,8 +35,13 @@ log = logging.getLogger(__name__)
 AioHealthServicer = health.aio.HealthServicer  # type: ignore[attr-defined]
 
 
-def server_options(max_message_bytes: int = TRANSPORT_LIMIT_BYTES) -> list[tuple[str, int]]:
+def server_options(
+    max_message_bytes: int = TRANSPORT_LIMIT_BYTES, limits: ServerLimits | None = None
+) -> list[tuple[str, int]]:
+    """The gRPC options of every server: message limits, keepalive, and the connection limits
+    (streams per connection, idle and old connections: linkedblob.limits)."""
     return [
+        *(limits or ServerLimits()).options(),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # Detect dead peers on long-lived streams, and allow clients' keepalive pings.
@@ -64,20 +72,69 @@ def method_handlers(
     """A service's handlers as the generated add_*Servicer_to_server builds them, except that
     the methods named in ``raw_requests`` get their requests unparsed (bytes) and those in
     ``raw_responses`` send what the servicer yields as already serialized (see linkedblob.wire).
+
+    A request that does not parse is not an error of gRPC's (which would answer UNKNOWN, or
+    INTERNAL on a stream, and log a traceback): the deserializer hands a :class:`Refusal`
+    instead, which the servicer method (linkedblob.rpc.servicer_method) answers with
+    INVALID_ARGUMENT / REQUEST_MALFORMED. Raw requests are parsed by the servicers, whose
+    DecodeError linkedblob.rpc maps the same way.
     """
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         request_class: Any = message_factory.GetMessageClass(method.input_type)
         response_class: Any = message_factory.GetMessageClass(method.output_type)
         factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        behaviour = getattr(servicer, method.name)
+        raw = method.name in raw_requests
+        if method.client_streaming and not raw:
+            behaviour = _refusing_streamed(behaviour, method.server_streaming)
         handlers[method.name] = factory(
-            getattr(servicer, method.name),
-            request_deserializer=None if method.name in raw_requests else request_class.FromString,
+            behaviour,
+            request_deserializer=None
+            if raw
+            else _tolerant_parser(request_class.FromString, method.name),
             response_serializer=None
             if method.name in raw_responses
             else response_class.SerializeToString,
         )
     return handlers
+
+
+def _tolerant_parser(parse: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:
+    """``parse``, answering a Refusal (REQUEST_MALFORMED) for bytes that do not parse."""
+    refusal = Refusal(lambda: malformed_request(method))
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except DecodeError:
+            return refusal
+
+    return deserialize
+
+
+def _refusing_streamed(behaviour: Any, server_streaming: bool) -> Any:
+    """A client-streaming ``behaviour`` whose request stream raises the error of a Refusal in
+    it (a streamed message that did not parse), inside the servicer method."""
+
+    async def refusing(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            if type(request) is Refusal:
+                raise request.make()
+            yield request
+
+    if server_streaming:
+
+        async def stream_stream(request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+            async for response in behaviour(refusing(request_iterator), context):
+                yield response
+
+        return stream_stream
+
+    async def stream_unary(request_iterator: Any, context: Any) -> Any:
+        return await behaviour(refusing(request_iterator), context)
+
+    return stream_unary
 
 
 def add_handlers(
@@ -106,6 +163,8 @@ class Service:
     # More ports on the same server: (name, port, credentials or None), e.g. blobsvc's direct
     # port; each gets its own ready line, `linkedblob NAME listening on HOST:PORT`, first.
     listeners: Sequence[tuple[str, int, grpc.ServerCredentials | None]] = ()
+    # Streams per connection, idle and old connections (the flags: ServerLimits.from_args).
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
 
 def _listen(
@@ -138,7 +197,7 @@ class RunningServer:
 
 async def start(service: Service, host: str, port: int) -> RunningServer:
     server = grpc.aio.server(
-        options=server_options() + service.extra_options,
+        options=server_options(limits=service.limits) + service.extra_options,
         interceptors=list(service.interceptors) or None,
     )
     service.register(server)

@@ -28,7 +28,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # linksvc's memory that only --migrate needs; bench/README.md, "linksvc: alembic's memory"); a
 # test compares them with alembic's own reading of the scripts, so a new migration that is not
 # added here fails it.
-REVISIONS = ("0001", "0002")
+REVISIONS = ("0001", "0002", "0003")
 VERSION_TABLE = "alembic_version"  # alembic's default, as linksvc/migrations/env.py leaves it
 
 

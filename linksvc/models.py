@@ -146,6 +146,8 @@ upload_sessions = sa.Table(
     sa.CheckConstraint("state IN ('active', 'committed', 'cancelled')", name="state_known"),
     # Stale sessions, oldest first (purging).
     sa.Index(None, "updated_at"),
+    # A repository's active sessions, counted when one is created (the per-repository cap).
+    sa.Index(None, "repository", "state"),
 )
 
 # A lease protects a digest from garbage collection while its bytes are committed and linked

@@ -9,6 +9,8 @@ from linkedblob.peers import add_peer_options
 
 HELP = "the metadata plane: links, blob index, upload sessions (linkedblob.link.v1.LinkService)"
 DEFAULT_PORT = LINK_PORT
+# Upload sessions open at once in one repository (each is a row, and a staging area in blobsvc).
+DEFAULT_MAX_SESSIONS_PER_REPOSITORY = 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,4 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="SQLite: run every call in the SQL threads; by default the short ones run on the "
         "event loop, which is cheaper than the hop to a thread",
+    )
+    add_option(
+        parser,
+        "--max-sessions-per-repository",
+        type=int,
+        default=DEFAULT_MAX_SESSIONS_PER_REPOSITORY,
+        help="most upload sessions open (active) in one repository; CreateSession answers "
+        "RESOURCE_EXHAUSTED / TOO_MANY_REQUESTS beyond it (a session ends when committed, "
+        "cancelled, or purged by the collector after the upload expiry); 0: no limit",
     )

@@ -319,6 +319,16 @@ class Queries:
         # --- upload sessions -----------------------------------------------------------------
         # (UPDATE parameters are named p_*: SQLAlchemy reserves column names for SET values.)
         self.create_session = sa.insert(sessions)
+        # A repository's active sessions (the cap CreateSession enforces); by the index on
+        # (repository, state).
+        self.count_active_sessions = (
+            sa.select(sa.func.count())
+            .select_from(sessions)
+            .where(
+                sessions.c.repository == b("repository"),
+                sessions.c.state == SessionState.ACTIVE.value,
+            )
+        )
         self.get_session = sa.select(sessions).where(sessions.c.id == b("id"))
         # The compare-and-set: one statement, so of two advances from one size exactly one wins.
         self.advance_session = (

@@ -13,8 +13,9 @@ import grpc
 import sqlalchemy as sa
 
 from linkedblob import peers, tls
-from linkedblob.link.v1 import link_pb2_grpc
-from linkedblob.server import Service, run
+from linkedblob.limits import ServerLimits
+from linkedblob.link.v1 import link_pb2
+from linkedblob.server import Service, add_handlers, method_handlers, run
 from linksvc import migrate, roles
 from linksvc.database import Database, safe_url
 from linksvc.servicer import SERVICE_NAME, LinkServicer
@@ -62,10 +63,14 @@ def serve(args: argparse.Namespace) -> int | None:
         )
         return 1
 
-    servicer = LinkServicer(db)
+    servicer = LinkServicer(db, args.max_sessions_per_repository)
+
+    # Built as blobsvc's and the gateway's are, so a malformed request answers
+    # INVALID_ARGUMENT / REQUEST_MALFORMED (linkedblob.server.method_handlers).
+    handlers = method_handlers(link_pb2.DESCRIPTOR.services_by_name["LinkService"], servicer)
 
     def register(server: grpc.aio.Server) -> None:
-        link_pb2_grpc.add_LinkServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        add_handlers(server, SERVICE_NAME, handlers)
 
     async def on_stop() -> None:
         await asyncio.to_thread(db.close)
@@ -79,6 +84,7 @@ def serve(args: argparse.Namespace) -> int | None:
             secured=authorizer is not None,
             credentials=credentials,
             interceptors=[authorizer] if authorizer else [],
+            limits=ServerLimits.from_args(args),
         ),
         args.host,
         args.port,

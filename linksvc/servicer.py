@@ -74,8 +74,9 @@ def _session(s: SessionRecord) -> link_pb2.Session:
 
 
 class LinkServicer(link_pb2_grpc.LinkServiceServicer):
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, max_sessions_per_repository: int = 0) -> None:
         self.db = db
+        self.max_sessions_per_repository = max_sessions_per_repository  # 0: no limit
         self.store = LinkStore(db)
         self.lifecycle = LifecycleStore(self.store)
 
@@ -197,7 +198,11 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         self, request: link_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.Session:
         repository = check.repository(request.repository)
-        return _session(await self.db.run_hot(self.store.create_session, repository))
+        return _session(
+            await self.db.run_hot(
+                self.store.create_session, repository, self.max_sessions_per_repository
+            )
+        )
 
     @servicer_method
     async def GetSession(

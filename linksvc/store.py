@@ -22,10 +22,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from linkedblob.errors import Reason, aborted, failed_precondition, not_found
+from linkedblob.errors import Reason, aborted, failed_precondition, not_found, resource_exhausted
 from linksvc.database import Database, map_errors
 from linksvc.models import BlobState, SessionState
 from linksvc.queries import Queries
+
+# PostgreSQL: a transaction-scoped lock on a repository's session count (see create_session).
+_LOCK_REPOSITORY_SESSIONS = sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))")
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,22 +354,47 @@ class LinkStore:
     # --- upload sessions -------------------------------------------------------------------
 
     @map_errors
-    def create_session(self, repository: str) -> SessionRecord:
+    def create_session(self, repository: str, max_active: int = 0) -> SessionRecord:
+        """A new active session of ``repository``; with ``max_active``, refused
+        (RESOURCE_EXHAUSTED / TOO_MANY_REQUESTS, limit max-sessions-per-repository) when the
+        repository has that many active sessions already, counted in the same transaction."""
         now = utcnow()
         record = SessionRecord(new_session_id(), repository, 0, SessionState.ACTIVE, now, now)
-        with self.db.connect() as conn:
-            conn.execute(
-                self.q.create_session,
-                {
-                    "id": record.id,
-                    "repository": repository,
-                    "size": 0,
-                    "state": record.state.value,
-                    "started_at": now,
-                    "updated_at": now,
-                },
-            )
+        if not max_active:
+            with self.db.connect() as conn:
+                self._insert_session(conn, record)
+            return record
+        with self.db.transaction() as conn:
+            if self.db.dialect == "postgresql":
+                # Two creations in one repository take turns (READ COMMITTED would let both
+                # count the same sessions); SQLite's transactions take turns anyway.
+                conn.execute(_LOCK_REPOSITORY_SESSIONS, {"key": f"sessions:{repository}"})
+            active = conn.execute(
+                self.q.count_active_sessions, {"repository": repository}
+            ).scalar_one()
+            if active >= max_active:
+                raise resource_exhausted(
+                    Reason.TOO_MANY_REQUESTS,
+                    f"{active} uploads are open in this repository, the most allowed; finish "
+                    "or cancel one, or retry later",
+                    limit="max-sessions-per-repository",
+                )
+            self._insert_session(conn, record)
         return record
+
+    def _insert_session(self, conn: sa.Connection, record: SessionRecord) -> None:
+        now = record.started_at
+        conn.execute(
+            self.q.create_session,
+            {
+                "id": record.id,
+                "repository": record.repository,
+                "size": 0,
+                "state": record.state.value,
+                "started_at": now,
+                "updated_at": now,
+            },
+        )
 
     @map_errors
     def get_session(self, session_id: str) -> SessionRecord:

@@ -341,9 +341,9 @@ def test_a_malformed_data_message_is_refused(blobsvc: ServiceProcess) -> None:
             response_deserializer=pb.WriteResponse.FromString,
         )
         first = pb.WriteRequest(upload_id=upload_id, data=b"good").SerializeToString()
-        with refused(Code.INVALID_ARGUMENT, Reason.BLOB_UPLOAD_INVALID):
+        with refused(Code.INVALID_ARGUMENT, Reason.REQUEST_MALFORMED):
             raw_write(iter([first, b"\x1a\x05abc"]))  # says 5 bytes, has 3
-        with refused(Code.INVALID_ARGUMENT, Reason.BLOB_UPLOAD_INVALID):
+        with refused(Code.INVALID_ARGUMENT, Reason.REQUEST_MALFORMED):
             raw_write(iter([b"\xff\xff\xff"]))
         stub = blob_pb2_grpc.BlobServiceStub(channel)
         assert status(stub, upload_id) == 4

@@ -216,7 +216,7 @@ def test_open_uploads_are_bounded(tmp_path: Path) -> None:
                     await write(stub, "one-more", b"y")
                 code, reason, metadata = status(excinfo.value)
                 assert (code, reason) == (Code.RESOURCE_EXHAUSTED, "TOO_MANY_REQUESTS")
-                assert metadata["limit"] == "open_uploads"
+                assert metadata["limit"] == "max-open-uploads"
                 # Other calls are served; the held streams finish; then Writes are taken again.
                 assert (await stub.Put(pb.PutRequest(data=b"small"))).blob.size == 5
                 for call in held:

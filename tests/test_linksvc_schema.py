@@ -233,6 +233,7 @@ LOOKUPS: dict[str, dict[str, object]] = {
     "linking_repositories": {"digest": DIGEST, "after": "", "limit": 10},
     "link_recorded": {"repository": "r", "digest": DIGEST, "media_type": "", "created_at": NOW},
     "get_session": {"id": "s"},
+    "count_active_sessions": {"repository": "r"},
     "advance_session": {"p_id": "s", "from_size": 0, "to_size": 1, "now": NOW},
     "finish_session": {"p_id": "s", "p_state": "committed", "now": NOW},
     "finish_session_of": {"p_id": "s", "p_state": "committed", "now": NOW, "p_repository": "r"},

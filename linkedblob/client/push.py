@@ -74,9 +74,11 @@ class Pusher:
         self.retry_timeout = retry_timeout
 
     def put(self, repository: str, data: bytes, media_type: str, digest: str) -> Descriptor:
-        """PutBlob, made again while the blob is being deleted or the lease expired."""
+        """PutBlob, made again while the blob is being deleted or the lease expired, and when
+        the gateway is unavailable (the bytes are in hand and name their blob: storing and
+        linking them twice is harmless)."""
         return Retry(self.retry_timeout).call(
-            lambda: self.gateway.put(repository, data, media_type, digest), must_push_again
+            lambda: self.gateway.put(repository, data, media_type, digest), _put_again
         )
 
     def push(
@@ -91,7 +93,8 @@ class Pusher:
         with SourceReader(source) as src:
             job = _Push(repository, src, media_type, digest, progress)
             if resumable:
-                return self._again(job, self._push_resumable)
+                # (It resumes after UNAVAILABLE by itself, within its own retry budget.)
+                return self._again(job, self._push_resumable, on_unavailable=False)
             if src.size is not None:
                 small = src.read_all() if src.size <= self.chunk_size else None
             else:
@@ -113,10 +116,18 @@ class Pusher:
                 return pushed
         return self._push_stream(job)
 
-    def _again(self, job: _Push, attempt: Callable[[_Push], Descriptor]) -> Descriptor:
+    def _again(
+        self,
+        job: _Push,
+        attempt: Callable[[_Push], Descriptor],
+        *,
+        on_unavailable: bool = True,
+    ) -> Descriptor:
         """``attempt(job)``, made again from the source's start while it fails because the
-        bytes must be sent again (:func:`~linkedblob.client.errors.must_push_again`), within
-        the retry budget; the progress shown goes back with the source."""
+        bytes must be sent again (:func:`~linkedblob.client.errors.must_push_again`), or, for a
+        push that declares its digest (idempotent: the bytes name their blob), because the
+        gateway is unavailable, within the retry budget; the progress shown goes back with the
+        source. A push without a digest is not made again on UNAVAILABLE."""
         retry = Retry(self.retry_timeout)
         shown = 0
 
@@ -131,7 +142,10 @@ class Pusher:
             try:
                 return attempt(counted)
             except ClientError as e:
-                if not must_push_again(e) or not job.src.rewind():
+                again = must_push_again(e) or (
+                    on_unavailable and bool(job.digest) and is_unavailable(e)
+                )
+                if not again or not job.src.rewind():
                     raise
                 retry.wait(e)
                 if shown and job.progress:
@@ -278,6 +292,16 @@ class Pusher:
         final = job.digest or (hasher.hexdigest() if hasher is not None else "")
         commit = job.commit_request(upload.id, final)
         return retry.call(lambda: self.gateway.commit_upload(commit), _commit_again)
+
+
+def is_unavailable(e: ClientError) -> bool:
+    """The gateway (or a backend behind it) could not be reached: a call that stores bytes
+    under their digest can be made again as it was (content addressing makes it idempotent)."""
+    return e.code == grpc.StatusCode.UNAVAILABLE
+
+
+def _put_again(e: ClientError) -> bool:
+    return must_push_again(e) or is_unavailable(e)
 
 
 def _commit_again(e: ClientError) -> bool:
