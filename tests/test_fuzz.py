@@ -33,6 +33,7 @@ import json
 import math
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,7 @@ class Fuzzed:
     channels: dict[str, grpc.Channel]
     pools: Pools
     db_path: Path
-    internal_grant: str
+    internal: tuple[tuple[str, str], ...]  # blobsvc call metadata with the internal grant
 
     def __repr__(self) -> str:  # hypothesis prints the arguments of a failing example
         return f"Fuzzed(gateway={self.stack.address})"
@@ -127,16 +128,17 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
             "blob": registry_channel(stack.blob.address),
             "link": registry_channel(stack.link.address),
         }
-        grant = grants.Signer(stack.grant_secret).sign(grants.INTERNAL)
-        pools = seed(channels, grant)
+        internal = stack.blob_metadata()
+        assert internal is not None  # the stack runs with a grant secret
+        pools = seed(channels, internal)
         try:
-            yield Fuzzed(stack, channels, pools, directory / "link.db", grant)
+            yield Fuzzed(stack, channels, pools, directory / "link.db", internal)
         finally:
             for channel in channels.values():
                 channel.close()
 
 
-def seed(channels: dict[str, grpc.Channel], grant: str) -> Pools:
+def seed(channels: dict[str, grpc.Channel], internal: tuple[tuple[str, str], ...]) -> Pools:
     """Blobs linked in two repositories, two upload sessions (one written), and a staging area
     at blobsvc: the values the strategies bias to."""
     registry = registry_pb2_grpc.RegistryStub(channels["gateway"])
@@ -154,7 +156,7 @@ def seed(channels: dict[str, grpc.Channel], grant: str) -> Pools:
     blobs = blob_pb2_grpc.BlobServiceStub(channels["blob"])
     blobs.Write(
         iter([blob_pb2.WriteRequest(upload_id="fuzz-staged", data=b"staged")]),
-        metadata=((grants.METADATA_KEY, grant),),
+        metadata=internal,
     )
     return Pools(list(PAYLOADS), ["fuzz/a", "fuzz/b", "fuzz/none"], [*ids, "fuzz-staged"])
 
@@ -285,11 +287,9 @@ def fuzz_call(
     finally:
         if LOG:
             level = "bytes" if any(isinstance(r, bytes) for r in requests) else "messages"
+            line = {"t": round(time.time(), 3), "method": method.name, "level": level}
             with open(LOG, "a") as f:
-                f.write(
-                    json.dumps({"method": method.name, "level": level, **_last, "broken": broken})
-                    + "\n"
-                )
+                f.write(json.dumps({**line, **_last, "broken": broken}) + "\n")
 
 
 _last: dict[str, str] = {}
@@ -301,8 +301,8 @@ def _fuzz_call(
     wire = [r if isinstance(r, bytes) else r.SerializeToString() for r in requests]
     metadata = None
     if method.target == "blob" and grant != "none":
-        token = fuzzed.internal_grant if grant == "internal" else "v1.Zm9yZ2Vk.bWFj"
-        metadata = ((grants.METADATA_KEY, token),)
+        forged = ((grants.METADATA_KEY, "v1.Zm9yZ2Vk.bWFj"),)
+        metadata = fuzzed.internal if grant == "internal" else forged
     _last.clear()
     before = snapshot(fuzzed)
     outcome = invoke(fuzzed.channels[method.target], method, wire, metadata)
