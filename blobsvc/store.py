@@ -349,7 +349,7 @@ class BlobStore:
             if staged is None and (offset > 0 or not create):
                 raise not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} not found")
             if staged is not None and staged != offset:
-                raise _wrong_offset(upload_id, staged, offset)
+                raise _wrong_offset(staged, offset)
             messages = aiter(chunks)
             first: bytes | memoryview = b""
             async for data in messages:  # no descriptor until there is something to write
@@ -390,7 +390,7 @@ class BlobStore:
     ) -> WriteResult:
         """write() once the upload is open (the caller closes it)."""
         if upload.size != offset:
-            raise _wrong_offset(upload.upload_id, upload.size, offset)
+            raise _wrong_offset(upload.size, offset)
         state = self._hashes.for_write(upload)
         in_flight: list[asyncio.Future[None]] = []  # the lanes' jobs, oldest first
         most_in_flight = self._pipeline_depth * (1 if state is None else 2)
@@ -446,7 +446,7 @@ class BlobStore:
         if spec.size is not None and spec.size != size:
             raise invalid_argument(
                 Reason.SIZE_INVALID,
-                f"upload {upload.upload_id} has {size} bytes, not {spec.size}",
+                f"the staged bytes are {size} bytes, not {spec.size}",
                 size=size,
             )
         algorithm = spec.digest.algorithm if spec.digest else upload.algorithm
@@ -459,7 +459,7 @@ class BlobStore:
         if spec.digest is not None and actual != spec.digest:
             raise invalid_argument(
                 Reason.DIGEST_INVALID,
-                f"upload {upload.upload_id} hashes to {actual}, not {spec.digest}",
+                f"the staged bytes hash to {actual}, not {spec.digest}",
                 digest=str(actual),
             )
         # Verified: store it (or find it already stored), and forget the upload.
@@ -468,10 +468,10 @@ class BlobStore:
         return Committed(actual, size, existed)
 
 
-def _wrong_offset(upload_id: str, size: int, offset: int) -> LinkedBlobError:
+def _wrong_offset(size: int, offset: int) -> LinkedBlobError:
     return out_of_range(
         Reason.BLOB_UPLOAD_INVALID,
-        f"upload {upload_id} has {size} bytes staged; cannot write at {offset}",
+        f"the upload has {size} bytes staged; cannot write at {offset}",
         size=size,
     )
 

@@ -46,7 +46,7 @@ class Digest:
         if want is None:
             raise invalid_argument(
                 Reason.DIGEST_INVALID,
-                f"unsupported digest algorithm {algorithm!r} (supported: sha256, sha512)",
+                f"unsupported digest algorithm {algorithm[:100]!r} (supported: sha256, sha512)",
             )
         if len(hexpart) != want:
             raise invalid_argument(
@@ -74,7 +74,7 @@ def parse_algorithm(name: str) -> str:
     if name not in ALGORITHMS:
         raise invalid_argument(
             Reason.DIGEST_INVALID,
-            f"unsupported digest algorithm {name!r} (supported: sha256, sha512)",
+            f"unsupported digest algorithm {name[:100]!r} (supported: sha256, sha512)",
         )
     return name
 

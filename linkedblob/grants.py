@@ -68,6 +68,20 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def unverified_action(token: str) -> str:
+    """The action a grant token names, read WITHOUT checking its signature ("" when the token is
+    missing or not a grant): for a gate that only sorts calls (linkedblob.peers refuses internal
+    grants on blobsvc's direct port); whoever acts on the grant verifies it (Signer.verify)."""
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != _VERSION:
+        return ""
+    try:
+        payload = _unb64(parts[1]).decode()
+    except ValueError:
+        return ""
+    return payload.split("|", 1)[0]
+
+
 def _denied(message: str) -> LinkedBlobError:
     return LinkedBlobError(grpc.StatusCode.PERMISSION_DENIED, Reason.DENIED, message)
 

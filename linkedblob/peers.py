@@ -19,7 +19,6 @@ completes the handshake may call them.
 from __future__ import annotations
 
 import argparse
-import base64
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import grpc
 from linkedblob.caller import peer_identities, set_caller
 from linkedblob.config import add_option
 from linkedblob.errors import LinkedBlobError, Reason
-from linkedblob.grants import METADATA_KEY
+from linkedblob.grants import METADATA_KEY, unverified_action
 
 GATEWAY = "gateway"
 COLLECTOR = "collector"
@@ -52,20 +51,6 @@ class MethodTable:
 
 def parse_names(text: str) -> frozenset[str]:
     return frozenset(name.strip() for name in text.split(",") if name.strip())
-
-
-def grant_action(token: str) -> str:
-    """The action a grant token names, read without checking its signature (the servicer does
-    that); "" when the token is missing or not a grant. Token: ``v1.<payload>.<mac>``, payload
-    ``action|subject|...`` (linkedblob.grants)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return ""
-    try:
-        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)).decode()
-    except ValueError:
-        return ""
-    return payload.split("|", 1)[0]
 
 
 def _token(context: grpc.aio.ServicerContext) -> str:
@@ -97,7 +82,7 @@ class PeerAuthorizer(grpc.aio.ServerInterceptor):
                     Reason.UNAUTHORIZED,
                     f"{method} needs a client certificate",
                 )
-            action = grant_action(_token(context))
+            action = unverified_action(_token(context))
             if not action:
                 raise LinkedBlobError(
                     grpc.StatusCode.UNAUTHENTICATED,

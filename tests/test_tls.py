@@ -25,8 +25,8 @@ from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
 from linkedblob.client import Client
 from linkedblob.config import MiB
 from linkedblob.errors import error_info
+from linkedblob.grants import unverified_action
 from linkedblob.link.v1 import link_pb2, link_pb2_grpc
-from linkedblob.peers import grant_action
 from tests.services import ServiceProcess, running, spawn
 from tests.stack import GRANT_SECRET_ENV, free_port, scrape
 
@@ -474,7 +474,7 @@ def test_the_direct_port_takes_only_read_and_write_grants(pki: Pki, stack: Secur
         err = refused(lambda: blobs.UploadStatus(blob_pb2.UploadStatusRequest(upload_id="u1")))
         assert err.code() == Code.UNAUTHENTICATED and error_info(err).reason == "UNAUTHORIZED"
         internal = ((grants.METADATA_KEY, signer.sign(grants.INTERNAL)),)
-        assert grant_action(internal[0][1]) == "internal"
+        assert unverified_action(internal[0][1]) == "internal"
         err = refused(
             lambda: blobs.UploadStatus(
                 blob_pb2.UploadStatusRequest(upload_id="u1"), metadata=internal, timeout=10
