@@ -113,37 +113,56 @@ def test_header_only_writes_hold_no_descriptor(tmp_path: Path) -> None:
 def test_header_only_pushes_through_the_gateway_hold_no_blobsvc_descriptor(
     tmp_path: Path,
 ) -> None:
-    """The attack of the issue: header-only PushBlob streams, relayed into blobsvc Writes."""
-    streams = 200
+    """The attack of the issue: header-only PushBlob streams, relayed into blobsvc Writes.
+
+    Over four connections into four repositories, 50 streams each: within the gateway's
+    streams per connection (100) and uploads per repository (64), so every stream reaches
+    blobsvc and it is blobsvc's lazy opening that is measured."""
+    connections, streams = 4, 50
     with running_stack("sqlite", tmp_path) as stack:
 
+        def header(i: int) -> registry_pb2.PushBlobRequest:
+            return registry_pb2.PushBlobRequest(
+                header=registry_pb2.PushBlobRequest.Header(
+                    repository=f"protect/push{i}", media_type="a/b"
+                )
+            )
+
         async def run() -> None:
-            async with grpc.aio.insecure_channel(stack.address) as channel:
-                rpc = registry_pb2_grpc.RegistryStub(channel)
-                header = registry_pb2.PushBlobRequest.Header(
-                    repository="protect/push", media_type="a/b"
-                )
-                await rpc.PushBlob(
-                    iter([registry_pb2.PushBlobRequest(header=header), data_message(b"warm")])
-                )
+            # A local subchannel pool each: channels to one address otherwise share a connection.
+            channels = [
+                grpc.aio.insecure_channel(stack.address, options=[SEPARATE_CONNECTION])
+                for _ in range(connections)
+            ]
+            try:
+                stubs = [registry_pb2_grpc.RegistryStub(channel) for channel in channels]
+                await stubs[0].PushBlob(iter([header(0), data_message(b"warm")]))
                 baseline = fds(stack.blob)
                 calls = []
-                for _ in range(streams):
-                    call = rpc.PushBlob()  # type: ignore[call-arg]
-                    await call.write(registry_pb2.PushBlobRequest(header=header))
-                    calls.append(call)
+                for i, rpc in enumerate(stubs):
+                    for _ in range(streams):
+                        call = rpc.PushBlob()  # type: ignore[call-arg]
+                        await call.write(header(i))
+                        calls.append(call)
                 await asyncio.sleep(2)  # the gateway relays them to blobsvc
                 during = fds(stack.blob)
                 # Everyone else is served meanwhile.
-                pushed = await rpc.PushBlob(
-                    iter([registry_pb2.PushBlobRequest(header=header), data_message(b"other")])
-                )
+                async with grpc.aio.insecure_channel(stack.address) as other:
+                    pushed = await registry_pb2_grpc.RegistryStub(other).PushBlob(
+                        iter([header(9), data_message(b"other")])
+                    )
                 assert pushed.size == 5
                 for call in calls:
                     call.cancel()
+            finally:
+                for channel in channels:
+                    await channel.close()
             assert during <= baseline + 10, (baseline, during)
 
         asyncio.run(run())
+
+
+SEPARATE_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 
 
 def data_message(data: bytes) -> registry_pb2.PushBlobRequest:
