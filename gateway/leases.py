@@ -63,6 +63,8 @@ class Leases:
         self.ttl = ttl
         self.deleting_backoff = tuple(deleting_backoff)
         self._releases: set[asyncio.Task[None]] = set()  # releases in flight (kept referenced)
+        # Leases in flight whose caller was cancelled (kept referenced until they are released).
+        self._abandoned: set[asyncio.Task[Lease | LinkedBlob]] = set()
 
     async def take(
         self,
@@ -72,10 +74,30 @@ class Leases:
         size: int | None = None,
     ) -> Lease | LinkedBlob:
         """A lease of ``digest``; with ``link_repository``, the link made at once when the blob
-        is recorded (see LinkBackend.lease)."""
-        return await self._retrying(
-            lambda: self._links.lease(digest, self.ttl, link_repository, media_type, size)
+        is recorded (see LinkBackend.lease).
+
+        In a task of its own: when the caller is cancelled (its client went away) while linksvc
+        grants the lease, the lease is released once granted, not left to expire."""
+        task = asyncio.get_running_loop().create_task(
+            self._retrying(
+                lambda: self._links.lease(digest, self.ttl, link_repository, media_type, size)
+            )
         )
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._abandoned.add(task)
+            task.add_done_callback(self._abandoned.discard)
+            task.add_done_callback(lambda done: self._release_abandoned(digest, done))
+            raise
+
+    def _release_abandoned(self, digest: str, done: asyncio.Task[Lease | LinkedBlob]) -> None:
+        """Releases the lease a cancelled caller was granted (nothing when none was)."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        granted = done.result()
+        if isinstance(granted, Lease):
+            self._spawn_release(digest, granted)
 
     async def link(
         self,
@@ -110,10 +132,13 @@ class Leases:
         raised (the lease then expires after its TTL). In a task of its own, which a handler
         being cancelled (its caller went away) cannot stop; the handler waits for it, so a
         refusal is answered once the lease is gone, unless it is cancelled again meanwhile."""
+        await asyncio.shield(self._spawn_release(digest, lease))
+
+    def _spawn_release(self, digest: str, lease: Lease) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._release(digest, lease))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
-        await asyncio.shield(task)
+        return task
 
     async def _release(self, digest: str, lease: Lease) -> None:
         try:

@@ -482,6 +482,33 @@ def test_a_push_whose_caller_goes_away_still_gives_its_lease_back() -> None:
     assert calls[:2] == ["links.lease", "blobs.write"] and "links.release_lease" in calls
 
 
+def test_a_lease_granted_after_its_caller_went_away_is_released() -> None:
+    """The handler is cancelled while linksvc grants the lease: the lease, once granted, is
+    released (nothing is committed: the put never reaches blobsvc)."""
+    gw, data = gateway(), b"granted too late"
+    asked, answer = asyncio.Event(), asyncio.Event()
+    lease = gw.links.lease
+
+    async def slow(*args: Any) -> Any:
+        asked.set()
+        await answer.wait()
+        return await lease(*args)
+
+    async def scenario() -> None:
+        gw.links.lease = slow  # type: ignore[method-assign]
+        task = asyncio.ensure_future(gw.registry.put(REPO, "", None, data))
+        await asked.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        answer.set()
+        await settled()
+
+    run(scenario())
+    assert gw.calls() == ["links.lease", "links.release_lease"]
+    assert gw.links.leases == {} and gw.blobs.blobs == {}
+
+
 # --- marked blobs are revived -------------------------------------------------------------------
 
 
