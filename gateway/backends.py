@@ -100,6 +100,13 @@ class LinkBackend(Protocol):
         BLOB_DELETING."""
         ...
 
+    async def release_lease(self, digest: str, lease_id: str) -> bool:
+        """Gives back the lease ``lease_id`` of ``digest`` (from :meth:`lease`) that the
+        caller will not use: its call failed before the link. Only that lease goes; other
+        leases of the digest stay. Idempotent: False when there was no such lease (consumed by
+        a link, released already, expired)."""
+        ...
+
     async def link(
         self,
         repository: str,

@@ -278,6 +278,14 @@ class FakeLinkBackend:
         self.leases[lease_id] = (digest, expires)
         return Lease(lease_id, int(expires * 1e9))
 
+    async def release_lease(self, digest: str, lease_id: str) -> bool:
+        self.failures.check("release_lease")
+        lease = self.leases.get(lease_id)
+        if lease is None or lease[0] != digest:
+            return False
+        del self.leases[lease_id]
+        return True
+
     async def link(
         self,
         repository: str,

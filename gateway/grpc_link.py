@@ -94,6 +94,13 @@ class GrpcLinkBackend:
             return _linked(granted.linked.blob)
         return Lease(granted.lease_id, granted.expires_at.ToNanoseconds())
 
+    async def release_lease(self, digest: str, lease_id: str) -> bool:
+        released = await answer(
+            self._stub.ReleaseLease,
+            link_pb2.ReleaseLeaseRequest(digest=digest, lease_id=lease_id),
+        )
+        return released.released
+
     async def resolve(self, repository: str, digest: str, fresh: bool = False) -> LinkedBlob:
         resolved = await answer(
             self._stub.Resolve, link_pb2.ResolveRequest(repository=repository, digest=digest)

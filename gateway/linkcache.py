@@ -132,6 +132,9 @@ class CachedLinks:
             return self._keep(link_repository, granted, generation)
         return granted
 
+    async def release_lease(self, digest: str, lease_id: str) -> bool:
+        return await self._links.release_lease(digest, lease_id)  # nothing to remember
+
     async def mount(self, repository: str, source: str, digest: str, media_type: str) -> LinkedBlob:
         # Already linked here, from a source that links it (as far as this gateway saw within
         # the TTL), with no new media type: nothing to change, no call to make.

@@ -149,8 +149,11 @@ class Registry:
         granted = await self._leases.take(str(digest), repository, media_type, len(data))
         if isinstance(granted, LinkedBlob):
             return granted
-        stored = await self._blobs.put(data, str(digest), counted_as="PutBlob")
-        return await self._leases.link(repository, stored.digest, media_type, stored.size, granted)
+        async with self._leases.released_on_failure(str(digest), granted):
+            stored = await self._blobs.put(data, str(digest), counted_as="PutBlob")
+            return await self._leases.link(
+                repository, stored.digest, media_type, stored.size, granted
+            )
 
     async def push(
         self,
@@ -175,14 +178,15 @@ class Registry:
             return granted
         upload_id = _push_upload_id()
         commit = CommitSpec(str(digest), size, digest.algorithm)
-        try:
-            written = await self._blobs.write(upload_id, 0, b"", data, commit)
-        except BaseException:
-            self._drop_staging(upload_id)
-            raise
-        assert written.blob is not None  # a write that commits answers with the blob
-        blob = written.blob
-        return await self._leases.link(repository, blob.digest, media_type, blob.size, granted)
+        async with self._leases.released_on_failure(str(digest), granted):
+            try:
+                written = await self._blobs.write(upload_id, 0, b"", data, commit)
+            except BaseException:
+                self._drop_staging(upload_id)
+                raise
+            assert written.blob is not None  # a write that commits answers with the blob
+            blob = written.blob
+            return await self._leases.link(repository, blob.digest, media_type, blob.size, granted)
 
     async def _push_undeclared(
         self, repository: str, media_type: str, size: int | None, data: IncomingData
@@ -208,11 +212,18 @@ class Registry:
             if isinstance(granted, LinkedBlob):
                 self._drop_staging(upload_id, settle=False)
                 return granted
-            stored = await self._blobs.commit(upload_id, digest)
         except BaseException:
             self._drop_staging(upload_id)
             raise
-        return await self._leases.link(repository, stored.digest, media_type, stored.size, granted)
+        async with self._leases.released_on_failure(digest, granted):
+            try:
+                stored = await self._blobs.commit(upload_id, digest)
+            except BaseException:
+                self._drop_staging(upload_id)
+                raise
+            return await self._leases.link(
+                repository, stored.digest, media_type, stored.size, granted
+            )
 
     def _drop_staging(self, upload_id: str, settle: bool = True) -> None:
         """Drops the staging area of a push that failed or is not needed (nobody can resume

@@ -3,9 +3,10 @@ turns them into a linked blob.
 
 An upload is used only through the repository that started it (elsewhere it is unknown).
 blobsvc's staged size is the truth about the bytes; the session records it too (its size and
-last-update time, which stale-upload purging reads), and a commit leases the digest (linksvc:
-garbage collection keeps its bytes), stores the bytes, then records and links the blob with the
-lease and finishes the session in one linksvc transaction. A commit that stopped in between
+last-update time, which stale-upload purging reads), and a commit checks the session, leases
+the digest (linksvc: garbage collection keeps its bytes), stores the bytes, then records and
+links the blob with the lease and finishes the session in one linksvc transaction; a commit
+that fails in between gives its lease back. A commit that stopped in between
 (the bytes stored, the link not made) is finished by the next one: see
 :meth:`Uploads._commit_staged`.
 
@@ -18,7 +19,6 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 from grpc import StatusCode  # the codes of LinkedBlobError
 
@@ -46,12 +46,6 @@ log = logging.getLogger(__name__)
 
 def unknown_upload(upload_id: str) -> LinkedBlobError:
     return not_found(Reason.BLOB_UPLOAD_UNKNOWN, f"unknown upload {upload_id!r}")
-
-
-async def _settle(task: asyncio.Future[Any]) -> None:
-    """Ends a step whose outcome is no longer needed (its failure included)."""
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 class Uploads:
@@ -131,20 +125,15 @@ class Uploads:
     ) -> LinkedBlob:
         """Commits the staged bytes (with ``data`` appended at ``offset`` first) as ``digest``,
         and links the blob into ``repository``."""
-        # The lease is taken alongside the reads of the session and the staged size: before
-        # anything is committed in blobsvc, without a round trip of its own. (A commit that
-        # turns out to be refused leaves a lease that expires unused.)
-        lease_task = asyncio.ensure_future(self._leases.take(str(digest)))
-        try:
-            if data:
-                session, staged = await self._session(repository, upload_id), 0
-            else:
-                session, staged = await self._session_and_staged(repository, upload_id)
-        except BaseException:
-            await _settle(lease_task)
-            raise
-        if session.state is not SessionState.ACTIVE:
-            await _settle(lease_task)
+        # The session is read (with the staged size, at once) before the lease is taken: a
+        # commit refused for an upload that is unknown, of another repository or finished takes
+        # no lease, so failing commits cannot keep arbitrary digests from garbage collection.
+        # The lease still comes before anything is committed in blobsvc, on every path (the
+        # recovery in _commit_staged included), and a commit refused after it gives it back.
+        if data:
+            session, staged = await self._session(repository, upload_id), 0
+        else:
+            session, staged = await self._session_and_staged(repository, upload_id)
         if session.state is SessionState.COMMITTED:
             # A retried commit (its answer was lost): answer from the link it made, as linksvc
             # has it now (never from a cached entry, which may outlive the link).
@@ -156,18 +145,25 @@ class Uploads:
                 raise
         if session.state is not SessionState.ACTIVE:
             raise unknown_upload(upload_id)
-        granted = await lease_task
+        granted = await self._leases.take(str(digest))
         assert isinstance(granted, Lease)  # a lease without link_repository never links
-        if staged > session.size:
-            # Bytes written to blobsvc directly: recorded in the session before the commit
-            # moves them, so that a commit retried after the staged bytes became a blob (and
-            # before the link was made) is finished from the size the session recorded.
-            await self._advance_session(session, staged)
-            session = dataclasses.replace(session, size=staged)
-        stored = await self._commit_staged(session, digest, data, offset)
-        return await self._leases.link(
-            repository, stored.digest, media_type, stored.size, granted, finish_session=upload_id
-        )
+        async with self._leases.released_on_failure(str(digest), granted):
+            if staged > session.size:
+                # Bytes written to blobsvc directly: recorded in the session before the commit
+                # moves them, so that a commit retried after the staged bytes became a blob
+                # (and before the link was made) is finished from the size the session
+                # recorded.
+                await self._advance_session(session, staged)
+                session = dataclasses.replace(session, size=staged)
+            stored = await self._commit_staged(session, digest, data, offset)
+            return await self._leases.link(
+                repository,
+                stored.digest,
+                media_type,
+                stored.size,
+                granted,
+                finish_session=upload_id,
+            )
 
     # --- steps ----------------------------------------------------------------------------------
 

@@ -132,6 +132,16 @@ class LifecycleStore:
             )  # fmt: skip
         return grant
 
+    @map_errors
+    def release_lease(self, digest: str, lease_id: str) -> bool:
+        """Removes the lease ``lease_id`` of ``digest`` (live or expired), which its holder
+        will not use; True when there was one. One statement on the lease's primary key: other
+        leases of the digest are untouched, and the blob's row is neither locked nor changed
+        (a fence that comes after sees one lease fewer, which is all a release means)."""
+        values = {"lease_id": lease_id, "digest": digest}
+        with self.db.connect() as conn:
+            return bool(self.db.execute(conn, self.q.driver.release_lease, values).rowcount)
+
     # --- garbage collection -------------------------------------------------------------
 
     @map_errors

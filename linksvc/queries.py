@@ -367,6 +367,10 @@ class Queries:
             leases.c.expires_at > b("now"),
         )
         self.drop_lease = sa.delete(leases).where(leases.c.id == b("lease_id"))
+        # ReleaseLease: the caller's own lease (by its id, of the digest it names), live or not.
+        self.release_lease = sa.delete(leases).where(
+            leases.c.id == b("lease_id"), leases.c.digest == b("digest")
+        )
         self.drop_leases_of = sa.delete(leases).where(leases.c.digest == b("digest"))
         self.expire_leases = sa.delete(leases).where(leases.c.expires_at <= b("now"))
         linked = sa.exists().where(links.c.digest == blobs.c.digest)
@@ -463,6 +467,7 @@ class DriverQueries:
         self.revive = compiled(q.revive)
         self.consume_lease = compiled(q.consume_lease)
         self.drop_lease = compiled(q.drop_lease)
+        self.release_lease = compiled(q.release_lease)
         self.add_lease = compiled(q.add_lease)
         # One-statement versions, where the database can modify several tables in one.
         self.link_one: DriverQuery | None = None

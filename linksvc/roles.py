@@ -20,6 +20,7 @@ TABLE = MethodTable(
         "StatBlob": _BOTH,
         "Link": _GATEWAY,
         "Lease": _GATEWAY,
+        "ReleaseLease": _GATEWAY,
         "Resolve": _GATEWAY,
         "Unlink": _GATEWAY,
         "Mount": _GATEWAY,

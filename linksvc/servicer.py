@@ -290,6 +290,15 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         )
 
     @servicer_method
+    async def ReleaseLease(
+        self, request: link_pb2.ReleaseLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.ReleaseLeaseResponse:
+        digest = check.digest(request.digest)
+        lease_id = check.lease_id(request.lease_id)
+        released = await self.db.run_hot(self.lifecycle.release_lease, digest, lease_id)
+        return link_pb2.ReleaseLeaseResponse(released=released)
+
+    @servicer_method
     async def MarkUnreferenced(
         self, request: link_pb2.MarkUnreferencedRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.MarkUnreferencedResponse:

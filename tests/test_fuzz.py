@@ -95,15 +95,13 @@ READ_ONLY = {
 # What a refused call of these methods may have changed: a write stream stages the data
 # messages it received before a later message (or the commit at its end) was refused, as the
 # protocol says (the staged bytes are kept for a retry), and the gateway advances the
-# upload's session with them. A commit through the gateway (CommitUpload, and PushBlob once
-# its header names a digest) takes its blob lease before it writes or verifies anything; a
-# refusal leaves the lease to expire by itself (linksvc has no call to drop one), which only
-# keeps the collector off that digest for the lease's TTL (10 minutes).
+# upload's session with them. (A commit through the gateway, CommitUpload and PushBlob, takes
+# a blob lease before it writes or verifies anything, and gives it back, ReleaseLease, before
+# it answers a refusal: blob_leases is as before.)
 REFUSAL_MAY_CHANGE = {
     "BlobService.Write": {"blob:uploads"},
     "Registry.WriteUpload": {"blob:uploads", "link:upload_sessions"},
-    "Registry.CommitUpload": {"blob:uploads", "link:upload_sessions", "link:blob_leases"},
-    "Registry.PushBlob": {"link:blob_leases"},
+    "Registry.CommitUpload": {"blob:uploads", "link:upload_sessions"},
 }
 
 PAYLOADS = [b"", b"fuzz", b"0123456789" * 10, bytes(range(256))]

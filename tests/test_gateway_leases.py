@@ -249,9 +249,9 @@ def test_commit_upload_leases_before_the_commit_and_links_with_the_lease() -> No
     linked = run(gw.uploads.commit(REPO, upload.id, digest_of(data), "m/t"))
     assert linked == LinkedBlob(str(digest_of(data)), len(data), "m/t")
     calls = gw.calls()
-    # The lease goes alongside the session's and the staged size's reads.
-    assert sorted(calls[:3]) == ["blobs.upload_size", "links.get_session", "links.lease"]
-    assert calls[3:] == ["links.advance_session", "blobs.commit", "links.link"]
+    # The session and the staged size are read (at once) before the lease is taken.
+    assert sorted(calls[:2]) == ["blobs.upload_size", "links.get_session"]
+    assert calls[2:] == ["links.lease", "links.advance_session", "blobs.commit", "links.link"]
     assert gw.links.sessions[upload.id].state is SessionState.COMMITTED
     assert gw.links.leases == {}
 
@@ -261,9 +261,7 @@ def test_commit_upload_with_its_last_chunk_leases_first() -> None:
     upload = run(gw.uploads.start(REPO))
     gw.calls()
     run(gw.uploads.commit(REPO, upload.id, digest_of(data), "", data, 0))
-    calls = gw.calls()
-    assert sorted(calls[:2]) == ["links.get_session", "links.lease"]
-    assert calls[2:] == ["blobs.write", "links.link"]
+    assert gw.calls() == ["links.get_session", "links.lease", "blobs.write", "links.link"]
     assert gw.links.leases == {}
 
 
@@ -276,24 +274,239 @@ def test_a_commit_finished_by_its_retry_takes_a_new_lease() -> None:
     gw.links.failures.plan("link", unavailable("linksvc went away"))
     commit = gw.uploads.commit
     raised(Code.UNAVAILABLE, Reason.UNAVAILABLE, commit(REPO, upload.id, digest_of(data), ""))
-    gw.calls()
+    # The first attempt gave its lease back (its link failed).
+    assert gw.calls()[-2:] == ["links.link", "links.release_lease"]
+    assert gw.links.leases == {}
     assert run(commit(REPO, upload.id, digest_of(data), "")).size == len(data)
     calls = gw.calls()
-    assert "links.lease" in calls[:3]
-    assert calls[3:] == ["blobs.commit", "blobs.stat", "links.link"]
+    assert sorted(calls[:2]) == ["blobs.upload_size", "links.get_session"]
+    assert calls[2:] == ["links.lease", "blobs.commit", "blobs.stat", "links.link"]
     assert gw.links.sessions[upload.id].state is SessionState.COMMITTED
-    assert len(gw.links.leases) == 1  # the first attempt's: it expires unused
+    assert gw.links.leases == {}  # consumed by the link
 
 
-def test_a_refused_commit_leaves_only_an_unused_lease() -> None:
+def test_a_commit_of_an_upload_unknown_here_or_finished_takes_no_lease() -> None:
+    """The session is checked before the lease: a commit refused for an upload of another
+    repository, an unknown one, or a finished one (cancelled; committed with another digest)
+    makes no lease at all, so failing commits cannot keep digests from garbage collection."""
     gw = gateway()
     upload = run(gw.uploads.start(REPO))
-    raised(
-        Code.NOT_FOUND,
-        Reason.BLOB_UPLOAD_UNKNOWN,
-        gw.uploads.commit("elsewhere/repo", upload.id, digest_of(b""), ""),
-    )
-    assert gw.links.recorded == {}
+    cancelled = run(gw.uploads.start(REPO))
+    run(gw.uploads.cancel(REPO, cancelled.id))
+    committed = run(gw.uploads.start(REPO))
+    run(gw.uploads.commit(REPO, committed.id, digest_of(b"c"), "", b"c"))
+    gw.calls()
+    refused = [
+        ("elsewhere/repo", upload.id, b""),
+        ("elsewhere/repo", upload.id, b"with data"),
+        (REPO, "unknown-upload-id-0123456789abcdef", b""),
+        (REPO, cancelled.id, b""),
+        (REPO, cancelled.id, b"with data"),
+        (REPO, committed.id, b"other"),
+    ]
+    for repository, upload_id, data in refused:
+        raised(
+            Code.NOT_FOUND,
+            Reason.BLOB_UPLOAD_UNKNOWN,
+            gw.uploads.commit(repository, upload_id, digest_of(data), "", data),
+        )
+        calls = gw.calls()
+        assert "links.lease" not in calls and "links.release_lease" not in calls, calls
+    assert gw.links.leases == {}
+    assert gw.links.recorded.keys() == {str(digest_of(b"c"))}
+
+
+# --- a call that fails after its lease gives it back ----------------------------------------------
+
+
+def _released(gw: Gateway) -> list[str]:
+    """The calls since the last look, but a push's aborts of its staging (in the background);
+    no lease is left."""
+    calls = [call for call in gw.calls() if call != "blobs.abort"]
+    assert gw.links.leases == {}, calls
+    return calls
+
+
+def forget_all(gw: Gateway) -> None:
+    """The blobs a failed link left unrecorded, gone: the next attempt stores them anew."""
+    gw.links.recorded.clear()
+    gw.blobs.blobs.clear()
+
+
+def test_every_failure_after_the_lease_releases_it_and_success_never_does() -> None:
+    """Each path that leases, failing at each step between its lease and its link: the lease is
+    released (ReleaseLease) before the error goes on, unchanged; the successes of the same
+    paths (the exact call lists above) release nothing, their link consumes the lease."""
+    gw, data = gateway(), b"fails after its lease"
+    digest, down = digest_of(data), unavailable("away")
+
+    async def settle(coro: Coroutine[Any, Any, Any]) -> LinkedBlobError:
+        with pytest.raises(LinkedBlobError) as exc_info:
+            await coro
+        await settled()  # the background aborts of a push's staging
+        return exc_info.value
+
+    def fails(coro: Coroutine[Any, Any, Any], code: grpc.StatusCode, reason: str) -> list[str]:
+        err = run(settle(coro))
+        assert (err.code, err.reason) == (code, reason), err
+        return _released(gw)
+
+    unavailable_ = (Code.UNAVAILABLE, Reason.UNAVAILABLE)
+    # PutBlob: blobsvc's put fails; the link fails.
+    gw.blobs.failures.plan("put", down)
+    assert fails(gw.registry.put(REPO, "", None, data), *unavailable_) == [
+        "links.lease", "blobs.put", "links.release_lease"
+    ]  # fmt: skip
+    gw.links.failures.plan("link", down)
+    assert fails(gw.registry.put(REPO, "", None, data), *unavailable_) == [
+        "links.lease", "blobs.put", "links.link", "links.release_lease"
+    ]  # fmt: skip
+    forget_all(gw)
+
+    # PushBlob with a digest: the data is not what the header said (size, digest); the link
+    # fails.
+    push = gw.registry.push
+    assert fails(push(REPO, "", digest, 2, incoming(data)), Code.INVALID_ARGUMENT,
+                 Reason.SIZE_INVALID)[-1] == "links.release_lease"  # fmt: skip
+    assert fails(push(REPO, "", digest, None, incoming(b"other")), Code.INVALID_ARGUMENT,
+                 Reason.DIGEST_INVALID)[-1] == "links.release_lease"  # fmt: skip
+    gw.links.failures.plan("link", down)
+    calls = fails(push(REPO, "", digest, None, incoming(data)), *unavailable_)
+    assert calls[:4] == ["links.lease", "blobs.write", "links.link", "links.release_lease"]
+    forget_all(gw)
+
+    # PushBlob without a digest: the commit fails; the link fails. (A failure before the lease
+    # has nothing to release.)
+    gw.blobs.failures.plan("commit", down)
+    calls = fails(push(REPO, "", None, None, incoming(data)), *unavailable_)
+    assert calls[:4] == ["blobs.write", "links.lease", "blobs.commit", "links.release_lease"]
+    gw.links.failures.plan("link", down)
+    calls = fails(push(REPO, "", None, None, incoming(data)), *unavailable_)
+    assert calls[:5] == [
+        "blobs.write", "links.lease", "blobs.commit", "links.link", "links.release_lease"
+    ]  # fmt: skip
+    forget_all(gw)
+    calls = fails(push(REPO, "", None, 4, incoming(data)), Code.INVALID_ARGUMENT,
+                  Reason.SIZE_INVALID)  # fmt: skip
+    assert "links.lease" not in calls and "links.release_lease" not in calls
+
+    # CommitUpload: recording directly written bytes fails; the commit fails (a wrong offset
+    # with the last chunk, bytes of another digest); the link fails.
+    upload = run(gw.uploads.start(REPO))
+    run(gw.blobs.write(upload.id, 0, data[:5]))
+    commit = gw.uploads.commit
+    gw.links.failures.plan("advance_session", down)
+    assert fails(commit(REPO, upload.id, digest, ""), *unavailable_)[-3:] == [
+        "links.lease", "links.advance_session", "links.release_lease"
+    ]  # fmt: skip
+    assert fails(commit(REPO, upload.id, digest, "", data[5:], 3), Code.OUT_OF_RANGE,
+                 Reason.BLOB_UPLOAD_INVALID)[-3:] == [
+        "links.lease", "blobs.write", "links.release_lease"
+    ]  # fmt: skip
+    assert fails(commit(REPO, upload.id, digest, ""), Code.INVALID_ARGUMENT,
+                 Reason.DIGEST_INVALID)[-4:] == [
+        "links.lease", "links.advance_session", "blobs.commit", "links.release_lease"
+    ]  # fmt: skip
+    run(gw.blobs.write(upload.id, 5, data[5:]))
+    gw.links.failures.plan("link", down)
+    assert fails(commit(REPO, upload.id, digest, ""), *unavailable_)[-5:] == [
+        "links.lease", "links.advance_session", "blobs.commit", "links.link",
+        "links.release_lease",
+    ]  # fmt: skip
+    # The upload is as it was for the retry, which finishes the job (and releases nothing).
+    assert gw.links.sessions[upload.id].state is SessionState.ACTIVE
+    assert run(commit(REPO, upload.id, digest, "")).size == len(data)
+    assert "links.release_lease" not in gw.calls()
+    assert gw.links.leases == {}
+
+
+def test_a_release_that_fails_leaves_the_error_as_it_was_and_the_lease_to_expire() -> None:
+    gw, data = gateway(ttl=60.0), b"the release fails too"
+    gw.blobs.failures.plan("put", aborted(Reason.BLOB_UPLOAD_INVALID, "the put failed"))
+    gw.links.failures.plan("release_lease", unavailable("linksvc went away"))
+    err = raised(Code.ABORTED, Reason.BLOB_UPLOAD_INVALID, gw.registry.put(REPO, "", None, data))
+    assert err.message == "the put failed"
+    assert gw.calls() == ["links.lease", "blobs.put", "links.release_lease"]
+    assert len(gw.links.leases) == 1  # left to expire, as before there was a release
+    # The same with a release that hangs: given up after its timeout, the error unchanged.
+    gw.links.leases.clear()
+
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    async def scenario() -> LinkedBlobError:
+        release = gw.links.release_lease
+
+        async def slow(digest: str, lease_id: str) -> bool:
+            await hangs()
+            return await release(digest, lease_id)
+
+        gw.links.release_lease = slow  # type: ignore[method-assign]
+        gw.blobs.failures.plan("put", unavailable("blobsvc went away"))
+        with pytest.raises(LinkedBlobError) as exc_info:
+            await gw.registry.put(REPO, "", None, data)
+        return exc_info.value
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("gateway.leases.RELEASE_TIMEOUT", 0.05)
+        assert run(scenario()).reason == Reason.UNAVAILABLE
+    assert len(gw.links.leases) == 1
+
+
+def test_a_push_whose_caller_goes_away_still_gives_its_lease_back() -> None:
+    """The handler is cancelled (the client went away) while the data is relayed: the release
+    runs all the same, in a task of its own."""
+    gw, data = gateway(), b"abandoned"
+    arrived = asyncio.Event()
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield wire.data_message(transport.PUSH_BLOB_DATA, data[:3])
+        arrived.set()
+        await asyncio.Event().wait()
+
+    async def scenario() -> None:
+        stream = IncomingData(
+            stalls(), transport.PUSH_BLOB_DATA, bytes, "test", validation.data_size
+        )
+        task = asyncio.ensure_future(gw.registry.push(REPO, "", digest_of(data), None, stream))
+        await arrived.wait()
+        assert len(gw.links.leases) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await settled()
+
+    run(scenario())
+    assert gw.links.leases == {}
+    calls = gw.calls()
+    assert calls[:2] == ["links.lease", "blobs.write"] and "links.release_lease" in calls
+
+
+def test_a_lease_granted_after_its_caller_went_away_is_released() -> None:
+    """The handler is cancelled while linksvc grants the lease: the lease, once granted, is
+    released (nothing is committed: the put never reaches blobsvc)."""
+    gw, data = gateway(), b"granted too late"
+    asked, answer = asyncio.Event(), asyncio.Event()
+    lease = gw.links.lease
+
+    async def slow(*args: Any) -> Any:
+        asked.set()
+        await answer.wait()
+        return await lease(*args)
+
+    async def scenario() -> None:
+        gw.links.lease = slow  # type: ignore[method-assign]
+        task = asyncio.ensure_future(gw.registry.put(REPO, "", None, data))
+        await asked.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        answer.set()
+        await settled()
+
+    run(scenario())
+    assert gw.calls() == ["links.lease", "links.release_lease"]
+    assert gw.links.leases == {} and gw.blobs.blobs == {}
 
 
 # --- marked blobs are revived -------------------------------------------------------------------
@@ -394,7 +607,8 @@ def test_a_lease_that_expired_before_the_link_is_answered_upload_again() -> None
     gw.blobs.failures.before("put", lambda: gw.clock.advance(61))
     err = raised(Code.ABORTED, Reason.BLOB_UPLOAD_INVALID, gw.registry.put(REPO, "", None, data))
     assert "lease expired" in err.message
-    assert gw.calls() == ["links.lease", "blobs.put", "links.link"]  # not retried
+    # Not retried; the expired lease is given back (linksvc would have swept it).
+    assert gw.calls() == ["links.lease", "blobs.put", "links.link", "links.release_lease"]
     assert gw.links.recorded == {} and gw.links.links == {}
 
     gw.blobs.failures.before("write", lambda: gw.clock.advance(61))

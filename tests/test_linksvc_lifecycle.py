@@ -113,6 +113,47 @@ def test_an_expired_lease_neither_records_nor_protects(store: Store, db_url: str
     assert rows(db_url, "blob_leases") == []
 
 
+def test_release_lease_drops_only_that_lease_and_is_idempotent(store: Store, db_url: str) -> None:
+    """ReleaseLease: the holder gives back a lease it will not use (its call failed before the
+    link). Only that lease goes, by its id and digest; others of the same digest (other commits
+    in flight) stay and keep protecting it; releasing again, or a lease consumed, expired and
+    swept, or named with another digest, changes nothing."""
+    d, other = digest_of("released"), digest_of("released elsewhere")
+    mine, theirs = store.lease(d, MINUTE).lease_id, store.lease(d, MINUTE).lease_id
+    elsewhere = store.lease(other, MINUTE).lease_id
+
+    assert store.release_lease(other, mine) is False  # not a lease of that digest
+    assert store.release_lease(d, elsewhere) is False
+    assert store.release_lease(d, "no-such-lease-anywhere-0123456789") is False
+    assert {r[0] for r in rows(db_url, "blob_leases")} == {mine, theirs, elsewhere}
+
+    assert store.release_lease(d, mine) is True
+    assert {r[0] for r in rows(db_url, "blob_leases")} == {theirs, elsewhere}
+    assert store.release_lease(d, mine) is False  # again: nothing changes
+    assert {r[0] for r in rows(db_url, "blob_leases")} == {theirs, elsewhere}
+    # The released lease records nothing any more; the other commit's still does.
+    expect(ABORTED, Reason.BLOB_UPLOAD_INVALID, lambda: store.link("r", d, "", 3, "", mine))
+    assert store.link("r", d, "", 3, "", theirs) == (LinkedBlob(d, 3, ""), True)
+    assert store.release_lease(d, theirs) is False  # consumed by the link
+
+    # The blob the other digest's lease protects is still protected by it; once released, the
+    # collector may mark it.
+    assert store.adopt_blob(other, 5) is True  # marked...
+    store.lease(other, MINUTE)  # ...revived by a lease, then given back at once
+    assert blob(store, other).state == BlobState.ACTIVE
+    assert store.mark_unreferenced() == (0, 0)  # two live leases of it
+    for lease in [r[0] for r in rows(db_url, "blob_leases") if r[1] == other]:
+        assert store.release_lease(other, lease) is True
+    assert store.mark_unreferenced() == (1, 0)
+    assert blob(store, other).state == BlobState.MARKED
+
+    # An expired lease is released too (housekeeping would have swept it).
+    short = store.lease(d, timedelta(milliseconds=10)).lease_id
+    time.sleep(0.05)
+    assert store.release_lease(d, short) is True
+    assert rows(db_url, "blob_leases") == []
+
+
 def test_lease_links_a_live_blob_at_once(store: Store, db_url: str) -> None:
     d = digest_of("known")
     store.push("src", d, "a/src", 7)

@@ -244,6 +244,7 @@ LOOKUPS: dict[str, dict[str, object]] = {
     "revive": {"p_digest": DIGEST, "now": NOW},
     "consume_lease": {"lease_id": "l", "digest": DIGEST, "now": NOW},
     "drop_lease": {"lease_id": "l"},
+    "release_lease": {"lease_id": "l", "digest": DIGEST},
     "drop_leases_of": {"digest": DIGEST},
     "expire_leases": {"now": NOW},
     "has_link": {"digest": DIGEST},

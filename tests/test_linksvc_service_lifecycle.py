@@ -83,6 +83,26 @@ def test_a_blob_through_its_lifecycle(stub: Stub) -> None:
     assert adopted.state == pb.IndexedBlob.MARKED
 
 
+def test_release_lease(stub: Stub) -> None:
+    """A lease given back records nothing any more; another lease of the digest stays; a
+    second release, or one naming another digest, answers released false."""
+    d, other = digest_of("release me"), digest_of("not this one")
+    mine = stub.Lease(pb.LeaseRequest(digest=d, ttl_seconds=60)).lease_id
+    theirs = stub.Lease(pb.LeaseRequest(digest=d, ttl_seconds=60)).lease_id
+    release = stub.ReleaseLease
+    assert not release(pb.ReleaseLeaseRequest(digest=other, lease_id=mine)).released
+    assert release(pb.ReleaseLeaseRequest(digest=d, lease_id=mine)).released
+    assert not release(pb.ReleaseLeaseRequest(digest=d, lease_id=mine)).released
+    refused(
+        lambda: stub.Link(pb.LinkRequest(repository="r", digest=d, size=3, lease_id=mine)),
+        Code.ABORTED,
+        Reason.BLOB_UPLOAD_INVALID,
+    )
+    linked = stub.Link(pb.LinkRequest(repository="r", digest=d, size=3, lease_id=theirs))
+    assert linked.created
+    assert not release(pb.ReleaseLeaseRequest(digest=d, lease_id=theirs)).released  # consumed
+
+
 def test_paging_of_blobs_and_candidates(stub: Stub) -> None:
     digests = sorted(digest_of(f"paged {i}") for i in range(5))
     for d in digests:
@@ -129,6 +149,8 @@ def bad_requests(tokens: dict[str, str]) -> list[Case]:
     for i, bad in enumerate(BAD_DIGESTS):
         cases += [
             (f"lease digest {i}", "Lease", pb.LeaseRequest(digest=bad), IA, Reason.DIGEST_INVALID),
+            (f"release lease digest {i}", "ReleaseLease",
+             pb.ReleaseLeaseRequest(digest=bad, lease_id="a" * 32), IA, Reason.DIGEST_INVALID),
             (f"fence digest {i}", "FenceBlob", pb.FenceBlobRequest(digest=bad), IA,
              Reason.DIGEST_INVALID),
             (f"forget digest {i}", "ForgetBlob", pb.ForgetBlobRequest(digest=bad), IA,
@@ -154,6 +176,12 @@ def bad_requests(tokens: dict[str, str]) -> list[Case]:
         ("link long lease id", "Link",
          pb.LinkRequest(repository="r", digest=d, size=1, lease_id="a" * 129), IA,
          Reason.BLOB_UPLOAD_INVALID),
+        ("release lease no id", "ReleaseLease", pb.ReleaseLeaseRequest(digest=d), IA,
+         Reason.BLOB_UPLOAD_INVALID),
+        ("release lease bad id", "ReleaseLease",
+         pb.ReleaseLeaseRequest(digest=d, lease_id="a b"), IA, Reason.BLOB_UPLOAD_INVALID),
+        ("release lease long id", "ReleaseLease",
+         pb.ReleaseLeaseRequest(digest=d, lease_id="a" * 129), IA, Reason.BLOB_UPLOAD_INVALID),
         ("collectable negative grace", "ListCollectable",
          pb.ListCollectableRequest(grace_seconds=-1), IA, Reason.UNSUPPORTED),
         ("collectable negative takeover", "ListCollectable",

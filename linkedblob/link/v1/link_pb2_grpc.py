@@ -54,6 +54,11 @@ class LinkServiceStub:
                 request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.LeaseRequest.SerializeToString,
                 response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.LeaseResponse.FromString,
                 _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/linkedblob.link.v1.LinkService/ReleaseLease',
+                request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
         self.Resolve = channel.unary_unary(
                 '/linkedblob.link.v1.LinkService/Resolve',
                 request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ResolveRequest.SerializeToString,
@@ -197,6 +202,20 @@ class LinkServiceServicer:
         ABORTED / BLOB_DELETING (retry shortly: the deletion is finishing). With `link_repository`
         and a recorded, live blob, links it at once instead and takes no lease (the caller need
         not send the bytes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Gives back a lease the caller took and will not use (the call that took it failed before
+        its Link), so that a refused commit leaves no lease behind. Removes exactly the lease named
+        by `lease_id`, and only if it is a lease of `digest`: other leases of the same digest
+        (other commits in flight) are untouched. Idempotent: a lease already consumed by Link,
+        released before, expired and swept by garbage collection, or of another digest is left as
+        it is (nothing changes) and `released` is false. The blob's state does not change: a
+        blob the lease revived is marked again by the next collection if nothing links or leases
+        it. A malformed digest or lease id is INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -388,6 +407,11 @@ def add_LinkServiceServicer_to_server(servicer, server):
                     servicer.Lease,
                     request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.LeaseRequest.FromString,
                     response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.LeaseResponse.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ReleaseLeaseResponse.SerializeToString,
             ),
             'Resolve': grpc.unary_unary_rpc_method_handler(
                     servicer.Resolve,
@@ -598,6 +622,33 @@ class LinkService:
             '/linkedblob.link.v1.LinkService/Lease',
             linkedblob_dot_link_dot_v1_dot_link__pb2.LeaseRequest.SerializeToString,
             linkedblob_dot_link_dot_v1_dot_link__pb2.LeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.link.v1.LinkService/ReleaseLease',
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ReleaseLeaseRequest.SerializeToString,
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ReleaseLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

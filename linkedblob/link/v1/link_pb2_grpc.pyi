@@ -63,6 +63,16 @@ class LinkServiceStub:
     and a recorded, live blob, links it at once instead and takes no lease (the caller need
     not send the bytes).
     """
+    ReleaseLease: _grpc.UnaryUnaryMultiCallable[_link_pb2.ReleaseLeaseRequest, _link_pb2.ReleaseLeaseResponse]
+    """Gives back a lease the caller took and will not use (the call that took it failed before
+    its Link), so that a refused commit leaves no lease behind. Removes exactly the lease named
+    by `lease_id`, and only if it is a lease of `digest`: other leases of the same digest
+    (other commits in flight) are untouched. Idempotent: a lease already consumed by Link,
+    released before, expired and swept by garbage collection, or of another digest is left as
+    it is (nothing changes) and `released` is false. The blob's state does not change: a
+    blob the lease revived is marked again by the next collection if nothing links or leases
+    it. A malformed digest or lease id is INVALID_ARGUMENT.
+    """
     Resolve: _grpc.UnaryUnaryMultiCallable[_link_pb2.ResolveRequest, _link_pb2.ResolveResponse]
     """The descriptor of a blob through a repository's link. NOT_FOUND / BLOB_UNKNOWN when the
     repository does not link it.
@@ -168,6 +178,16 @@ class LinkServiceAsyncStub(LinkServiceStub):
     ABORTED / BLOB_DELETING (retry shortly: the deletion is finishing). With `link_repository`
     and a recorded, live blob, links it at once instead and takes no lease (the caller need
     not send the bytes).
+    """
+    ReleaseLease: _aio.UnaryUnaryMultiCallable[_link_pb2.ReleaseLeaseRequest, _link_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
+    """Gives back a lease the caller took and will not use (the call that took it failed before
+    its Link), so that a refused commit leaves no lease behind. Removes exactly the lease named
+    by `lease_id`, and only if it is a lease of `digest`: other leases of the same digest
+    (other commits in flight) are untouched. Idempotent: a lease already consumed by Link,
+    released before, expired and swept by garbage collection, or of another digest is left as
+    it is (nothing changes) and `released` is false. The blob's state does not change: a
+    blob the lease revived is marked again by the next collection if nothing links or leases
+    it. A malformed digest or lease id is INVALID_ARGUMENT.
     """
     Resolve: _aio.UnaryUnaryMultiCallable[_link_pb2.ResolveRequest, _link_pb2.ResolveResponse]  # type: ignore[assignment]
     """The descriptor of a blob through a repository's link. NOT_FOUND / BLOB_UNKNOWN when the
@@ -295,6 +315,22 @@ class LinkServiceServicer(metaclass=_abc_1.ABCMeta):
         ABORTED / BLOB_DELETING (retry shortly: the deletion is finishing). With `link_repository`
         and a recorded, live blob, links it at once instead and takes no lease (the caller need
         not send the bytes).
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseLease(
+        self,
+        request: _link_pb2.ReleaseLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_link_pb2.ReleaseLeaseResponse, _abc.Awaitable[_link_pb2.ReleaseLeaseResponse]]:
+        """Gives back a lease the caller took and will not use (the call that took it failed before
+        its Link), so that a refused commit leaves no lease behind. Removes exactly the lease named
+        by `lease_id`, and only if it is a lease of `digest`: other leases of the same digest
+        (other commits in flight) are untouched. Idempotent: a lease already consumed by Link,
+        released before, expired and swept by garbage collection, or of another digest is left as
+        it is (nothing changes) and `released` is false. The blob's state does not change: a
+        blob the lease revived is marked again by the next collection if nothing links or leases
+        it. A malformed digest or lease id is INVALID_ARGUMENT.
         """
 
     @_abc_1.abstractmethod
