@@ -22,6 +22,7 @@ import argparse
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any
 
 import grpc
@@ -30,6 +31,7 @@ from linkedblob.caller import peer_identities, set_caller
 from linkedblob.config import add_option
 from linkedblob.errors import LinkedBlobError, Reason
 from linkedblob.grants import METADATA_KEY, unverified_action
+from linkedblob.rpc import log_access
 
 GATEWAY = "gateway"
 COLLECTOR = "collector"
@@ -138,9 +140,13 @@ def _guarded(
     behavior = getattr(handler, kind)
 
     async def admit(context: Any) -> None:
+        started = perf_counter()
         try:
             identity = check(method, context)
         except LinkedBlobError as exc:
+            # Refused before the servicer: the access line names who was refused.
+            set_caller(",".join(peer_identities(context)))
+            log_access(method, exc.code, exc.reason, started, context)
             await context.abort_with_status(exc.to_status())
         set_caller(identity)
 

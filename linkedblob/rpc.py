@@ -109,9 +109,11 @@ def to_linkedblob_error(method: str, exc: BaseException) -> LinkedBlobError:
     return LinkedBlobError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error")
 
 
-def _log_access(
+def log_access(
     method: str, code: grpc.StatusCode, reason: str, started: float, context: Any
 ) -> None:
+    """The access log line of one call (also written by linkedblob.peers for the calls it
+    refuses before they reach the servicer)."""
     seconds = perf_counter() - started
     try:
         peer = context.peer()
@@ -161,7 +163,7 @@ def servicer_method(method: F) -> F:
         calls.inc()
         seconds.observe(perf_counter() - started)
         if access_log.isEnabledFor(info):
-            _log_access(name, code, reason, started, context)
+            log_access(name, code, reason, started, context)
 
     def aborted_code(context: Any, exc: BaseException) -> grpc.StatusCode:
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):

@@ -68,3 +68,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             yellow=True,
             bold=True,
         )
+
+
+@pytest.fixture(autouse=True)
+def _no_caller_leaks_between_tests() -> Iterator[None]:
+    """A test that authenticates in its own thread (a unit test of the gateway's access) sets
+    linkedblob.caller there; asyncio.run copies that context into the next in-process server's
+    calls. Each test starts with no caller."""
+    from linkedblob.caller import CALLER
+
+    token = CALLER.set("")
+    yield
+    CALLER.reset(token)

@@ -206,6 +206,9 @@ def _test_open_uploads_are_limited_per_repository_and_in_total(stack: Stack) -> 
     async def hold(repository: str, count: int) -> list[BaseException | bytes]:
         async def stalled() -> AsyncIterator[bytes]:
             yield header(repository)
+            # One byte, so blobsvc (which opens an upload at its first byte) shows the staging
+            # area _wait_open counts.
+            yield registry_pb2.PushBlobRequest(data=b"x").SerializeToString()
             while not release.is_set():  # noqa: ASYNC110 (set from another thread)
                 await asyncio.sleep(0.05)
 
@@ -240,7 +243,7 @@ def _test_open_uploads_are_limited_per_repository_and_in_total(stack: Stack) -> 
     release.set()
     first.join()
     second.join()
-    # The held streams end normally (empty blobs); the slots are free again.
+    # The held streams end normally (one-byte blobs); the slots are free again.
     for outcome in (*outcomes["a"], *outcomes["b"]):
         assert isinstance(outcome, bytes), outcome
     push_ok(stack.address, "limits/a", b"after")

@@ -5,11 +5,13 @@ and the CLI's TLS options: real servers, real TLS, certificates made here by tru
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +179,30 @@ def test_no_certificate_or_another_cas_fails_the_handshake(
         for client in ("", "forged"):
             with pki.channel(address, client) as channel:
                 assert refused(lambda c=channel: health(c, 3)).code() == Code.UNAVAILABLE
+
+
+def test_a_refused_peer_is_in_the_access_log(pki: Pki, tmp_path: Path) -> None:
+    """The audit trail: a call the peer check refuses (before the servicer) still gets its
+    access line, naming the certificate identity that was refused."""
+    db = tmp_path / "link.db"
+    args = ("--db", f"sqlite:///{db}", "--migrate", *pki.server_args(), *allow_args())
+    with running("link", *args, open_=False) as link:
+        request = link_pb2.LinkRequest(repository="victim/repo", digest=DIGEST, size=3)
+        with pki.channel(link.address, "collector") as channel:
+            stub = link_pb2_grpc.LinkServiceStub(channel)
+            refused(lambda: stub.Link(request, timeout=10))
+            stub.ListStaleSessions(link_pb2.ListStaleSessionsRequest(), timeout=10)
+        deadline = time.monotonic() + 10
+        while not any('"method": "ListStaleSessions"' in line for line in link.output):
+            assert time.monotonic() < deadline, "".join(link.output)
+            time.sleep(0.05)
+    lines = [json.loads(line) for line in link.output if '"linkedblob.access"' in line]
+    by_method = {line["method"]: line for line in lines}
+    assert by_method["Link"]["code"] == "PERMISSION_DENIED"
+    assert by_method["Link"]["reason"] == "DENIED"
+    assert by_method["Link"]["caller"] == COLLECTOR_ID
+    assert by_method["ListStaleSessions"]["code"] == "OK"
+    assert by_method["ListStaleSessions"]["caller"] == COLLECTOR_ID
 
 
 def assert_denied(err: grpc.RpcError, method: str, identity: str) -> None:
@@ -629,3 +655,17 @@ def test_grpcurl_over_tls_and_mtls(pki: Pki, stack: SecureStack) -> None:
         [grpcurl, *ca, stack.link.address, "list"], capture_output=True, text=True, timeout=60
     )
     assert listed.returncode != 0  # no client certificate, no handshake
+
+
+def test_every_method_of_blobsvc_and_linksvc_has_its_roles() -> None:
+    """A method missing from a role table is allowed to nobody under mTLS: a new RPC must be
+    given its roles, on purpose."""
+    from blobsvc import roles as blob_roles
+    from linkedblob.blob.v1 import blob_pb2
+    from linksvc import roles as link_roles
+
+    for table, service in (
+        (blob_roles.TABLE, blob_pb2.DESCRIPTOR.services_by_name["BlobService"]),
+        (link_roles.TABLE, link_pb2.DESCRIPTOR.services_by_name["LinkService"]),
+    ):
+        assert set(table.roles) == {m.name for m in service.methods}, table.service
