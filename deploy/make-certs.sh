@@ -103,5 +103,5 @@ secret linkedblob-linksvc-tls linksvc
 secret linkedblob-collector-client collector-client
 echo "kubectl -n $NS create secret generic linkedblob-grant --from-file=secret=$DIR/grant-secret"
 echo "# clients verify the gateway (and blobsvc's direct port) with $DIR/ca.crt:"
-echo "#   linkedblob --tls --ca $DIR/ca.crt --token \$TOKEN ls"
+echo "#   linkedblob ls --tls --ca $DIR/ca.crt --token \$TOKEN"
 echo "# keep $DIR/ca.key offline: it signs certificates the services trust."

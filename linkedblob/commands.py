@@ -88,6 +88,9 @@ def _command(
         except ClientError as e:
             reason = f" {e.reason}" if e.reason else ""
             print(f"linkedblob {name}: {e.code.name}{reason}: {e.message}", file=sys.stderr)
+            if e.code.name == "UNAVAILABLE" and not (args.tls or args.ca):
+                # What a plaintext client sees of a TLS gateway: a closed socket.
+                print(f"  (if {args.addr} serves TLS, pass --tls and --ca)", file=sys.stderr)
             return 1
         except OSError as e:
             print(f"linkedblob {name}: {e}", file=sys.stderr)

@@ -584,6 +584,13 @@ def test_cli_over_tls(pki: Pki, stack: SecureStack, tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 1 and "UNAVAILABLE" in done.stderr, done
+    assert "pass --tls" not in done.stderr  # it did ask for TLS
+    # Plaintext to a TLS gateway: a closed socket, and a hint.
+    done = subprocess.run(
+        [*cli, "stat", "tls/cli", digest, *addr], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1 and "UNAVAILABLE" in done.stderr, done
+    assert "serves TLS, pass --tls and --ca" in done.stderr
 
 
 def test_a_token_travels_only_over_tls_or_loopback() -> None:
