@@ -439,3 +439,20 @@ def test_linksvc_lists_the_repositories_linking_a_digest(db_url: str) -> None:
                 )
             )
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+
+
+def test_only_a_gateway_loads_the_token_libraries() -> None:
+    """Every `linkedblob` command builds every service's flags; PyJWT and cryptography (~10 MiB
+    resident) load only when a gateway builds its access, not in blobsvc, linksvc or a client."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from linkedblob import cli; cli.build_parser(); "
+        "import blobsvc.server, linksvc.server; "
+        "print(sorted(m for m in ('jwt', 'cryptography') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from gateway.auth.access import Access
-from gateway.auth.policy import Policy, PolicyError, load_policy
-from gateway.auth.tokens import DEFAULT_LEEWAY, KeyFileError, TokenVerifier, load_keys
 from linkedblob.config import add_option
+
+if TYPE_CHECKING:
+    from gateway.auth.access import Access
+    from gateway.auth.policy import Policy
+    from gateway.auth.tokens import TokenVerifier
+
+# Seconds of clock skew allowed on a token's exp and nbf.
+DEFAULT_LEEWAY = 30.0
 
 
 class AuthConfigError(Exception):
@@ -49,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_access(args: argparse.Namespace) -> Access:
     """The Access the flags describe (open when neither a key nor a policy is given)."""
+    # Imported here: every `linkedblob` command builds the gateway's flags, and only a gateway
+    # needs PyJWT and cryptography (~10 MiB resident in each process that loads them).
+    from gateway.auth.access import Access
+    from gateway.auth.policy import PolicyError, load_policy
+    from gateway.auth.tokens import KeyFileError, TokenVerifier, load_keys
+
     verifier: TokenVerifier | None = None
     paths = [p.strip() for p in args.auth_token_key.split(",") if p.strip()]
     if paths:

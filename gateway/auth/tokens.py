@@ -35,9 +35,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from gateway.auth.config import DEFAULT_LEEWAY
+
 ACTIONS = frozenset({"pull", "push", "delete"})
-# Seconds of clock skew allowed on exp and nbf.
-DEFAULT_LEEWAY = 30.0
 # A token longer than this is refused before it is parsed.
 MAX_TOKEN_LENGTH = 16 * 1024
 # Tokens verified lately, remembered (by their SHA-256) until they expire: a client sends the
