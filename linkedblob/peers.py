@@ -30,7 +30,7 @@ import grpc
 from linkedblob.caller import peer_identities, set_caller
 from linkedblob.config import add_option
 from linkedblob.errors import LinkedBlobError, Reason
-from linkedblob.grants import METADATA_KEY, unverified_action
+from linkedblob.grants import METADATA_KEY, token_from, unverified_action
 from linkedblob.rpc import log_access
 
 GATEWAY = "gateway"
@@ -55,13 +55,6 @@ def parse_names(text: str) -> frozenset[str]:
     return frozenset(name.strip() for name in text.split(",") if name.strip())
 
 
-def _token(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == METADATA_KEY:
-            return value if isinstance(value, str) else value.decode()
-    return ""
-
-
 @dataclass
 class PeerAuthorizer(grpc.aio.ServerInterceptor):
     """The server interceptor that checks each call of ``table.service``."""
@@ -84,7 +77,7 @@ class PeerAuthorizer(grpc.aio.ServerInterceptor):
                     Reason.UNAUTHORIZED,
                     f"{method} needs a client certificate",
                 )
-            action = unverified_action(_token(context))
+            action = unverified_action(token_from(context))
             if not action:
                 raise LinkedBlobError(
                     grpc.StatusCode.UNAUTHENTICATED,

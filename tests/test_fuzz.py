@@ -19,7 +19,7 @@ After every call (the properties):
 - all three services still answer their health check.
 
 Counts: LINKEDBLOB_FUZZ_EXAMPLES is the total number of cases of the file, shared equally by
-its tests (default 960: about a minute on a 2-core machine). The full run is
+its tests (default 480 in `make test`: about 30 s on a 2-core machine). The full run is
 ``LINKEDBLOB_FUZZ_EXAMPLES=10000 pytest tests/test_fuzz.py``. Runs are derandomized (the same
 cases every time, as CI needs); LINKEDBLOB_FUZZ_RANDOM=1 draws fresh ones.
 LINKEDBLOB_FUZZ_LOG=FILE appends one JSON line per call made (shrinking included): the method,
@@ -53,7 +53,7 @@ from tests import fuzzing
 from tests.fuzzing import Method, Pools
 from tests.stack import Stack, registry_channel, running_stack
 
-EXAMPLES = int(os.environ.get("LINKEDBLOB_FUZZ_EXAMPLES", "960"))
+EXAMPLES = int(os.environ.get("LINKEDBLOB_FUZZ_EXAMPLES", "480"))
 RANDOM = os.environ.get("LINKEDBLOB_FUZZ_RANDOM") == "1"
 LOG = os.environ.get("LINKEDBLOB_FUZZ_LOG", "")
 METHODS = fuzzing.methods()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import signal
 import threading
@@ -39,7 +40,9 @@ from tests.services import ServiceProcess, spawn
 from tests.stack import DB_KINDS, GRANT_SECRET_ENV, Stack, running_stack, spawn_gateway
 from tests.test_collector_e2e import blob_file, fsck, gc, staging_ids
 
-KILLS = ("blob", "link", "gateway") * 3  # in turn, one every KILL_EVERY seconds
+# Kill rounds (each kills blob, link and gateway in turn, one every KILL_EVERY seconds):
+# LINKEDBLOB_KILL_ROUNDS, 2 in `make test`.
+KILLS = ("blob", "link", "gateway") * int(os.environ.get("LINKEDBLOB_KILL_ROUNDS", "2"))
 KILL_EVERY = 2.5
 GIVE_UP = 0.5  # a failed push is given up this often, else made again with the same bytes
 LEASE_TTL = 8.0  # the gateway's: a commit slower than this is answered ABORTED and pushed again

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import secrets
 import sys
 import threading
@@ -94,8 +95,12 @@ HOUR = 3600.0
 TAKEOVER, DELETE_TIMEOUT = 20.0, 10.0
 MAX_RESTARTS = 1  # per example: a restart costs a second or so (the process imports)
 
+# Examples per database: LINKEDBLOB_MODEL_EXAMPLES (30 in `make test`, ~1 min each; run 200+
+# after changing the lifecycle).
+EXAMPLES = int(os.environ.get("LINKEDBLOB_MODEL_EXAMPLES", "30"))
+
 SETTINGS = settings(
-    max_examples=60,
+    max_examples=EXAMPLES,
     stateful_step_count=40,
     deadline=None,
     database=None,  # nothing written into the repository
