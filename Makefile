@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 up: $(STAMP)
-	$(BIN)/linkedblob up
+	$(BIN)/linkedblob up $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

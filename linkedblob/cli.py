@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
@@ -35,10 +36,19 @@ def _migrate(args: argparse.Namespace) -> int | None:
     return 0
 
 
+def _version() -> str:
+    """The installed distribution's version (a checkout that is not installed says so)."""
+    try:
+        return importlib.metadata.version("linkedblob")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linkedblob", description="A content-addressed blob store for registry-like systems."
     )
+    parser.add_argument("--version", action="version", version=f"linkedblob {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run one service")
@@ -72,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for message in getattr(args, "env_errors", None) or ():
+        parser.exit(2, f"linkedblob: {message}\n")
     result = args.handler(args)
     sys.exit(result or 0)
 

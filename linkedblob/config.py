@@ -30,8 +30,38 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def _env_bool(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _env_bool(value: str) -> bool | None:
+    """True or False for the words a boolean variable takes; None for anything else (a typo
+    must not silently read as false)."""
+    word = value.strip().lower()
+    return True if word in _TRUE else False if word in _FALSE else None
+
+
+def _env_error(parser: argparse.ArgumentParser, message: str) -> None:
+    """Records a bad variable against ``parser``: reported (exit 2, one line) only when the
+    command that parser belongs to runs, so one server's variable never breaks every command."""
+    errors = parser.get_default("env_errors") or []
+    parser.set_defaults(env_errors=[*errors, message])
+
+
+def _checked(convert: Any, env: str) -> Any:
+    """``convert`` with a message naming the variable too (a default read from it is parsed by
+    argparse only for the command that runs)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not valid ({exc}; flag or {env})"
+            ) from None
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
 
 
 def add_option(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
@@ -39,11 +69,20 @@ def add_option(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> Non
     env = env_name(flag)
     raw = os.environ.get(env)
     action = kwargs.get("action")
-    if raw is not None:
-        if action == "store_true":
-            kwargs["default"] = _env_bool(raw)
-        else:
-            kwargs["default"] = kwargs.get("type", str)(raw)
+    if action == "store_true":
+        if raw is not None:
+            value = _env_bool(raw)
+            if value is None:
+                _env_error(
+                    parser, f"{env}={raw!r}: not a boolean (true/false, 1/0, yes/no, on/off)"
+                )
+            kwargs["default"] = bool(value)
+    else:
+        if "type" in kwargs:
+            kwargs["type"] = _checked(kwargs["type"], env)
+        if raw is not None:
+            # A string default is parsed by argparse (with ``type``) only when this command runs.
+            kwargs["default"] = raw
     help_text = kwargs.get("help", "")
     kwargs["help"] = f"{help_text} [env {env}]".strip()
     parser.add_argument(flag, **kwargs)

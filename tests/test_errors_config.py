@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -39,3 +43,55 @@ def test_flag_defaults_come_from_environment(monkeypatch) -> None:  # type: igno
     assert (args.blob_addr, args.port, args.enable_delete) == ("10.0.0.1:1", 7, True)
     # A flag on the command line wins over the environment.
     assert parser.parse_args(["--port", "9"]).port == 9
+
+
+def _cli(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LINKEDBLOB_")}
+    return subprocess.run(
+        [sys.executable, "-m", "linkedblob.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **env},
+    )
+
+
+def test_a_server_variable_breaks_only_the_command_that_reads_it(tmp_path: Path) -> None:
+    """LINKEDBLOB_GRACE=30s is a bad value for the servers' --grace (seconds): the servers
+    refuse it in one line naming flag and variable; a client command is not affected."""
+    done = _cli("ls", "--addr", "127.0.0.1:1", env={"LINKEDBLOB_GRACE": "30s"})
+    assert "Traceback" not in done.stderr and "GRACE" not in done.stderr
+    assert "UNAVAILABLE" in done.stderr  # it ran (and found no gateway)
+    done = _cli(
+        "serve",
+        "link",
+        "--open",
+        "--db",
+        f"sqlite:///{tmp_path}/l.db",
+        env={"LINKEDBLOB_GRACE": "30s"},
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--grace: '30s' is not valid" in done.stderr and "LINKEDBLOB_GRACE" in done.stderr
+
+
+def test_a_boolean_variable_takes_only_boolean_words(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    for word, value in (("1", True), ("On", True), ("no", False), ("0", False), ("", False)):
+        monkeypatch.setenv("LINKEDBLOB_ENABLE_DELETE", word)
+        parser = argparse.ArgumentParser()
+        add_option(parser, "--enable-delete", action="store_true")
+        args = parser.parse_args([])
+        assert args.enable_delete is value and not getattr(args, "env_errors", None), word
+    done = _cli("serve", "gateway", "--open", env={"LINKEDBLOB_ENABLE_DELETE": "maybe"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "LINKEDBLOB_ENABLE_DELETE='maybe': not a boolean" in done.stderr
+    # Another command does not read it, and is not broken by it.
+    done = _cli("ls", "--addr", "127.0.0.1:1", env={"LINKEDBLOB_ENABLE_DELETE": "maybe"})
+    assert "not a boolean" not in done.stderr and "UNAVAILABLE" in done.stderr
+
+
+def test_version() -> None:
+    import importlib.metadata
+
+    done = _cli("--version", env={})
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"linkedblob {importlib.metadata.version('linkedblob')}"
