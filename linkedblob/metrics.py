@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import Counter, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 RPCS = Counter(
     "linkedblob_rpcs_total", "gRPC calls served, by method and status code", ["method", "code"]
@@ -32,7 +39,32 @@ class Activity:
 ACTIVITY = Activity()
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line per scrape."""
+
+
+def _only_metrics(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """``app`` at /metrics and nothing elsewhere: prometheus_client answers every path with the
+    metrics, so /healthz looked healthy however the service was."""
+
+    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/metrics":
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: the metrics are at /metrics\n"]
+
+    return serve
+
+
 def start_http(host: str, port: int) -> int:
-    """Serves /metrics; returns the bound port."""
-    server, _thread = start_http_server(port, addr=host)
-    return int(server.server_port)
+    """Serves /metrics (only) from a daemon thread; returns the bound port."""
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    httpd = make_server(
+        host.strip("[]"), port, _only_metrics(make_wsgi_app()), Server, handler_class=_QuietHandler
+    )
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return int(httpd.server_port)

@@ -118,3 +118,18 @@ def test_up_refuses_a_non_loopback_address(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "refusing to serve on 0.0.0.0 without authentication" in done.stderr
     assert not any(tmp_path.iterdir())  # nothing was started or created
+
+
+def test_the_metrics_port_serves_metrics_at_metrics_only(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from tests.stack import free_port, scrape
+
+    port = free_port()
+    with running("blob", "--data", str(tmp_path), "--metrics-port", str(port)):
+        assert any(name.startswith("linkedblob_") for name in scrape(port))
+        for path in ("/", "/healthz", "/metrics/x", "/favicon.ico"):
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10)
+            assert caught.value.code == 404, path
