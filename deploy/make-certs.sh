@@ -1,11 +1,11 @@
 #!/bin/sh
-# Makes what deploy/linkedblob.yaml mounts from Secrets: a CA, the services' certificates and the
+# Makes what deploy/base mounts from Secrets: a CA, the services' certificates and the
 # grant secret, into DIR, then prints the `kubectl create secret` commands that load them.
 #
 #   deploy/make-certs.sh DIR            # then run the printed commands
 #
 # For a quick start or a test cluster. In production let cert-manager issue and renew the
-# certificates (deploy/cert-manager.yaml makes the same Secrets); the services re-read their
+# certificates (deploy/components/cert-manager makes the same Secrets); the services re-read their
 # certificate files when the Secret changes.
 #
 # Environment:
@@ -77,11 +77,13 @@ EOF
 # Service too, where clients holding grants connect.
 cert gateway linkedblob-gateway \
     "$(svc_names linkedblob-gateway)$(extra_names "${GATEWAY_NAMES:-}")" serverAuth,clientAuth
+# The headless Services are the names the gateway and the collector dial (dns:///NAME:PORT).
 cert blobsvc linkedblob-blobsvc \
-    "$(svc_names linkedblob-blobsvc),$(svc_names linkedblob-blobsvc-direct)$(extra_names "${BLOB_NAMES:-}")" \
+    "$(svc_names linkedblob-blobsvc),$(svc_names linkedblob-blobsvc-headless),$(svc_names linkedblob-blobsvc-direct)$(extra_names "${BLOB_NAMES:-}")" \
     serverAuth,clientAuth
 cert linksvc linkedblob-linksvc \
-    "$(svc_names linkedblob-linksvc)$(extra_names "${LINK_NAMES:-}")" serverAuth,clientAuth
+    "$(svc_names linkedblob-linksvc),$(svc_names linkedblob-linksvc-headless)$(extra_names "${LINK_NAMES:-}")" \
+    serverAuth,clientAuth
 # Clients of blobsvc and linksvc: the names their allow lists hold.
 cert gateway-client "gateway.$NS.svc" "DNS:gateway.$NS.svc" clientAuth
 cert collector-client "collector.$NS.svc" "DNS:collector.$NS.svc" clientAuth

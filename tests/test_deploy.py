@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests import deploy_helpers as d
-from tests.deploy_helpers import CERT_MANAGER, DEPLOY, DOCS
+from tests.deploy_helpers import CERT_MANAGER, DEPLOY
 
 # The file-valued flags: each must point into a read-only mounted Secret or ConfigMap.
 FILE_FLAGS = (
@@ -48,18 +48,26 @@ REQUIRED = {
 }
 
 
-def test_manifest_is_one_multi_document_yaml_of_known_kinds() -> None:
-    kinds = {d["kind"] for d in DOCS}
+@pytest.mark.parametrize("overlay", sorted(d.OVERLAYS))
+def test_overlays_render_objects_of_known_kinds_once_each(overlay: str) -> None:
+    docs = d.render(d.OVERLAYS[overlay])
+    kinds = {doc["kind"] for doc in docs}
     assert kinds <= {
+        "Namespace",
         "ConfigMap",
         "Secret",
-        "Job",
         "PersistentVolumeClaim",
         "Deployment",
         "Service",
         "NetworkPolicy",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "Certificate",
+        "Issuer",
     }
-    assert len({(d["kind"], d["metadata"]["name"]) for d in DOCS}) == len(DOCS)
+    assert len({(doc["kind"], doc["metadata"]["name"]) for doc in docs}) == len(docs)
+    namespaced = [doc for doc in docs if doc["kind"] != "Namespace"]
+    assert {doc["metadata"].get("namespace") for doc in namespaced} == {"linkedblob"}
 
 
 def test_every_server_has_its_protection_flags_and_none_is_open() -> None:
@@ -136,15 +144,19 @@ def test_tls_servers_are_probed_over_tls_by_the_exec_probe() -> None:
     services = {"blob": "linkedblob-blobsvc", "link": "linkedblob-linksvc"}
     services["gateway"] = "linkedblob-gateway"
     for kind, (pod, c) in d.servers().items():
-        for probe in ("readinessProbe", "livenessProbe"):
+        for probe, service in (("readinessProbe", "readiness"), ("livenessProbe", "liveness")):
             if kind == "gc":  # its port serves health only, in plaintext
-                assert c[probe]["grpc"]["port"] == int(d.flag(c["args"], "--port"))
+                assert c[probe]["grpc"] == {
+                    "port": int(d.flag(c["args"], "--port")),
+                    "service": service,
+                }
                 continue
             assert "grpc" not in c[probe]  # the kubelet's gRPC probe cannot do TLS
             command = c[probe]["exec"]["command"]
             assert command[:2] == ["python", "/app/deploy/probe.py"]
             assert d.flag(command, "--port") == d.flag(c["args"], "--port")
             assert d.flag(command, "--server-name") == services[kind]
+            assert d.flag(command, "--service") == service
             assert d.flag(command, "--ca") == d.flag(c["args"], "--tls-cert").replace(
                 "tls.crt", "ca.crt"
             )
@@ -201,10 +213,6 @@ def _secret_of(pod: dict[str, Any], c: dict[str, Any], flag: str) -> str:
     return str(volume["secret"]["secretName"])
 
 
-def _host(address: str) -> str:
-    return address.rsplit(":", 1)[0]
-
-
 @needs_openssl
 def test_make_certs_makes_every_secret_the_manifest_mounts(certs: dict) -> None:
     mounted = {
@@ -222,7 +230,7 @@ def test_make_certs_makes_every_secret_the_manifest_mounts(certs: dict) -> None:
 @needs_openssl
 def test_certificates_chain_to_the_ca_and_carry_the_names_the_manifest_uses(certs: dict) -> None:
     servers = d.servers()
-    config = d.config()
+    gateway = servers["gateway"][1]["args"]
     for kind, (pod, c) in servers.items():
         args = c["args"]
         if "--tls-cert" in args:  # the server's name as its clients dial it
@@ -232,9 +240,9 @@ def test_certificates_chain_to_the_ca_and_carry_the_names_the_manifest_uses(cert
             assert _verify(files["tls.crt"], files["ca.crt"], "sslclient"), kind
             names = _sans(files["tls.crt"])
             wanted = {
-                "blob": {_host(config["LINKEDBLOB_BLOB_ADDR"])}
-                | {_host(d.flag(servers["gateway"][1]["args"], "--blob-public-addr"))},
-                "link": {_host(config["LINKEDBLOB_LINK_ADDR"])},
+                "blob": {d.host(d.flag(gateway, "--blob-addr"))}
+                | {d.host(d.flag(gateway, "--blob-public-addr"))},
+                "link": {d.host(d.flag(gateway, "--link-addr"))},
                 "gateway": {"linkedblob-gateway", "registry.example.com"},
             }[kind]
             assert wanted <= names, (kind, names)
@@ -274,11 +282,16 @@ def test_cert_manager_issues_the_same_secrets_andnames() -> None:
         assert "client auth" in spec["usages"] and "server auth" not in spec["usages"]
         for backend in ("blob", "link"):
             assert set(spec["dnsNames"]) == d.names(d.flag(servers[backend][1]["args"], role))
-    config = d.config()
     blob = issued["linkedblob-blobsvc-tls"]["dnsNames"]
-    assert _host(config["LINKEDBLOB_BLOB_ADDR"]) in blob
-    assert _host(d.flag(servers["gateway"][1]["args"], "--blob-public-addr")) in blob
-    assert _host(config["LINKEDBLOB_LINK_ADDR"]) in issued["linkedblob-linksvc-tls"]["dnsNames"]
+    link = issued["linkedblob-linksvc-tls"]["dnsNames"]
+    for kind in ("gateway", "gc"):  # the names both clients dial
+        args = servers[kind][1]["args"]
+        assert d.host(d.flag(args, "--blob-addr")) in blob
+        assert d.host(d.flag(args, "--link-addr")) in link
+    assert d.host(d.flag(servers["gateway"][1]["args"], "--blob-public-addr")) in blob
+    # the production overlay issues them with this component
+    prod = {(o["kind"], o["metadata"]["name"]) for o in d.render(d.OVERLAYS["production"])}
+    assert {(o["kind"], o["metadata"]["name"]) for o in docs} <= prod
 
 
 # --- the exec probe, over real mTLS ------------------------------------------------------
