@@ -380,3 +380,51 @@ def test_readme_deploys_the_overlays_that_render() -> None:
     assert "docker build -t linkedblob:0.1.0 ." in readme
     for path in re.findall(r"\b(deploy/[\w./-]+)", readme):
         assert (d.ROOT / path.rstrip(".")).exists(), path
+
+
+def _deploy_commands() -> list[str]:
+    """The shell commands of README's "Deploying on Kubernetes", continuation lines joined."""
+    readme = (d.ROOT / "README.md").read_text()
+    section = readme.split("## Deploying on Kubernetes\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def test_readmes_kubectl_commands_run_as_written_against_no_cluster(tmp_path: Path) -> None:
+    """Each `kubectl create` of the deploy section (and those make-certs.sh prints) runs with
+    --dry-run=client: the flags parse and the objects are well formed. `kubectl apply -k` is
+    rendered instead (no cluster here)."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    commands = _deploy_commands()
+    assert "docker build -t linkedblob:0.1.0 ." in commands
+    (certs,) = [c for c in commands if c.startswith("deploy/make-certs.sh")]
+    # run in a scratch directory (certs/ there), as from the root of a checkout
+    (tmp_path / "deploy").symlink_to(d.DEPLOY)
+    printed = subprocess.run(
+        ["sh", "-c", certs.removesuffix(" | sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert len(printed) == 7  # the namespace, five certificate Secrets, the grant key
+    created = [c for c in commands if c.startswith("kubectl") and " create " in c]
+    assert len(created) == 3
+    for command in [*created, *printed]:
+        run = subprocess.run(
+            ["bash", "-c", f"{command} --dry-run=client -o name"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0 and run.stdout.strip(), (command, run.stderr)
+    for command in commands:
+        if command.startswith("kubectl apply -k "):
+            assert d.render(d.ROOT / command.removeprefix("kubectl apply -k "))
