@@ -185,6 +185,11 @@ def test_replicated_deployments_have_a_disruption_budget_and_the_gateway_an_auto
     if overlay == "production":
         assert replicas["linkedblob-gateway"] >= 2 and replicas["linkedblob-blobsvc"] >= 2
         assert replicas["linkedblob-linksvc"] >= 2
+    for dep in _of(docs, "Deployment"):
+        if overlay == "production" and replicas[dep["metadata"]["name"]] > 1:
+            (spread,) = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+            assert spread["topologyKey"] == "kubernetes.io/hostname"  # over nodes
+            assert _selects(spread["labelSelector"], _labels(dep))
 
 
 def _ingress_sources(docs: list[Obj], labels: dict[str, str], port: int) -> list[Obj] | None:
