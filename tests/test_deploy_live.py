@@ -128,7 +128,9 @@ class Stack:
         }[kind]
         if kind in ("gateway", "gc"):
             assert blob and link
-            extra += [f"--blob-addr=localhost:{blob.port}", f"--link-addr=localhost:{link.port}"]
+            # dns:/// targets as the manifests name them (TLS checks the name, localhost here)
+            extra += [f"--blob-addr=dns:///localhost:{blob.port}"]
+            extra += [f"--link-addr=dns:///localhost:{link.port}"]
         return [*args, *extra, "--grace", "1"] if kind != "gc" else [*args, *extra]
 
     def migrate_as_the_init_container(self) -> None:
