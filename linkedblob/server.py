@@ -167,15 +167,28 @@ class Service:
     limits: ServerLimits = field(default_factory=ServerLimits)
 
 
+class ListenError(OSError):
+    """A port that cannot be bound (in use, or not an address of this host): exit status 2."""
+
+
 def _listen(
-    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+    server: grpc.aio.Server,
+    address: str,
+    credentials: grpc.ServerCredentials | None,
+    flags: str = "--host/--port",
 ) -> int:
-    if credentials is None:
-        bound = server.add_insecure_port(address)
-    else:
-        bound = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio: "Failed to bind to address ..."
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise ListenError(
+            f"cannot listen on {address}: the port is in use or the address is not this host's "
+            f"(choose another with {flags})"
+        )
     return bound
 
 
@@ -208,7 +221,7 @@ async def start(service: Service, host: str, port: int) -> RunningServer:
     )
     bound = _listen(server, f"{host}:{port}", service.credentials)
     listener_ports = {
-        name: _listen(server, f"{host}:{extra_port}", credentials)
+        name: _listen(server, f"{host}:{extra_port}", credentials, f"--{name}-port")
         for name, extra_port, credentials in service.listeners
     }
     await server.start()
@@ -316,4 +329,4 @@ def run(
             runner.run(serve_until_signalled(service, host, port, grace, metrics_port))
     except OSError as exc:
         print(f"linkedblob {service.name}: {exc}", file=sys.stderr)
-        raise SystemExit(1) from exc
+        raise SystemExit(2 if isinstance(exc, ListenError) else 1) from exc
