@@ -45,10 +45,24 @@ def _serve(args: argparse.Namespace) -> int | None:
 
 
 def _migrate(args: argparse.Namespace) -> int | None:
+    import sqlalchemy as sa
+
+    from linksvc.database import safe_url
     from linksvc.migrate import upgrade
 
-    upgrade(args.db)
-    print(f"migrated {args.db} to head")
+    try:
+        shown = safe_url(args.db)
+    except sa.exc.ArgumentError as exc:
+        raise exitcodes.UsageError(f"--db: {exc}") from exc
+    try:
+        upgrade(args.db)
+    except (ValueError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        raise exitcodes.UsageError(f"--db {shown}: {exc}") from exc
+    except sa.exc.DBAPIError as exc:  # the database refused or could not be reached
+        first = str(exc.orig or exc).strip().splitlines()[0]
+        print(f"linkedblob migrate: cannot open {shown}: {first}", file=sys.stderr)
+        return exitcodes.FAILURE
+    print(f"migrated {shown} to head")
     return 0
 
 

@@ -246,3 +246,13 @@ def test_json_output(stack: Stack, tmp_path: Path) -> None:
         report = json.loads(line)
         assert all(key == key.lower() and " " not in key for key in report), report
         assert ("outcome" in report) if command[0] == "gc" else ("findings" in report), report
+
+
+def test_migrate_errors_are_one_line(tmp_path: Path) -> None:
+    failed(exitcodes.USAGE, "migrate", "--db", "not a url", contains="--db")
+    failed(exitcodes.USAGE, "migrate", "--db", "nope://x", contains="--db nope://x")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"postgresql+psycopg://u:secret@127.0.0.1:{s.getsockname()[1]}/x"
+    line = failed(exitcodes.FAILURE, "migrate", "--db", url, contains="cannot open")
+    assert "secret" not in line
