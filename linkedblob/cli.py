@@ -23,8 +23,9 @@ from linkedblob.tuning import tune_malloc
 SERVICES = {"blob": "blobsvc", "link": "linksvc", "gateway": "gateway", "gc": "collector"}
 
 
-# Commands that run services (they need the ``[server]`` extra; the client commands do not).
-_SERVER_COMMANDS = frozenset({"serve", "up", "migrate"})
+# Commands that run services or call their internal APIs (they need the ``[server]`` extra;
+# the client commands do not).
+_SERVER_COMMANDS = frozenset({"serve", "up", "migrate", "gc", "fsck"})
 
 
 def _require_server_extra() -> None:

@@ -235,7 +235,14 @@ async def serve_until_signalled(
 ) -> None:
     running = await start(service, host, port)
     if metrics_port >= 0:
-        mport = metrics.start_http(host, metrics_port)
+        try:
+            mport = metrics.start_http(host, metrics_port)
+        except OSError as exc:
+            await running.stop(0)
+            address = f"{host}:{metrics_port}"
+            raise ListenError(
+                f"cannot listen on {address}: {exc.strerror} (--metrics-port)"
+            ) from exc
         log.info("metrics on http://%s:%d/metrics", host, mport)
     display_host = f"[{host}]" if ":" in host else host
     for name, extra_port in running.listener_ports.items():

@@ -210,6 +210,26 @@ def test_a_busy_port_is_one_line_and_status_2(tmp_path: Path) -> None:
     assert last.startswith(f"linkedblob link: cannot listen on 127.0.0.1:{port}: ")
     assert "--host/--port" in last
 
+    # The metrics port too.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        done = subprocess.run(
+            [
+                *(sys.executable, "-m", "linkedblob.cli", "serve", "blob", "--open"),
+                *("--port", "0", "--metrics-port", str(port), "--data", str(tmp_path / "blobs")),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == exitcodes.USAGE, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"linkedblob blob: cannot listen on 127.0.0.1:{port}: ")
+    assert last.endswith("(--metrics-port)")
+
 
 def test_json_output(stack: Stack, tmp_path: Path) -> None:
     addr = ("--addr", stack.address)

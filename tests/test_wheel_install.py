@@ -204,7 +204,7 @@ def test_without_extras_the_client_and_its_cli_work_alone(installed: Installed) 
     # What it requires is there (the extras are not required).
     _check(installed.run(str(DEV_PIP), "--python", installed.python, "check"))
 
-    for argv in (("serve", "link", "--open"), ("up",), ("migrate",)):
+    for argv in (("serve", "link", "--open"), ("up",), ("migrate",), ("gc",), ("fsck",)):
         done = installed.run(installed.linkedblob, *argv)
         assert done.returncode == exitcodes.USAGE, (argv, done.stderr)
         lines = done.stderr.splitlines()
