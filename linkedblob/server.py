@@ -167,15 +167,28 @@ class Service:
     limits: ServerLimits = field(default_factory=ServerLimits)
 
 
+class ListenError(OSError):
+    """A port that cannot be bound (in use, or not an address of this host): exit status 2."""
+
+
 def _listen(
-    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+    server: grpc.aio.Server,
+    address: str,
+    credentials: grpc.ServerCredentials | None,
+    flags: str = "--host/--port",
 ) -> int:
-    if credentials is None:
-        bound = server.add_insecure_port(address)
-    else:
-        bound = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio: "Failed to bind to address ..."
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise ListenError(
+            f"cannot listen on {address}: the port is in use or the address is not this host's "
+            f"(choose another with {flags})"
+        )
     return bound
 
 
@@ -208,7 +221,7 @@ async def start(service: Service, host: str, port: int) -> RunningServer:
     )
     bound = _listen(server, f"{host}:{port}", service.credentials)
     listener_ports = {
-        name: _listen(server, f"{host}:{extra_port}", credentials)
+        name: _listen(server, f"{host}:{extra_port}", credentials, f"--{name}-port")
         for name, extra_port, credentials in service.listeners
     }
     await server.start()
@@ -222,7 +235,14 @@ async def serve_until_signalled(
 ) -> None:
     running = await start(service, host, port)
     if metrics_port >= 0:
-        mport = metrics.start_http(host, metrics_port)
+        try:
+            mport = metrics.start_http(host, metrics_port)
+        except OSError as exc:
+            await running.stop(0)
+            address = f"{host}:{metrics_port}"
+            raise ListenError(
+                f"cannot listen on {address}: {exc.strerror} (--metrics-port)"
+            ) from exc
         log.info("metrics on http://%s:%d/metrics", host, mport)
     display_host = f"[{host}]" if ":" in host else host
     for name, extra_port in running.listener_ports.items():
@@ -316,4 +336,4 @@ def run(
             runner.run(serve_until_signalled(service, host, port, grace, metrics_port))
     except OSError as exc:
         print(f"linkedblob {service.name}: {exc}", file=sys.stderr)
-        raise SystemExit(1) from exc
+        raise SystemExit(2 if isinstance(exc, ListenError) else 1) from exc

@@ -22,7 +22,7 @@ import trustme
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from linkedblob import grants
+from linkedblob import exitcodes, grants
 from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
 from linkedblob.client import Client
 from linkedblob.config import MiB
@@ -583,13 +583,13 @@ def test_cli_over_tls(pki: Pki, stack: SecureStack, tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert done.returncode == 1 and "UNAVAILABLE" in done.stderr, done
+    assert done.returncode == exitcodes.RETRY and "UNAVAILABLE" in done.stderr, done
     assert "pass --tls" not in done.stderr  # it did ask for TLS
     # Plaintext to a TLS gateway: a closed socket, and a hint.
     done = subprocess.run(
         [*cli, "stat", "tls/cli", digest, *addr], capture_output=True, text=True, timeout=60
     )
-    assert done.returncode == 1 and "UNAVAILABLE" in done.stderr, done
+    assert done.returncode == exitcodes.RETRY and "UNAVAILABLE" in done.stderr, done
     assert "serves TLS, pass --tls and --ca" in done.stderr
 
 
