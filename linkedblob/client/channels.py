@@ -116,8 +116,23 @@ class _TokenMetadata(
 
 
 def _loopback(addr: str) -> bool:
-    host = addr.rsplit(":", 1)[0] if ":" in addr else addr
-    host = host.removeprefix("ipv4:").removeprefix("ipv6:").strip("[]")
+    """Whether every address the gRPC target ``addr`` names is a loopback one: ``host:port``,
+    ``dns:///host:port`` (``dns://resolver/host:port``), ``ipv4:a:port,b:port``, ``ipv6:...``."""
+    if addr.startswith("dns:"):
+        addr = addr.removeprefix("dns:").removeprefix("//").split("/", 1)[-1]
+        return _loopback_host(addr)
+    scheme, _, rest = addr.partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        return all(_loopback_host(part) for part in rest.split(","))
+    return _loopback_host(addr)
+
+
+def _loopback_host(hostport: str) -> bool:
+    host = hostport
+    if hostport.startswith("["):
+        host = hostport[1:].split("]", 1)[0]
+    elif hostport.count(":") == 1:
+        host = hostport.rsplit(":", 1)[0]
     if host == "localhost":
         return True
     try:
