@@ -10,6 +10,7 @@ descriptors, so a change in protos/ cannot leave a stale number here.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from google.protobuf import descriptor
 
@@ -29,12 +30,40 @@ ChannelOptions = list[tuple[str, int | str]]
 SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
-def channel_options(*, max_reconnect_backoff_ms: int = 2_000) -> ChannelOptions:
+def retrying_service_config(service: str, methods: Sequence[str]) -> str:
+    """The service config with gRPC's own retries of ``methods`` (idempotent ones only) of
+    ``service`` on UNAVAILABLE: up to 5 attempts, 0.1-1 s apart.
+
+    round_robin reconnects as soon as a connection drops, so a server restarting is in
+    connection backoff when it comes back, and a call made then fails at once with UNAVAILABLE
+    (pick_first waited for a new connection on the next call instead)."""
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [
+                {
+                    "name": [{"service": service, "method": m} for m in methods],
+                    "retryPolicy": {
+                        "maxAttempts": 5,
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "1s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
+
+
+def channel_options(
+    *, max_reconnect_backoff_ms: int = 2_000, service_config: str = SERVICE_CONFIG
+) -> ChannelOptions:
     """Options of a channel to any linkedblob server: round_robin over the target's addresses,
     message limits, keepalive, and quick reconnection (a restarted server is found within a
     fraction of a second, not after grpc's 1-120 s backoff)."""
     return [
-        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.service_config", service_config),
         ("grpc.max_receive_message_length", TRANSPORT_LIMIT_BYTES),
         ("grpc.max_send_message_length", TRANSPORT_LIMIT_BYTES),
         ("grpc.keepalive_time_ms", 30_000),
