@@ -1,5 +1,6 @@
-"""The bootstrap every service uses: a grpc.aio server with health checking, reflection,
-metrics, message limits, keepalive and graceful shutdown on SIGTERM/SIGINT.
+"""The bootstrap every service uses: a grpc.aio server with health checking (liveness and
+readiness: linkedblob.health), reflection, metrics, message limits, keepalive and graceful
+shutdown on SIGTERM/SIGINT.
 
 A service supplies a :class:`Service` (its registrar and its full service names) and an
 optional async cleanup; :func:`run` does the rest and prints one ready line on stdout,
@@ -20,11 +21,12 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from linkedblob import metrics
 from linkedblob.config import TRANSPORT_LIMIT_BYTES
+from linkedblob.health import Check, Readiness
 from linkedblob.limits import ServerLimits
 from linkedblob.rpc import Refusal, malformed_request
 from linkedblob.tuning import release_free_memory
@@ -165,6 +167,9 @@ class Service:
     listeners: Sequence[tuple[str, int, grpc.ServerCredentials | None]] = ()
     # Streams per connection, idle and old connections (the flags: ServerLimits.from_args).
     limits: ServerLimits = field(default_factory=ServerLimits)
+    # What the service needs to do its work (linkedblob.health.Check): its health answers
+    # SERVING on "", "readiness" and its service names only while this passes; None: always.
+    readiness: Check | None = None
 
 
 class ListenError(OSError):
@@ -199,9 +204,12 @@ class RunningServer:
     port: int
     service: Service
     listener_ports: dict[str, int] = field(default_factory=dict)
+    readiness: Readiness | None = None
 
     async def stop(self, grace: float | None) -> None:
         """Reports NOT_SERVING, stops taking calls, drains in-flight ones for up to ``grace``."""
+        if self.readiness is not None:
+            await self.readiness.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.service.on_stop is not None:
@@ -225,9 +233,9 @@ async def start(service: Service, host: str, port: int) -> RunningServer:
         for name, extra_port, credentials in service.listeners
     }
     await server.start()
-    for name in ("", *service.service_names):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, health_servicer, bound, service, listener_ports)
+    ready = Readiness(health_servicer, service.service_names, service.readiness)
+    await ready.start()
+    return RunningServer(server, health_servicer, bound, service, listener_ports, ready)
 
 
 async def serve_until_signalled(

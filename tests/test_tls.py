@@ -137,7 +137,15 @@ def test_every_server_serves_tls(pki: Pki, tmp_path: Path) -> None:
         running("blob", "--storage", "memory", *tls) as blob,
         running("link", "--db", f"sqlite:///{tmp_path / 'l.db'}", "--migrate", *tls) as link,
         running(
-            "gateway", "--blob-addr", blob.address, "--link-addr", link.address, *tls
+            "gateway",
+            "--blob-addr",
+            blob.address,
+            "--link-addr",
+            link.address,
+            *tls,
+            # Its backends speak TLS too: without this it could reach neither, and is not ready.
+            "--backend-tls-ca",
+            pki.path("ca.pem"),
         ) as gateway,
     ):
         for svc in (blob, link, gateway):
