@@ -1,4 +1,5 @@
-"""Client commands of the CLI (push, pull, stat, mount, ls, rm), built on linkedblob.client.
+"""Client commands of the CLI (push, pull, stat, mount, ls, rm, uploads), built on
+linkedblob.client.
 
 Each talks to the gateway at --addr ($LINKEDBLOB_ADDR, default 127.0.0.1:50051). Results go to
 stdout (a digest, or tab-separated descriptor lines; with --json, for push, stat and ls, one
@@ -70,6 +71,12 @@ def register(commands: Any) -> None:
     rm = _command(commands, "rm", _rm, "unlink a blob from REPO (gateway must allow deletes)")
     rm.add_argument("repository", metavar="REPO")
     rm.add_argument("digest", metavar="DIGEST")
+
+    uploads = _command(
+        commands, "uploads", _uploads, "list REPO's uploads in progress (needs push on REPO)"
+    )
+    uploads.add_argument("repository", metavar="REPO")
+    uploads.add_argument("--json", action="store_true", help="one JSON object per upload and line")
 
 
 def _command(
@@ -235,6 +242,26 @@ def _ls(args: argparse.Namespace) -> None:
                     _print_json({"repository": name})
                 else:
                     print(name)
+
+
+def _uploads(args: argparse.Namespace) -> None:
+    """One line per upload: id, offset (bytes recorded by its last completed write), started
+    and last written (ISO 8601, UTC); tab-separated, or with --json an object per line."""
+    with _client(args) as client:
+        for upload in client.list_uploads(args.repository, page_size=1000):
+            started = upload.started_at.isoformat()
+            updated = upload.updated_at.isoformat() if upload.updated_at else ""
+            if args.json:
+                fields = {
+                    "id": upload.id,
+                    "repository": upload.repository,
+                    "offset": upload.offset,
+                    "started_at": started,
+                    "updated_at": updated,
+                }
+                print(json.dumps(fields))
+            else:
+                print(f"{upload.id}\t{upload.offset}\t{started}\t{updated}")
 
 
 def _rm(args: argparse.Namespace) -> None:

@@ -22,9 +22,8 @@ import grpc
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from linkedblob import metrics
+from linkedblob import metrics, reflection
 from linkedblob.config import TRANSPORT_LIMIT_BYTES
 from linkedblob.health import Check, Readiness
 from linkedblob.limits import ServerLimits
@@ -224,9 +223,7 @@ async def start(service: Service, host: str, port: int) -> RunningServer:
     service.register(server)
     health_servicer = AioHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    reflection.enable(server, [*service.service_names, health.SERVICE_NAME])
     bound = _listen(server, f"{host}:{port}", service.credentials)
     listener_ports = {
         name: _listen(server, f"{host}:{extra_port}", credentials, f"--{name}-port")

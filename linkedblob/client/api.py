@@ -210,6 +210,20 @@ class Client:
     def list_repositories(self, *, page_size: int = 0) -> Iterator[str]:
         return self._gateway.list_repositories(page_size)
 
+    def list_uploads(self, repository: str, *, page_size: int = 0) -> Iterator[Upload]:
+        """The repository's uploads in progress, in id order (needs push on it): each one's
+        offset as of its last completed write, its start and its last write (updated_at)."""
+        token = ""
+        while True:
+            request = registry_pb2.ListUploadsRequest(
+                repository=repository, page_size=page_size, page_token=token
+            )
+            page = self._gateway.call(self._gateway.stub.ListUploads, request)
+            yield from (Upload.from_proto(upload) for upload in page.uploads)
+            token = page.next_page_token
+            if not token:
+                return
+
     # --- resumable uploads, step by step ----------------------------------------------------------
 
     def start_upload(self, repository: str, *, direct: bool = False) -> Upload:
