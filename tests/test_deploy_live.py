@@ -19,7 +19,6 @@ Skipped until the protection flags (issue 11) are in the tree.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -152,12 +151,7 @@ class Stack:
         pod, c = d.servers()[kind]
         command = c[which]["exec"]["command"]
         files = _local_files(pod, self.secrets, self.auth)
-        dropped: tuple[str, ...] = ("--port",)
-        if importlib.util.find_spec("linkedblob.health") is None:
-            # the "readiness" health service comes with linkedblob.health (issue 12's health
-            # branch); before it is in the tree the probe checks the whole server ("")
-            dropped += ("--service",)
-        args = _localize(_without(command[2:], dropped), pod, c, files)
+        args = _localize(_without(command[2:], ("--port",)), pod, c, files)
         port = str(self.procs[kind].port)
         return subprocess.run(
             [sys.executable, str(d.DEPLOY / "probe.py"), "--port", port, *args],
