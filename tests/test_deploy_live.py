@@ -54,14 +54,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _local_files(pod: d.Pod, secrets: d.Secrets, auth: dict[str, Path]) -> dict[str, Any]:
+def _local_files(
+    pod: d.Pod, secrets: d.Secrets, configmaps: dict[str, dict[str, Path]]
+) -> dict[str, Any]:
     """{volume name: {file key: local path}} for the pod's Secret and ConfigMap volumes."""
     files: dict[str, Any] = {}
     for volume in pod.get("volumes", []):
         if "secret" in volume:
             files[volume["name"]] = secrets[volume["secret"]["secretName"]]
         elif "configMap" in volume:
-            files[volume["name"]] = auth
+            files[volume["name"]] = configmaps[volume["configMap"]["name"]]
     return files
 
 
@@ -103,16 +105,16 @@ class Stack:
         subprocess.run(
             ["openssl", "pkey", "-in", key, "-pubout", "-out", pub], check=True, capture_output=True
         )
-        self.auth: dict[str, Path] = {}
+        auth = {}
         for key, text in d.one("ConfigMap", "linkedblob-auth")["data"].items():
             (tmp / key).write_text(text)
-            self.auth[key] = tmp / key
-        # the manifest's JWKS is a placeholder to replace: this key signs the tokens here
-        self.auth["jwks.json"] = tmp / "token.pub"
+            auth[key] = tmp / key
+        # the token keys are the operator's ConfigMap: this key signs the tokens here
+        self.configmaps = {"linkedblob-auth": auth, "linkedblob-token-keys": {"keys": Path(pub)}}
 
     def args(self, kind: str) -> list[str]:
         pod, c = d.servers()[kind]
-        files = _local_files(pod, self.secrets, self.auth)
+        files = _local_files(pod, self.secrets, self.configmaps)
         # the collector's --grace is its grace period, not the servers' drain time: kept
         replaced = _REPLACED if kind != "gc" else tuple(f for f in _REPLACED if f != "--grace")
         args = _localize(_without(c["args"][2:], replaced), pod, c, files)
@@ -150,7 +152,7 @@ class Stack:
     def probe(self, kind: str, which: str = "readinessProbe") -> subprocess.CompletedProcess[str]:
         pod, c = d.servers()[kind]
         command = c[which]["exec"]["command"]
-        files = _local_files(pod, self.secrets, self.auth)
+        files = _local_files(pod, self.secrets, self.configmaps)
         args = _localize(_without(command[2:], ("--port",)), pod, c, files)
         port = str(self.procs[kind].port)
         return subprocess.run(

@@ -400,36 +400,39 @@ def _deploy_commands() -> list[str]:
     return commands
 
 
-def test_readmes_kubectl_commands_run_as_written_against_no_cluster(tmp_path: Path) -> None:
-    """Each `kubectl create` of the deploy section (and those make-certs.sh prints) runs with
-    --dry-run=client: the flags parse and the objects are well formed. `kubectl apply -k` is
-    rendered instead (no cluster here)."""
+def test_readmes_deploy_commands_run_as_written_against_no_cluster(tmp_path: Path) -> None:
+    """The deploy section's commands, in order, in a scratch directory as if at the root of a
+    checkout: openssl as written; each `kubectl create` (and those make-certs.sh prints) with
+    --dry-run=client, so its flags parse and its object is well formed; `kubectl apply -k`
+    rendered instead (no cluster here); docker not run (no daemon needed)."""
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    (tmp_path / "deploy").symlink_to(d.DEPLOY)
+    (tmp_path / "jwks.json").write_text('{"keys": []}')  # the token service's, in production
     commands = _deploy_commands()
     assert "docker build -t linkedblob:0.1.0 ." in commands
-    (certs,) = [c for c in commands if c.startswith("deploy/make-certs.sh")]
-    # run in a scratch directory (certs/ there), as from the root of a checkout
-    (tmp_path / "deploy").symlink_to(d.DEPLOY)
-    printed = subprocess.run(
-        ["sh", "-c", certs.removesuffix(" | sh")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    assert len(printed) == 7  # the namespace, five certificate Secrets, the grant key
-    created = [c for c in commands if c.startswith("kubectl") and " create " in c]
-    assert len(created) == 3
-    for command in [*created, *printed]:
-        run = subprocess.run(
-            ["bash", "-c", f"{command} --dry-run=client -o name"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
+
+    def run(command: str) -> str:
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True
         )
-        assert run.returncode == 0 and run.stdout.strip(), (command, run.stderr)
+        assert done.returncode == 0, (command, done.stderr)
+        return done.stdout
+
+    dry_runs = rendered = 0
     for command in commands:
-        if command.startswith("kubectl apply -k "):
+        if command.startswith("deploy/make-certs.sh"):
+            printed = run(command.removesuffix(" | sh")).splitlines()
+            assert len(printed) == 7  # the namespace, five certificate Secrets, the grant key
+            for line in printed:
+                assert run(f"{line} --dry-run=client -o name").strip(), line
+        elif command.startswith("openssl "):
+            run(command)
+        elif command.startswith("kubectl") and " create " in command:
+            assert run(f"{command} --dry-run=client -o name").strip(), command
+            dry_runs += 1
+        elif command.startswith("kubectl apply -k "):
             assert d.render(d.ROOT / command.removeprefix("kubectl apply -k "))
+            rendered += 1
+        else:
+            assert command.startswith(("docker build ", "kubectl -n linkedblob get ")), command
+    assert (dry_runs, rendered) == (5, 2)
