@@ -29,7 +29,8 @@ FROM ${PYTHON_IMAGE}
 ENV PATH=/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
+RUN groupadd --gid 10001 linkedblob \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin linkedblob
 COPY --from=builder /venv /venv
 # The TLS servers' exec probe (the manifests run /app/deploy/probe.py with the venv's python).
