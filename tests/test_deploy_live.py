@@ -6,7 +6,8 @@ over mTLS.
 - linksvc's initContainer (`linkedblob migrate`) migrates the database, and again changes
   nothing; linksvc then starts on it without --migrate.
 - Every service starts with the manifest's flags and the ConfigMap's environment (no --open).
-- The manifest's exec probes (deploy/probe.py), readiness and liveness, pass against them.
+- The manifest's exec probes (deploy/probe.py), readiness and liveness, pass against them, and
+  the collector answers its gRPC probes' services in plaintext.
 - linksvc answers the gateway's certificate and refuses a certificate of the same CA that no
   allow list names, and refuses the gateway what only the collector may call.
 - The gateway serves TLS, lets anyone pull from public/ (the example policy) and asks a caller
@@ -30,6 +31,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
 from linkedblob.errors import error_info
@@ -198,6 +200,15 @@ def test_every_service_starts_protected_and_its_probe_passes(stack: Stack) -> No
             run = stack.probe(kind, which)
             assert run.returncode == 0, (kind, which, run.stderr)
     assert stack.procs["gc"].proc.poll() is None
+    # the collector's port: the kubelet's own gRPC probe, plaintext, with the probe's service
+    _pod, gc = d.servers()["gc"]
+    with grpc.insecure_channel(f"127.0.0.1:{stack.procs['gc'].port}") as ch:
+        for which in ("readinessProbe", "livenessProbe"):
+            service = gc[which]["grpc"]["service"]
+            answer = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=10
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
 
 
 def test_linksvc_answers_the_gateway_and_refuses_other_certificates(stack: Stack) -> None:
