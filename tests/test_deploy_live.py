@@ -46,7 +46,7 @@ pytestmark = pytest.mark.skipif(
 
 # The manifest's values this machine cannot use, replaced (ports are picked free, files are
 # the local copies, addresses are localhost: the certificates name it).
-_REPLACED = ("--port", "--direct-port", "--data", "--grace", "--blob-public-addr")
+_REPLACED: tuple[str, ...] = ("--port", "--direct-port", "--data", "--grace", "--blob-public-addr")
 _REPLACED += ("--blob-addr", "--link-addr")  # the headless Services' dns:/// targets
 
 
@@ -314,3 +314,35 @@ def test_tokens_the_policy_the_no_oracle_rule_and_the_direct_port(stack: Stack) 
             timeout=30,
         )
         assert b"".join(c.data for c in chunks) == b"hello"
+
+
+def test_linksvc_replicas_starting_together_migrate_postgresql_once(pg_database_url: str) -> None:
+    """Production's linksvc replicas start together: each pod's initContainer runs the migration
+    at once on one PostgreSQL database. Every one succeeds (the advisory lock serializes them;
+    the later ones find the schema at head) and the schema ends at head."""
+    import sqlalchemy as sa
+
+    from linksvc.migrate import schema_status
+
+    pod = d.servers(d.render(d.OVERLAYS["production"]))["link"][0]
+    (init,) = pod["initContainers"]
+    (env,) = init["env"]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "linkedblob.cli", *init["args"]],
+            env={**os.environ, env["name"]: pg_database_url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for run in runs:
+        out, _ = run.communicate(timeout=120)
+        assert run.returncode == 0, out
+    engine = sa.create_engine(pg_database_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            assert schema_status(connection).at_head
+    finally:
+        engine.dispose()
