@@ -14,6 +14,7 @@ import importlib.metadata
 import sys
 from collections.abc import Sequence
 
+from linkedblob import tracing
 from linkedblob.config import add_option, add_server_options
 from linkedblob.logs import setup_logging
 from linkedblob.tuning import tune_malloc
@@ -23,7 +24,8 @@ SERVICES = {"blob": "blobsvc", "link": "linksvc", "gateway": "gateway", "gc": "c
 
 def _serve(args: argparse.Namespace) -> int | None:
     tune_malloc()
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level, args.log_format, getattr(args, "access_log", "on") == "on")
+    tracing.configure(SERVICES[args.service], getattr(args, "otel", False))
     server = importlib.import_module(f"{SERVICES[args.service]}.server")
     return server.serve(args)  # type: ignore[no-any-return]
 
