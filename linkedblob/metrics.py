@@ -91,18 +91,19 @@ STORAGE_ERRORS = Counter(
 
 # linksvc's database (linksvc.database).
 SQL_SECONDS = Histogram(
-    "linkedblob_sql_transaction_seconds",
-    "Time of a database transaction (retries included), by kind (read, write)",
-    ["kind"],
+    "linkedblob_sql_operation_seconds",
+    "Time of a database operation (its transaction: one or a few statements), by operation",
+    ["op"],
     buckets=_LATENCY_BUCKETS,
 )
 SQL_ERRORS = Counter(
     "linkedblob_sql_errors_total",
-    "Database transactions that failed, by kind and error",
-    ["kind", "error"],
+    "Database operations that failed, by operation and error (busy, transient, error)",
+    ["op", "error"],
 )
 SQL_POOL_IN_USE = Gauge(
-    "linkedblob_sql_pool_connections_in_use", "Database connections checked out of the pool"
+    "linkedblob_sql_pool_connections_in_use",
+    "Database connections checked out of the pool (the SQL threads hold theirs)",
 )
 
 # The gateway's link cache (gateway.linkcache).
