@@ -273,15 +273,12 @@ def log_access(
     )
 
 
-async def _request_id(context: Any) -> None:
-    """Sets the call's request id from its metadata; at the edge (the gateway) makes one when
-    the caller sent none (or one not valid) and returns it in the initial metadata."""
-    rid = requestid.incoming(context.invocation_metadata())
-    if requestid.ROLE.edge:
-        rid = rid or requestid.new()
-        await context.send_initial_metadata(((requestid.KEY, rid),))
-    if rid:
-        requestid.REQUEST_ID.set(rid)
+async def _edge_request_id(context: Any, rid: str) -> None:
+    """At the edge (the gateway): the caller's valid id or a new one, set for the call and
+    returned in the initial metadata."""
+    rid = rid or requestid.new()
+    requestid.REQUEST_ID.set(rid)
+    await context.send_initial_metadata(((requestid.KEY, rid),))
 
 
 def servicer_method(method: F) -> F:
@@ -292,14 +289,21 @@ def servicer_method(method: F) -> F:
     telemetry = MethodTelemetry(name, "server_stream" if streams_out else "unary")
     activity = metrics.ACTIVITY
     info = logging.INFO
+    role = requestid.ROLE
+    incoming = requestid.incoming
+    request_id = requestid.REQUEST_ID
 
-    def begin() -> MethodTelemetry:
+    def begin(context: Any) -> str:
+        """Counts the call's start; its request id (from its metadata: "" without one)."""
         if telemetry.started is None:
             telemetry.bind("")
         telemetry.started.inc()
         activity.started += 1
         activity.in_flight += 1
-        return telemetry
+        rid = incoming(context.invocation_metadata())
+        if rid:
+            request_id.set(rid)
+        return rid
 
     def finish(
         started: float,
@@ -343,13 +347,15 @@ def servicer_method(method: F) -> F:
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: Any) -> Any:
             started = perf_counter()
-            t = begin()
+            rid = begin(context)
+            t = telemetry
             code, reason = grpc.StatusCode.UNKNOWN, ""
             streamed = None
             sent = sent_bytes = 0
             try:
                 try:
-                    await _request_id(context)
+                    if role.edge:
+                        await _edge_request_id(context, rid)
                     if type(request) is Refusal:
                         raise request.make()
                     if t.streams_in:
@@ -377,12 +383,14 @@ def servicer_method(method: F) -> F:
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
         started = perf_counter()
-        t = begin()
+        rid = begin(context)
+        t = telemetry
         code, reason = grpc.StatusCode.UNKNOWN, ""
         streamed = None
         try:
             try:
-                await _request_id(context)
+                if role.edge:
+                    await _edge_request_id(context, rid)
                 if type(request) is Refusal:
                     raise request.make()
                 if t.streams_in:

@@ -220,7 +220,13 @@ def test_calls_are_counted_by_method_and_code(sqlite_url: str) -> None:
         ]
         == 6
     )
-    assert samples['linkedblob_rpc_seconds_count{method="Link"}'] == 1
+    assert (
+        samples[
+            'grpc_server_handling_seconds_count{grpc_method="Link",'
+            'grpc_service="linkedblob.link.v1.LinkService",grpc_type="unary"}'
+        ]
+        == 1
+    )
 
 
 def test_migrate_on_serve_refuses_a_database_a_newer_linksvc_migrated(db_url: str) -> None:
