@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +25,7 @@ from tests.telemetry import (
 
 REPO = "metrics/test"
 DATA = b"metrics " * 1000
+DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "linkedblob-dashboard.json"
 PUSHED = b"x" * (3 * 1024 * 1024)  # more than one message of the client's
 
 
@@ -138,3 +142,29 @@ def test_linksvc_counts_its_database(stack: TelemetryStack) -> None:
     assert "linkedblob_sql_pool_connections_in_use" in samples
     not_found = grpc_labels("unary", LINK_SERVICE, "Resolve", "NOT_FOUND")
     assert samples["grpc_server_handled_total" + not_found] >= 1
+
+
+def test_the_dashboard_uses_only_metrics_the_services_export() -> None:
+    from prometheus_client import REGISTRY
+
+    import collector.metrics  # noqa: F401  (registers the collector's metrics)
+
+    exported = {sample.name for family in REGISTRY.collect() for sample in family.samples} | {
+        family.name for family in REGISTRY.collect()
+    }
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    labels = {"grpc_type", "grpc_service", "grpc_method", "grpc_code"}
+    used = {n for e in exprs for n in re.findall(r"\b(?:grpc|linkedblob)_\w+", e)} - labels
+    assert used
+    # Metrics with labels export no sample before their first call: compare the family names.
+    families = {name.removesuffix("_total") for name in exported}
+    suffixes = ("_bucket", "_count", "_sum", "_total")
+    unknown = set()
+    for name in used:
+        base = name
+        for suffix in suffixes:
+            base = base.removesuffix(suffix)
+        if base not in families:
+            unknown.add(name)
+    assert not unknown
