@@ -148,6 +148,7 @@ def test_the_dashboard_uses_only_metrics_the_services_export() -> None:
     from prometheus_client import REGISTRY
 
     import collector.metrics  # noqa: F401  (registers the collector's metrics)
+    import linkedblob.metrics  # noqa: F401
 
     exported = {sample.name for family in REGISTRY.collect() for sample in family.samples} | {
         family.name for family in REGISTRY.collect()
