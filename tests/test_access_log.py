@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,3 +135,20 @@ def test_access_log_off(tmp_path: Path) -> None:
             stub.Stat(blob_pb2.StatRequest(digest="sha256:" + "2" * 64))
     assert not log_lines(blob)
     assert log_lines(blob, "linkedblob.server")  # the other logs are on
+
+
+def test_grpcurl_shows_the_request_id_as_the_readme_says(stack: TelemetryStack) -> None:
+    grpcurl = Path(sys.executable).parent / "grpcurl"
+    request = json.dumps({"repository": REPO, "digest": DIGEST})
+    out = subprocess.run(
+        [
+            *(grpcurl, "-plaintext", "-v", "-H", "x-request-id: my-id-1", "-d", request),
+            *(stack.gateway.address, "linkedblob.v1.Registry/StatBlob"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "x-request-id: my-id-1" in out
+    assert wait_for(lambda: lines_with(stack.gateway, "my-id-1"), "gateway line")
