@@ -44,11 +44,6 @@ class StreamLimits:
         self.idle_timeout = idle_timeout
         self.max_open_uploads = max_open_uploads
         self.open_uploads = 0
-        # Write streams open now, linkedblob_uploads_in_progress{service="blobsvc"} (imported
-        # here: every command builds blobsvc's flags, and clients have no prometheus_client).
-        from linkedblob import metrics
-
-        self._in_progress = metrics.UPLOADS_IN_PROGRESS.labels("blobsvc")
 
     @contextmanager
     def open_upload(self) -> Iterator[None]:
@@ -60,12 +55,10 @@ class StreamLimits:
                 limit="max-open-uploads",
             )
         self.open_uploads += 1
-        self._in_progress.inc()
         try:
             yield
         finally:
             self.open_uploads -= 1
-            self._in_progress.dec()
 
     async def idle(self, messages: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """``messages``, ending the stream when the next one takes longer than the timeout."""

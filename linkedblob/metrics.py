@@ -114,9 +114,12 @@ CACHE_EVICTIONS = Counter(
     "linkedblob_link_cache_evictions_total", "Links the cache dropped to stay within its size"
 )
 
-# Uploads in progress: blobsvc's Write streams, the gateway's upload streams.
+# Uploads in progress: the client streams being served (the gateway's PushBlob and WriteUpload,
+# blobsvc's Write), kept by linkedblob.rpc.
 UPLOADS_IN_PROGRESS = Gauge(
-    "linkedblob_uploads_in_progress", "Upload streams open now, by service", ["service"]
+    "linkedblob_uploads_in_progress",
+    "Upload streams (client-streaming calls) being served now",
+    ["grpc_service", "grpc_method"],
 )
 
 

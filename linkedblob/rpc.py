@@ -146,6 +146,7 @@ class MethodTelemetry:
         "service",
         "started",
         "streams_in",
+        "uploading",
     )
 
     def __init__(self, method: str, grpc_type: str) -> None:
@@ -159,6 +160,7 @@ class MethodTelemetry:
         self.received: Any = None
         self.sent: Any = None
         self.streams_in = False
+        self.uploading: Any = None
 
     def bind(self, service: str, kind: str | None = None) -> None:
         self.service = service
@@ -169,6 +171,9 @@ class MethodTelemetry:
         self.ok = metrics.SERVER_HANDLED.labels(*labels, "OK")
         self.failed = {}
         self.streams_in = self.grpc_type in ("client_stream", "bidi_stream")
+        self.uploading = (
+            metrics.UPLOADS_IN_PROGRESS.labels(service, self.method) if self.streams_in else None
+        )
         streams = self.grpc_type != "unary"
         # Messages are counted on streams only: a unary call is one each way, which
         # grpc_server_handled_total already counts (two fewer increments per unary call).
@@ -396,7 +401,13 @@ def servicer_method(method: F) -> F:
                 if t.streams_in:
                     streamed = _Streamed()
                     request = _counting(request, streamed)
-                result = await method(self, request, context)
+                    t.uploading.inc()
+                    try:
+                        result = await method(self, request, context)
+                    finally:
+                        t.uploading.dec()
+                else:
+                    result = await method(self, request, context)
                 code = grpc.StatusCode.OK
                 return result
             except (grpc.aio.AbortError, asyncio.CancelledError) as exc:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,7 +127,8 @@ def test_blobsvc_counts_its_store(stack: TelemetryStack) -> None:
     assert samples['linkedblob_storage_operation_seconds_count{op="put"}'] == 1
     assert samples['linkedblob_storage_operation_seconds_count{op="read"}'] == 1
     assert samples['linkedblob_storage_operation_seconds_count{op="write"}'] >= 1
-    assert samples['linkedblob_uploads_in_progress{service="blobsvc"}'] == 0
+    uploading = 'linkedblob_uploads_in_progress{grpc_method="Write",grpc_service="%s"}'
+    assert samples[uploading % BLOB_SERVICE] == 0
     write = grpc_labels("client_stream", BLOB_SERVICE, "Write")
     assert samples["grpc_server_msg_received_total" + write] >= 2
     assert (
@@ -169,3 +172,34 @@ def test_the_dashboard_uses_only_metrics_the_services_export() -> None:
         if base not in families:
             unknown.add(name)
     assert not unknown
+
+
+def test_an_upload_in_progress_is_counted_until_it_ends(stack: TelemetryStack) -> None:
+    uploading = 'linkedblob_uploads_in_progress{grpc_method="%s",grpc_service="%s"}'
+    gateway_push = uploading % ("PushBlob", REGISTRY)
+    blob_write = uploading % ("Write", BLOB_SERVICE)
+    data = b"u" * 1000
+    release = threading.Event()
+
+    def messages() -> Iterator[pb.PushBlobRequest]:
+        yield pb.PushBlobRequest(header=pb.PushBlobRequest.Header(repository=REPO))
+        yield pb.PushBlobRequest(data=data)
+        release.wait(30)
+
+    future = stack.stub().PushBlob.future(messages())
+    try:
+        deadline = time.monotonic() + 10
+        while metrics_of(stack, "gateway").get(gateway_push) != 1:
+            assert time.monotonic() < deadline, "the push is not counted in progress"
+            time.sleep(0.05)
+        while metrics_of(stack, "blob").get(blob_write) != 1:
+            assert time.monotonic() < deadline, "blobsvc's Write is not counted in progress"
+            time.sleep(0.05)
+    finally:
+        release.set()
+    assert future.result(timeout=30).size == len(data)
+    assert metrics_of(stack, "gateway")[gateway_push] == 0
+    deadline = time.monotonic() + 10
+    while metrics_of(stack, "blob")[blob_write] != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
