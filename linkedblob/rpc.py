@@ -31,6 +31,7 @@ ones.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
@@ -217,10 +218,25 @@ async def _counting(requests: Any, counts: _Streamed) -> Any:
         yield request
 
 
+# What a streamed call's servicer noted of its first message for the access line (note()).
+_NOTED: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "linkedblob_access_noted", default=("", "")
+)
+
+
+def note(repository: str = "", digest: str = "") -> None:
+    """Names the repository and digest of the call in progress in its access line: for the
+    streams, whose messages the wrapper does not parse (a unary request's fields are read)."""
+    _NOTED.set((repository, digest))
+
+
 def _access_fields(request: Any) -> tuple[str, str]:
-    """The repository and digest a request names (a message with such fields), else ""."""
+    """The repository and digest a request names (a message with such fields, or what the
+    servicer noted), else ""."""
     repository = getattr(request, "repository", "")
     digest = getattr(request, "digest", "")
+    if not (repository or digest):
+        return _NOTED.get()
     return (
         repository if isinstance(repository, str) else "",
         digest if isinstance(digest, str) else "",

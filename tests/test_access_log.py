@@ -107,6 +107,7 @@ def test_a_push_logs_its_bytes_at_the_gateway_and_at_blobsvc(stack: TelemetrySta
         lambda: [x for x in log_lines(stack.gateway) if x["method"] == "PushBlob"], "PushBlob"
     )
     assert line["code"] == "OK" and line["bytes_in"] >= len(pushed)
+    assert line["repository"] == REPO  # noted by the servicer from the stream's header
     rid = line["request_id"]
     writes = wait_for(lambda: lines_with(stack.blob, rid, "Write"), "blobsvc Write line")
     assert sum(w["bytes_in"] for w in writes) >= len(pushed)
