@@ -1,6 +1,7 @@
 # The README's commands. `make up` runs the system on its embedded defaults; `make test` runs
 # the lint and the tests. Both create .venv and install into it when needed, at the exact
-# versions of constraints.txt.
+# versions of constraints.txt (the dev extra includes the server extra: `pip install linkedblob`
+# alone gives the client and its CLI commands, 'linkedblob[server]' the services).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,6 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/buf lint
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -51,7 +51,7 @@ class _Discard(io.RawIOBase):
 class LinkedblobClient:
     def __init__(self, address: str) -> None:
         self.direct = not relayed()
-        self.client = Client(address, timeout=120, direct=self.direct)
+        self.client = Client(address, timeout=120, direct=self.direct, malloc_tuning=True)
         self._sink = cast(IO[bytes], _Discard())
 
     def close(self) -> None:

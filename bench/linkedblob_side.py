@@ -5,7 +5,8 @@ PostgreSQL variant runs ``linkedblob serve blob|link|gateway`` itself, against a
 creates for the run and drops afterwards, with a grant secret shared by blobsvc and the gateway
 as ``up`` gives them (so both variants offer the client direct access to blobsvc). Services log
 at WARNING (the registry logs at warn with its access log off): both sides measure the data
-path, not their logging.
+path, not their logging; ``--telemetry`` runs them as in production instead (access log at INFO
+in JSON, a metrics port each) to measure what that costs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,22 @@ from bench.procs import Process
 from linkedblob.up import GRANT_SECRET_ENV
 
 QUIET = {"LINKEDBLOB_LOG_LEVEL": "WARNING", "LINKEDBLOB_LOG_FORMAT": "text"}
+# `--telemetry`: what an operator runs in production instead, the access log (one JSON line per
+# call) and a Prometheus endpoint on every service, to measure what they cost.
+TELEMETRY = {
+    "LINKEDBLOB_LOG_LEVEL": "INFO",
+    "LINKEDBLOB_LOG_FORMAT": "json",
+    "LINKEDBLOB_METRICS_PORT": "0",
+}
+SERVICE_ENV = dict(QUIET)
+
+
+def with_telemetry() -> None:
+    """Every service started from now on logs each call and serves metrics."""
+    SERVICE_ENV.clear()
+    SERVICE_ENV.update(TELEMETRY)
+
+
 UP_READY = re.compile(r"^linkedblob is up: gateway (\S+) \(blobsvc ([^,\s]+), linksvc ([^,\s)]+)")
 SERVICE_NAMES = {"gateway": "gateway", "blob": "blobsvc", "link": "linksvc"}
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -44,7 +61,7 @@ class LinkedblobUp:
         data = str(workdir / "data")
         ports = ["--port", "0", "--blob-port", "0", "--link-port", "0"]
         argv = _cli("up", "--data", data, *ports)
-        self.process = Process("linkedblob up", argv, workdir / "up.log", env=QUIET)
+        self.process = Process("linkedblob up", argv, workdir / "up.log", env=dict(SERVICE_ENV))
         try:
             match = self.process.wait_ready(UP_READY)
             self.address = match.group(1)
@@ -110,7 +127,7 @@ class LinkedblobPostgres:
     ) -> str:
         argv = _cli("serve", kind, "--host", "127.0.0.1", "--port", "0", "--open", *args)
         process = Process(
-            f"linkedblob {kind}", argv, workdir / f"{kind}.log", env={**QUIET, **(env or {})}
+            f"linkedblob {kind}", argv, workdir / f"{kind}.log", env={**SERVICE_ENV, **(env or {})}
         )
         self.processes.append(process)
         ready = re.compile(rf"^linkedblob {kind} listening on (\S+)$")

@@ -19,7 +19,13 @@ from typing import Any
 
 from bench import registry
 from bench.lbclient import RELAY_ENV
-from bench.linkedblob_side import DEFAULT_PG, LinkedblobPostgres, LinkedblobUp, postgres_reachable
+from bench.linkedblob_side import (
+    DEFAULT_PG,
+    LinkedblobPostgres,
+    LinkedblobUp,
+    postgres_reachable,
+    with_telemetry,
+)
 from bench.memory import PeakRss
 from bench.payload import Payload
 from bench.report import SystemResult, machine, table
@@ -53,6 +59,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--relay",
         action="store_true",
         help="linkedblob's client without the direct path: bytes cross the gateway's relay",
+    )
+    parser.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="linkedblob's services with the access log (INFO, JSON) and metrics ports on",
     )
     parser.add_argument("--json", type=Path, help="also write the raw results there")
     parser.add_argument(
@@ -92,6 +103,8 @@ def start_systems(
         log(f"started {name} in {time.monotonic() - began:.1f}s: {system.services()}")
         return system
 
+    if args.telemetry:
+        notes.append("linkedblob: --telemetry, access log at INFO (JSON) and a metrics port each")
     if not args.no_linkedblob:
         start("linkedblob", LinkedblobUp)
     binary = None if args.no_registry else registry.find_binary()
@@ -199,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.relay:
         os.environ[RELAY_ENV] = "1"
+    if args.telemetry:
+        with_telemetry()
     sizes = QUICK if args.quick else FULL
     if args.rounds:
         sizes = dataclasses.replace(sizes, rounds=args.rounds)

@@ -4,6 +4,7 @@ them on the shared bootstrap (health, reflection, metrics, graceful shutdown).""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
@@ -16,6 +17,7 @@ from blobsvc.storage import open_storage
 from linkedblob import peers, tls
 from linkedblob.blob.v1 import blob_pb2
 from linkedblob.grants import signer_from_args
+from linkedblob.health import directory_writable
 from linkedblob.limits import ServerLimits
 from linkedblob.server import Service, add_handlers, run
 from linkedblob.server import method_handlers as server_method_handlers
@@ -82,6 +84,10 @@ def serve(args: argparse.Namespace) -> int | None:
             interceptors=[authorizer] if authorizer else [],
             listeners=[("direct", args.direct_port, direct_credentials)] if direct else [],
             limits=ServerLimits.from_args(args),
+            # Ready while a file can be written where uploads are staged (memory: always).
+            readiness=directory_writable(os.path.join(os.path.abspath(args.data), "tmp"))
+            if args.storage == "filesystem"
+            else None,
         ),
         args.host,
         args.port,

@@ -1,11 +1,13 @@
 """`linkedblob gc` and `linkedblob fsck`: one collector run, or one reconciliation, against
 running services (linksvc at --link-addr, blobsvc at --blob-addr).
 
-gc prints a summary line (with --dry-run, also what it would act on), or the run's stats as JSON
-(--json). Exit status: 0 for a run that finished or was skipped because another runner holds
-the lock (it says who; --wait waits for the lock instead), 1 when the run failed or stopped, 2
-for a usage error. fsck prints its findings as a table, or as JSON (--json); exit status 0 when
-clean, 1 when it found anything, 2 when it could not check (a service failed).
+gc prints a summary line (with --dry-run, also what it would act on), or the run's stats as one
+JSON object on one line (--json). Exit status: 0 for a run that finished or was skipped because
+another runner holds the lock (it says who; --wait waits for the lock instead), 1 when the run
+failed or stopped, 2 for a usage error. fsck prints its findings as a table, or as one JSON
+object on one line (--json); exit status 0 when clean, 1 when it found anything, and when it
+could not check (a service failed) the status of the call's gRPC code (linkedblob.exitcodes:
+8 for an unreachable service).
 
 A tqdm bar on stderr shows progress on a terminal for runs that last more than a moment.
 """
@@ -19,7 +21,7 @@ import time
 from typing import Any
 
 from collector import options as gc_options
-from linkedblob import grants, tls
+from linkedblob import exitcodes, grants, tls
 from linkedblob.errors import StatusError
 
 _PROGRESS_DELAY = 0.5
@@ -91,25 +93,21 @@ def _gc(args: argparse.Namespace) -> int:
         credentials = tls.client_credentials_from_args(args)
         signer = grants.signer_from_args(args)
     except ValueError as exc:
-        print(f"linkedblob gc: {exc}", file=sys.stderr)
-        return 2
+        raise exitcodes.UsageError(str(exc)) from exc
     links = GrpcLinkIndex(args.link_addr, credentials=credentials)
     blobs = GrpcBlobStorage(args.blob_addr, signer, credentials=credentials)
     try:
         runner = Runner(links, blobs, options, progress=TqdmProgress())
-        try:
+        stats = runner.run()
+        while stats.outcome == SKIPPED and args.wait:
+            print(f"linkedblob gc: waiting for {stats.lock_holder}", file=sys.stderr)
+            time.sleep(_LOCK_POLL_SECONDS)
             stats = runner.run()
-            while stats.outcome == SKIPPED and args.wait:
-                print(f"linkedblob gc: waiting for {stats.lock_holder}", file=sys.stderr)
-                time.sleep(_LOCK_POLL_SECONDS)
-                stats = runner.run()
-        except KeyboardInterrupt:
-            return 130
     finally:
         links.close()
         blobs.close()
     if args.json:
-        print(json.dumps(stats.to_dict(), indent=2))
+        print(json.dumps(stats.to_dict()))
     else:
         for digest in stats.would_collect:
             print(f"would collect {digest}")
@@ -129,7 +127,7 @@ def _fsck(args: argparse.Namespace) -> int:
         credentials = tls.client_credentials_from_args(args)
         signer = grants.signer_from_args(args)
     except ValueError as exc:
-        tls.exit_with("fsck", exc)
+        raise exitcodes.UsageError(str(exc)) from exc
     links = GrpcLinkIndex(args.link_addr, credentials=credentials)
     blobs = GrpcBlobStorage(args.blob_addr, signer, credentials=credentials)
     try:
@@ -141,13 +139,16 @@ def _fsck(args: argparse.Namespace) -> int:
             progress=TqdmProgress(),
         )
         report = check.run()
-    except (StatusError, ValueError) as exc:
+    except StatusError as exc:
         print(f"linkedblob fsck: cannot check: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        return exitcodes.for_status(exc.code)
+    except ValueError as exc:
+        raise exitcodes.UsageError(f"cannot check: {exc}") from exc
     finally:
         links.close()
         blobs.close()
-    print(report.to_json() if args.json else report.table())
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(report.table())
     return 0 if report.clean else 1

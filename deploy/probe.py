@@ -4,10 +4,14 @@ The kubelet's own gRPC probe speaks plaintext only, and grpc_health_probe is not
 this uses the grpcio the image already has. It connects to the pod's own port on 127.0.0.1,
 checks the server's certificate against --ca under the Service's name (--server-name), and
 presents the pod's certificate (--cert/--key) for servers that require one (mTLS). Exit 0 when
-the server answers SERVING, 1 otherwise, with one line on stderr.
+the server answers SERVING for --service, 1 otherwise, with one line on stderr.
+
+--service: ``liveness`` for a livenessProbe (the process is not wedged), ``readiness`` for a
+readinessProbe (what the service needs works; linkedblob.health), "" (the default) is readiness
+too.
 
     python /app/deploy/probe.py --port 50052 --ca ca.crt --cert tls.crt --key tls.key \
-        --server-name linkedblob-blobsvc
+        --server-name linkedblob-blobsvc --service readiness
 """
 
 from __future__ import annotations
@@ -44,7 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cert", help="client certificate, for servers that require one")
     parser.add_argument("--key", help="its private key")
     parser.add_argument("--server-name", help="the name the server's certificate carries")
-    parser.add_argument("--service", default="", help="health service name ('' = the server)")
+    parser.add_argument(
+        "--service",
+        default="",
+        help="health service name: liveness, readiness ('' = readiness of the whole server)",
+    )
     parser.add_argument("--timeout", type=float, default=4.0, help="seconds")
     args = parser.parse_args(argv)
     try:

@@ -148,6 +148,12 @@ class LinkBackend(Protocol):
 
     async def create_session(self, repository: str) -> UploadSession: ...
 
+    async def list_sessions(
+        self, repository: str, page_size: int, page_token: str
+    ) -> Page[UploadSession]:
+        """``repository``'s active sessions in id order, paged."""
+        ...
+
     async def get_session(self, upload_id: str) -> UploadSession:
         """NOT_FOUND / BLOB_UPLOAD_UNKNOWN for an unknown session."""
         ...

@@ -389,6 +389,20 @@ class FakeLinkBackend:
         self.sessions[session.id] = session
         return session
 
+    async def list_sessions(
+        self, repository: str, page_size: int, page_token: str
+    ) -> Page[UploadSession]:
+        self.failures.check("list_sessions")
+        after = paging.decode_page_token(page_token, "sessions", repository, str)
+        ids = sorted(
+            s.id
+            for s in self.sessions.values()
+            if s.repository == repository and s.state is SessionState.ACTIVE and s.id > after
+        )
+        page, more = self._page(ids, page_size)
+        token = paging.encode_page_token("sessions", repository, page[-1]) if more else ""
+        return Page([self.sessions[i] for i in page], token)
+
     async def get_session(self, upload_id: str) -> UploadSession:
         self.failures.check("get_session")
         if upload_id not in self.sessions:

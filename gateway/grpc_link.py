@@ -35,6 +35,7 @@ def _session(session: link_pb2.Session) -> UploadSession:
         # A state this gateway does not know (a newer linksvc's) is no active upload.
         state=_STATES.get(session.state, SessionState.CANCELLED),
         started_at_ns=session.started_at.ToNanoseconds(),
+        updated_at_ns=session.updated_at.ToNanoseconds(),
     )
 
 
@@ -137,6 +138,17 @@ class GrpcLinkBackend:
             ),
         )
         return Page([_linked(blob) for blob in links.blobs], links.next_page_token)
+
+    async def list_sessions(
+        self, repository: str, page_size: int, page_token: str
+    ) -> Page[UploadSession]:
+        listed = await answer(
+            self._stub.ListSessions,
+            link_pb2.ListSessionsRequest(
+                repository=repository, page_size=page_size, page_token=page_token
+            ),
+        )
+        return Page([_session(s) for s in listed.sessions], listed.next_page_token)
 
     async def list_repositories(self, page_size: int, page_token: str) -> Page[str]:
         names = await answer(

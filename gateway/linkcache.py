@@ -196,6 +196,11 @@ class CachedLinks:
     async def create_session(self, repository: str) -> UploadSession:
         return await self._links.create_session(repository)
 
+    async def list_sessions(
+        self, repository: str, page_size: int, page_token: str
+    ) -> Page[UploadSession]:
+        return await self._links.list_sessions(repository, page_size, page_token)
+
     async def get_session(self, upload_id: str) -> UploadSession:
         return await self._links.get_session(upload_id)
 

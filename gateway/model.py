@@ -46,6 +46,7 @@ class UploadSession:
     size: int  # bytes recorded as written (blobsvc's staged size is the truth)
     state: SessionState
     started_at_ns: int  # nanoseconds since the epoch
+    updated_at_ns: int = 0  # its last write (or its start); 0: not known
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,8 +44,19 @@ def add_grant_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_option(parser, "--blob-addr", default=f"127.0.0.1:{BLOB_PORT}", help="blobsvc address")
-    add_option(parser, "--link-addr", default=f"127.0.0.1:{LINK_PORT}", help="linksvc address")
+    add_option(
+        parser,
+        "--blob-addr",
+        default=f"127.0.0.1:{BLOB_PORT}",
+        help="blobsvc address: host:port, dns:///name:port or ipv4:a:port,b:port; calls are "
+        "balanced over every address it names (round_robin)",
+    )
+    add_option(
+        parser,
+        "--link-addr",
+        default=f"127.0.0.1:{LINK_PORT}",
+        help="linksvc address, as --blob-addr",
+    )
     add_client_tls_options(parser)  # --backend-tls-ca/-cert/-key
     add_option(
         parser,

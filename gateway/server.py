@@ -20,6 +20,7 @@ from gateway.servicer import RegistryServicer
 from gateway.uploads import Uploads
 from linkedblob import requestid, tls
 from linkedblob.grants import signer_from_args
+from linkedblob.health import PeerHealth
 from linkedblob.limits import ServerLimits
 from linkedblob.server import Service, add_handlers, run
 from linkedblob.server import method_handlers as server_method_handlers
@@ -86,6 +87,8 @@ def serve(args: argparse.Namespace) -> int | None:
     limits = Limits(LimitSettings.from_args(args))
     opened: list[GrpcBlobBackend | GrpcLinkBackend] = []
     registries: list[Registry] = []
+    # Ready while both backends are (their own readiness, asked of any replica).
+    backends = PeerHealth([("blobsvc", args.blob_addr), ("linksvc", args.link_addr)], backend_tls)
 
     def register(server: grpc.aio.Server) -> None:
         # Runs inside the server's event loop, where aio channels must be created.
@@ -109,6 +112,7 @@ def serve(args: argparse.Namespace) -> int | None:
             await registry.close()
         for backend in opened:
             await backend.close()
+        await backends.close()
 
     service = Service(
         "gateway",
@@ -119,6 +123,7 @@ def serve(args: argparse.Namespace) -> int | None:
         secured=access.secured,
         credentials=server_tls,
         limits=ServerLimits.from_args(args),
+        readiness=backends.check,
     )
     requestid.serve_as_edge()  # the gateway makes, passes on and returns x-request-id
     run(

@@ -42,15 +42,16 @@ def _descriptor(blob: LinkedBlob) -> registry_pb2.Descriptor:
     return registry_pb2.Descriptor(digest=blob.digest, size=blob.size, media_type=blob.media_type)
 
 
+def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
 def _upload(session: UploadSession, offset: int) -> registry_pb2.Upload:
     return registry_pb2.Upload(
         id=session.id,
         repository=session.repository,
         offset=offset,
-        started_at=timestamp_pb2.Timestamp(
-            seconds=session.started_at_ns // 1_000_000_000,
-            nanos=session.started_at_ns % 1_000_000_000,
-        ),
+        started_at=_timestamp(session.started_at_ns),
     )
 
 
@@ -271,6 +272,24 @@ class RegistryServicer:
         self._access.require(caller, Action.PUSH, repository)
         await self._uploads.cancel(repository, upload_id)
         return empty_pb2.Empty()
+
+    @servicer_method
+    async def ListUploads(
+        self, request: registry_pb2.ListUploadsRequest, context: Context
+    ) -> registry_pb2.ListUploadsResponse:
+        caller = self._access.authenticate(context)
+        repository = validation.repository(request.repository)
+        validation.page(request.page_size, request.page_token)
+        self._access.require(caller, Action.PUSH, repository)
+        page = await self._uploads.in_progress(repository, request.page_size, request.page_token)
+        uploads = []
+        for session in page.items:
+            upload = _upload(session, session.size)
+            upload.updated_at.CopyFrom(_timestamp(session.updated_at_ns))
+            uploads.append(upload)
+        return registry_pb2.ListUploadsResponse(
+            uploads=uploads, next_page_token=page.next_page_token
+        )
 
     # --- links ----------------------------------------------------------------------------------
 

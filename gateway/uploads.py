@@ -30,6 +30,7 @@ from gateway.model import (
     IncomingData,
     Lease,
     LinkedBlob,
+    Page,
     SessionState,
     UploadSession,
     Written,
@@ -64,6 +65,13 @@ class Uploads:
 
     async def start(self, repository: str) -> UploadSession:
         return await self._links.create_session(repository)
+
+    async def in_progress(
+        self, repository: str, page_size: int, page_token: str
+    ) -> Page[UploadSession]:
+        """``repository``'s uploads in progress, in id order, paged, as linksvc records them
+        (each one's size as of its last completed write)."""
+        return await self._links.list_sessions(repository, page_size, page_token)
 
     async def prepare_direct(self, session: UploadSession, staged: int = 0) -> None:
         """Makes sure an active upload has a staging area in blobsvc before a write grant for

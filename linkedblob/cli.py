@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import sys
 from collections.abc import Sequence
 
-from linkedblob import tracing
+from linkedblob import exitcodes, tracing
 from linkedblob.config import add_option, add_server_options
 from linkedblob.logs import setup_logging
 from linkedblob.tuning import tune_malloc
@@ -22,7 +23,22 @@ from linkedblob.tuning import tune_malloc
 SERVICES = {"blob": "blobsvc", "link": "linksvc", "gateway": "gateway", "gc": "collector"}
 
 
+# Commands that run services or call their internal APIs (they need the ``[server]`` extra;
+# the client commands do not).
+_SERVER_COMMANDS = frozenset({"serve", "up", "migrate", "gc", "fsck"})
+
+
+def _require_server_extra() -> None:
+    """Raises ModuleNotFoundError (reported as "pip install 'linkedblob[server]'", exit 2) when
+    a module of the ``[server]`` extra is not installed: before any service starts, not from
+    a child process half-way through ``up``."""
+    for module in sorted(exitcodes.SERVER_MODULES):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+
 def _serve(args: argparse.Namespace) -> int | None:
+    # The CLI opts in to the process-wide malloc tuning the library leaves alone by default.
     tune_malloc()
     setup_logging(args.log_level, args.log_format, getattr(args, "access_log", "on") == "on")
     tracing.configure(SERVICES[args.service], getattr(args, "otel", False))
@@ -31,10 +47,24 @@ def _serve(args: argparse.Namespace) -> int | None:
 
 
 def _migrate(args: argparse.Namespace) -> int | None:
+    import sqlalchemy as sa
+
+    from linksvc.database import safe_url
     from linksvc.migrate import upgrade
 
-    upgrade(args.db)
-    print(f"migrated {args.db} to head")
+    try:
+        shown = safe_url(args.db)
+    except sa.exc.ArgumentError as exc:
+        raise exitcodes.UsageError(f"--db: {exc}") from exc
+    try:
+        upgrade(args.db)
+    except (ValueError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        raise exitcodes.UsageError(f"--db {shown}: {exc}") from exc
+    except sa.exc.DBAPIError as exc:  # the database refused or could not be reached
+        first = str(exc.orig or exc).strip().splitlines()[0]
+        print(f"linkedblob migrate: cannot open {shown}: {first}", file=sys.stderr)
+        return exitcodes.FAILURE
+    print(f"migrated {shown} to head")
     return 0
 
 
@@ -83,12 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    service = getattr(args, "service", None)
+    return f"{args.command} {service}" if args.command == "serve" and service else args.command
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for message in getattr(args, "env_errors", None) or ():
-        parser.exit(2, f"linkedblob: {message}\n")
-    result = args.handler(args)
+    """Runs one command and exits with its status (linkedblob.exitcodes): an error a user can
+    cause (a failed call, a missing file, a bad setting) is one line on stderr and the status of
+    its class, never a traceback; Ctrl-C exits 130 quietly."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        for message in getattr(args, "env_errors", None) or ():
+            parser.exit(exitcodes.USAGE, f"linkedblob: {message}\n")
+        try:
+            if args.command in _SERVER_COMMANDS:
+                _require_server_extra()
+            result = args.handler(args)
+        except Exception as exc:
+            result = exitcodes.report(_command_name(args), exc)
+    except KeyboardInterrupt:
+        result = exitcodes.INTERRUPTED
     sys.exit(result or 0)
 
 

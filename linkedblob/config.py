@@ -34,11 +34,14 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
 
-def _env_bool(value: str) -> bool | None:
+def parse_bool(value: str) -> bool | None:
     """True or False for the words a boolean variable takes; None for anything else (a typo
     must not silently read as false)."""
     word = value.strip().lower()
     return True if word in _TRUE else False if word in _FALSE else None
+
+
+_env_bool = parse_bool
 
 
 def _env_error(parser: argparse.ArgumentParser, message: str) -> None:

@@ -38,7 +38,7 @@ DEFAULT_MAX_STREAMS_PER_CONNECTION = 100
 # its concurrent reads.
 DEFAULT_MAX_STREAMS_PER_INTERNAL_CONNECTION = 1000
 DEFAULT_MAX_CONNECTION_IDLE = "5m"
-DEFAULT_MAX_CONNECTION_AGE = "1h"
+DEFAULT_MAX_CONNECTION_AGE = "5m"
 DEFAULT_MAX_CONNECTION_AGE_GRACE = "24h"
 
 
@@ -48,7 +48,7 @@ class ServerLimits:
 
     max_streams_per_connection: int = DEFAULT_MAX_STREAMS_PER_CONNECTION
     max_connection_idle: float = 300.0  # seconds
-    max_connection_age: float = 3600.0
+    max_connection_age: float = 300.0
     max_connection_age_grace: float = 86_400.0
 
     @classmethod

@@ -23,16 +23,17 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def page_size(value: int, field: str = "page_size") -> int:
-    """The page size to use: 0 means the default; 1-MAX_PAGE_SIZE as given; anything else
-    PAGINATION_INVALID."""
+    """The page size to use, as Google's AIP-158 has it: 0 means the default; 1-MAX_PAGE_SIZE
+    as given; above MAX_PAGE_SIZE, MAX_PAGE_SIZE (clamped, not refused: a caller asking for
+    more gets full pages and a token for the rest); negative is PAGINATION_INVALID."""
     if value == 0:
         return DEFAULT_PAGE_SIZE
-    if value < 0 or value > MAX_PAGE_SIZE:
+    if value < 0:
         raise invalid_argument(
             Reason.PAGINATION_INVALID,
-            f"{field} must be 1-{MAX_PAGE_SIZE} (0: default), got {value}",
+            f"{field} must not be negative (0: default {DEFAULT_PAGE_SIZE}), got {value}",
         )
-    return value
+    return min(value, MAX_PAGE_SIZE)
 
 
 def check_page_token(token: str) -> str:

@@ -31,7 +31,6 @@ from linkedblob.caller import peer_identities, set_caller
 from linkedblob.config import add_option
 from linkedblob.errors import LinkedBlobError, Reason
 from linkedblob.grants import METADATA_KEY, token_from, unverified_action
-from linkedblob.rpc import log_access
 
 GATEWAY = "gateway"
 COLLECTOR = "collector"
@@ -121,6 +120,10 @@ def _guarded(
 ) -> grpc.RpcMethodHandler:
     """The handler with its behavior preceded by ``check`` (abort on refusal, else record the
     caller)."""
+    # Here, not at the top: the CLI imports this module for its flags, and linkedblob.rpc
+    # brings prometheus_client, which a client-only install (no [server] extra) lacks.
+    from linkedblob.rpc import log_access
+
     kind = (
         "unary_unary"
         if handler.unary_unary

@@ -1,5 +1,6 @@
-"""The bootstrap every service uses: a grpc.aio server with health checking, reflection,
-metrics, message limits, keepalive and graceful shutdown on SIGTERM/SIGINT.
+"""The bootstrap every service uses: a grpc.aio server with health checking (liveness and
+readiness: linkedblob.health), reflection, metrics, message limits, keepalive and graceful
+shutdown on SIGTERM/SIGINT.
 
 A service supplies a :class:`Service` (its registrar and its full service names) and an
 optional async cleanup; :func:`run` does the rest and prints one ready line on stdout,
@@ -20,11 +21,11 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2_grpc
 
-from linkedblob import metrics, tracing
+from linkedblob import metrics, reflection, tracing
 from linkedblob.config import TRANSPORT_LIMIT_BYTES
+from linkedblob.health import Check, Readiness
 from linkedblob.limits import ServerLimits
 from linkedblob.rpc import Refusal, describe, grpc_type, malformed_request
 from linkedblob.tuning import release_free_memory
@@ -170,17 +171,33 @@ class Service:
     listeners: Sequence[tuple[str, int, grpc.ServerCredentials | None]] = ()
     # Streams per connection, idle and old connections (the flags: ServerLimits.from_args).
     limits: ServerLimits = field(default_factory=ServerLimits)
+    # What the service needs to do its work (linkedblob.health.Check): its health answers
+    # SERVING on "", "readiness" and its service names only while this passes; None: always.
+    readiness: Check | None = None
+
+
+class ListenError(OSError):
+    """A port that cannot be bound (in use, or not an address of this host): exit status 2."""
 
 
 def _listen(
-    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+    server: grpc.aio.Server,
+    address: str,
+    credentials: grpc.ServerCredentials | None,
+    flags: str = "--host/--port",
 ) -> int:
-    if credentials is None:
-        bound = server.add_insecure_port(address)
-    else:
-        bound = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio: "Failed to bind to address ..."
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise ListenError(
+            f"cannot listen on {address}: the port is in use or the address is not this host's "
+            f"(choose another with {flags})"
+        )
     return bound
 
 
@@ -191,9 +208,12 @@ class RunningServer:
     port: int
     service: Service
     listener_ports: dict[str, int] = field(default_factory=dict)
+    readiness: Readiness | None = None
 
     async def stop(self, grace: float | None) -> None:
         """Reports NOT_SERVING, stops taking calls, drains in-flight ones for up to ``grace``."""
+        if self.readiness is not None:
+            await self.readiness.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.service.on_stop is not None:
@@ -208,18 +228,16 @@ async def start(service: Service, host: str, port: int) -> RunningServer:
     service.register(server)
     health_servicer = AioHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    reflection.enable(server, [*service.service_names, health.SERVICE_NAME])
     bound = _listen(server, f"{host}:{port}", service.credentials)
     listener_ports = {
-        name: _listen(server, f"{host}:{extra_port}", credentials)
+        name: _listen(server, f"{host}:{extra_port}", credentials, f"--{name}-port")
         for name, extra_port, credentials in service.listeners
     }
     await server.start()
-    for name in ("", *service.service_names):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, health_servicer, bound, service, listener_ports)
+    ready = Readiness(health_servicer, service.service_names, service.readiness)
+    await ready.start()
+    return RunningServer(server, health_servicer, bound, service, listener_ports, ready)
 
 
 async def serve_until_signalled(
@@ -227,7 +245,14 @@ async def serve_until_signalled(
 ) -> None:
     running = await start(service, host, port)
     if metrics_port >= 0:
-        mport = metrics.start_http(host, metrics_port)
+        try:
+            mport = metrics.start_http(host, metrics_port)
+        except OSError as exc:
+            await running.stop(0)
+            address = f"{host}:{metrics_port}"
+            raise ListenError(
+                f"cannot listen on {address}: {exc.strerror} (--metrics-port)"
+            ) from exc
         log.info("metrics on http://%s:%d/metrics", host, mport)
     display_host = f"[{host}]" if ":" in host else host
     for name, extra_port in running.listener_ports.items():
@@ -321,4 +346,4 @@ def run(
             runner.run(serve_until_signalled(service, host, port, grace, metrics_port))
     except OSError as exc:
         print(f"linkedblob {service.name}: {exc}", file=sys.stderr)
-        raise SystemExit(1) from exc
+        raise SystemExit(2 if isinstance(exc, ListenError) else 1) from exc

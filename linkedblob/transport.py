@@ -9,6 +9,9 @@ descriptors, so a change in protos/ cannot leave a stale number here.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 from google.protobuf import descriptor
 
 from linkedblob.blob.v1 import blob_pb2
@@ -17,12 +20,50 @@ from linkedblob.v1 import registry_pb2
 
 ChannelOptions = list[tuple[str, int | str]]
 
+# Every channel balances its calls over all the addresses its target resolves to (a DNS name
+# of several A records, e.g. a headless Kubernetes Service: ``dns:///name:port``, or
+# ``ipv4:10.0.0.1:50052,10.0.0.2:50052``), instead of gRPC's default pick_first, which sends
+# every call to the first address that connects. A plain ``host:port`` is a DNS name too: one
+# address, the same as before. gRPC re-resolves the name when a connection drops (and every
+# 30 s at most), so replicas that come and go are found; servers close connections past
+# --max-connection-age (linkedblob.limits), so clients of a ClusterIP Service move over too.
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
-def channel_options(*, max_reconnect_backoff_ms: int = 2_000) -> ChannelOptions:
-    """Options of a channel to any linkedblob server: message limits, keepalive, and quick
-    reconnection (a restarted server is found within a fraction of a second, not after grpc's
-    1-120 s backoff)."""
+
+def retrying_service_config(service: str, methods: Sequence[str]) -> str:
+    """The service config with gRPC's own retries of ``methods`` (idempotent ones only) of
+    ``service`` on UNAVAILABLE: up to 5 attempts, 0.1-1 s apart.
+
+    round_robin reconnects as soon as a connection drops, so a server restarting is in
+    connection backoff when it comes back, and a call made then fails at once with UNAVAILABLE
+    (pick_first waited for a new connection on the next call instead)."""
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [
+                {
+                    "name": [{"service": service, "method": m} for m in methods],
+                    "retryPolicy": {
+                        "maxAttempts": 5,
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "1s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
+
+
+def channel_options(
+    *, max_reconnect_backoff_ms: int = 2_000, service_config: str = SERVICE_CONFIG
+) -> ChannelOptions:
+    """Options of a channel to any linkedblob server: round_robin over the target's addresses,
+    message limits, keepalive, and quick reconnection (a restarted server is found within a
+    fraction of a second, not after grpc's 1-120 s backoff)."""
     return [
+        ("grpc.service_config", service_config),
         ("grpc.max_receive_message_length", TRANSPORT_LIMIT_BYTES),
         ("grpc.max_send_message_length", TRANSPORT_LIMIT_BYTES),
         ("grpc.keepalive_time_ms", 30_000),

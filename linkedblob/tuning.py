@@ -1,9 +1,11 @@
-"""Process-level tuning every server applies at start (and the client, see
-linkedblob.client.Client)."""
+"""Process-level tuning every server applies at start. The client library applies it only when
+asked (``Client(malloc_tuning=True)`` or LINKEDBLOB_MALLOC_TUNING=1); the CLI's client commands
+ask. :func:`applied` tells what this process set."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from linkedblob.libc import libc as _libc
@@ -16,9 +18,39 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
+# The thresholds tune_malloc sets.
+MMAP_THRESHOLD = 64 * 1024 * 1024
+TRIM_THRESHOLD = 1024 * 1024 * 1024
+
+# "1" (true, yes, on) asks the client library to tune malloc; "0" (false, no, off) keeps even
+# the CLI from tuning it (see wanted).
+MALLOC_TUNING_ENV = "LINKEDBLOB_MALLOC_TUNING"
+
 # tune_malloc's result once it has run in this process (None: not yet).
 _tuned: bool | None = None
 _tune_lock = threading.Lock()
+
+
+def wanted(default: bool) -> bool:
+    """Whether to tune malloc: LINKEDBLOB_MALLOC_TUNING when it is set, else ``default``. A
+    ValueError names the variable when its value is not a boolean word."""
+    from linkedblob.config import parse_bool
+
+    raw = os.environ.get(MALLOC_TUNING_ENV)
+    if raw is None:
+        return default
+    value = parse_bool(raw)
+    if value is None:
+        raise ValueError(f"{MALLOC_TUNING_ENV}={raw!r}: not a boolean (true/false, 1/0, ...)")
+    return value
+
+
+def applied() -> dict[str, int] | None:
+    """What :func:`tune_malloc` set in this process ({"mmap_threshold": bytes,
+    "trim_threshold": bytes}), or None when nothing did (not called, refused, or off glibc)."""
+    if not _tuned:
+        return None
+    return {"mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD}
 
 
 def tune_malloc() -> bool:
@@ -49,8 +81,8 @@ def _set_streaming_thresholds() -> bool:
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, 64 * 1024 * 1024)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, 1024 * 1024 * 1024)
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
     if not ok:
         log.warning("mallopt refused the streaming thresholds")

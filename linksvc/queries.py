@@ -357,6 +357,18 @@ class Queries:
             .limit(b("limit"))
         )
         self.purge_session = sa.delete(sessions).where(sessions.c.id == b("id"))
+        # A repository's uploads in progress, in id order (ListSessions), by the index on
+        # (repository, state): the active sessions of one repository, which CreateSession caps.
+        self.list_sessions = (
+            sa.select(sessions)
+            .where(
+                sessions.c.repository == b("repository"),
+                sessions.c.state == SessionState.ACTIVE.value,
+                sessions.c.id > b("after"),
+            )
+            .order_by(sessions.c.id)
+            .limit(b("limit"))
+        )
 
         # --- leases and garbage collection (linksvc.lifecycle) ------------------------------
         self.add_lease = sa.insert(leases)

@@ -30,6 +30,8 @@ TABLE = MethodTable(
         "CreateSession": _GATEWAY,
         "GetSession": _BOTH,
         "AdvanceSession": _GATEWAY,
+        # the gateway's ListUploads
+        "ListSessions": _GATEWAY,
         # the collector finishes the sessions it purges as expired
         "FinishSession": _BOTH,
         # collector/grpc_backends.py, collector/fsck.py

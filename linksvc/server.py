@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 
 import grpc
 import sqlalchemy as sa
@@ -18,9 +19,23 @@ from linkedblob.link.v1 import link_pb2
 from linkedblob.server import Service, add_handlers, method_handlers, run
 from linksvc import migrate, roles
 from linksvc.database import Database, safe_url
+from linksvc.queries import DriverQuery
 from linksvc.servicer import SERVICE_NAME, LinkServicer
 
 log = logging.getLogger(__name__)
+
+# Readiness: the database answers a query that reads the schema (not just the connection:
+# SQLite's SELECT 1 would not touch the file), on the SQL threads the calls use.
+_READY_QUERY = DriverQuery("SELECT count(*) FROM alembic_version", None)
+
+
+def database_answers(db: Database) -> Callable[[], Awaitable[None]]:
+    """linksvc's readiness check (linkedblob.health.Check)."""
+
+    async def check() -> None:
+        await db.run(db.fetch_one, _READY_QUERY, {})
+
+    return check
 
 
 def serve(args: argparse.Namespace) -> int | None:
@@ -85,6 +100,7 @@ def serve(args: argparse.Namespace) -> int | None:
             credentials=credentials,
             interceptors=[authorizer] if authorizer else [],
             limits=ServerLimits.from_args(args),
+            readiness=database_answers(db),
         ),
         args.host,
         args.port,

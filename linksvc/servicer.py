@@ -239,6 +239,19 @@ class LinkServicer(link_pb2_grpc.LinkServiceServicer):
         return _session(await self.db.run_hot(self.store.finish_session, session_id, state))
 
     @servicer_method
+    async def ListSessions(
+        self, request: link_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> link_pb2.ListSessionsResponse:
+        repository = check.repository(request.repository)
+        limit = check.page_size(request.page_size)
+        after = check.decode_page_token(request.page_token, check.SESSIONS_TOKEN, repository)
+        page, last = await self.db.run(self.store.list_sessions, repository, after, limit)
+        token = check.encode_page_token(check.SESSIONS_TOKEN, repository, last) if last else ""
+        return link_pb2.ListSessionsResponse(
+            sessions=[_session(s) for s in page], next_page_token=token
+        )
+
+    @servicer_method
     async def ListStaleSessions(
         self, request: link_pb2.ListStaleSessionsRequest, context: grpc.aio.ServicerContext
     ) -> link_pb2.ListStaleSessionsResponse:

@@ -405,6 +405,18 @@ class LinkStore:
         return _session(row)
 
     @map_errors
+    def list_sessions(
+        self, repository: str, after: str, limit: int
+    ) -> tuple[list[SessionRecord], str | None]:
+        """Up to ``limit`` active sessions of ``repository`` after the id ``after``; and the
+        last id when more follow."""
+        params = {"repository": repository, "after": after, "limit": limit + 1}
+        with self.db.connect() as conn:
+            rows = conn.execute(self.q.list_sessions, params).all()
+        page = [_session(r) for r in rows[:limit]]
+        return page, (page[-1].id if len(rows) > limit else None)
+
+    @map_errors
     def advance_session(self, session_id: str, from_size: int, to_size: int) -> SessionRecord:
         """Sets the size to ``to_size`` if it still is ``from_size`` (and the session active)."""
         with self.db.connect() as conn:

@@ -65,6 +65,8 @@ BLOBS_TOKEN = "blobs"
 COLLECTABLE_TOKEN = "collectable"
 # ListLinkingRepositories: scoped by the digest, its key a repository name.
 LINKING_TOKEN = "linking"
+# ListSessions: scoped by the repository, its key a session id.
+SESSIONS_TOKEN = "sessions"
 
 
 def encode_page_token(kind: str, scope: str, after: str) -> str:
@@ -74,7 +76,9 @@ def encode_page_token(kind: str, scope: str, after: str) -> str:
 def decode_page_token(token: str, kind: str, scope: str) -> str:
     """The key to list after ("" for the first page), or PAGINATION_INVALID."""
     by_name = kind in (REPOSITORIES_TOKEN, LINKING_TOKEN)
-    parse_key = validate_repository if by_name else Digest.parse
+    parse_key = (
+        session_id if kind == SESSIONS_TOKEN else validate_repository if by_name else Digest.parse
+    )
     return paging.decode_page_token(token, kind, scope, parse_key)
 
 

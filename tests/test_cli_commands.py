@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from linkedblob import exitcodes
 from linkedblob.config import MiB
 from tests.stack import Stack, running_stack
 
@@ -80,7 +81,7 @@ def test_push_stat_pull_mount_ls_rm(stack: Stack, tmp_path: Path) -> None:
 
     ok("rm", other, digest, addr=addr)
     gone = cli("stat", other, digest, addr=addr)
-    assert gone.returncode == 1
+    assert gone.returncode == exitcodes.NOT_FOUND
     assert gone.stderr.decode().strip() == (
         f"linkedblob stat: NOT_FOUND BLOB_UNKNOWN: blob {digest} is not linked in {other}"
     )
@@ -89,16 +90,18 @@ def test_push_stat_pull_mount_ls_rm(stack: Stack, tmp_path: Path) -> None:
 def test_failures_are_one_line_with_the_reason(stack: Stack, tmp_path: Path) -> None:
     addr = stack.address
     repo = f"cli/{secrets.token_hex(4)}"
+    invalid, not_found, usage = exitcodes.INVALID, exitcodes.NOT_FOUND, exitcodes.USAGE
+    zero = "sha256:" + "0" * 64
     cases = [
-        (("stat", repo, "sha256:nope"), "INVALID_ARGUMENT DIGEST_INVALID"),
-        (("stat", "Bad Name", "sha256:" + "0" * 64), "INVALID_ARGUMENT NAME_INVALID"),
-        (("pull", repo, "sha256:" + "0" * 64, "-o", str(tmp_path / "x")), "BLOB_UNKNOWN"),
-        (("mount", repo, "sha256:" + "0" * 64, "--from", "cli/nobody"), "BLOB_UNKNOWN"),
-        (("push", repo, str(tmp_path / "missing.bin")), "No such file"),
+        (("stat", repo, "sha256:nope"), "INVALID_ARGUMENT DIGEST_INVALID", invalid),
+        (("stat", "Bad Name", zero), "INVALID_ARGUMENT NAME_INVALID", invalid),
+        (("pull", repo, zero, "-o", str(tmp_path / "x")), "BLOB_UNKNOWN", not_found),
+        (("mount", repo, zero, "--from", "cli/nobody"), "BLOB_UNKNOWN", not_found),
+        (("push", repo, str(tmp_path / "missing.bin")), "No such file", usage),
     ]
-    for args, expected in cases:
+    for args, expected, status in cases:
         out = cli(*args, addr=addr)
-        assert out.returncode == 1, args
+        assert out.returncode == status, args
         lines = out.stderr.decode().splitlines()
         assert len(lines) == 1 and expected in lines[0], (args, lines)
         assert lines[0].startswith(f"linkedblob {args[0]}: ")
@@ -118,5 +121,5 @@ def test_an_unreachable_gateway(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     out = cli("ls", addr=dead)
-    assert out.returncode == 1
+    assert out.returncode == exitcodes.RETRY
     assert out.stderr.decode().startswith("linkedblob ls: UNAVAILABLE")

@@ -1,7 +1,9 @@
-"""The client tunes glibc's malloc for itself (linkedblob.tuning.tune_malloc), once per process,
-unless told not to; seen from the outside: a burst of ~1 MiB allocations and frees, run in a
-fresh interpreter after creating a Client, page-faults a few hundred times instead of tens of
-thousands (each buffer mmap-ed or trimmed and faulted in again)."""
+"""The client library changes no process-wide setting unless asked: a Client tunes glibc's
+malloc (linkedblob.tuning.tune_malloc) only with ``malloc_tuning=True`` or
+LINKEDBLOB_MALLOC_TUNING=1, once per process. Seen from the outside: a burst of ~1 MiB
+allocations and frees, run in a fresh interpreter after creating a Client, page-faults tens of
+thousands of times untuned (each buffer mmap-ed or trimmed and faulted in again) and a few
+hundred tuned; and linkedblob.tuning.applied() says what the process set."""
 
 from __future__ import annotations
 
@@ -81,20 +83,43 @@ def untuned_faults() -> int:
     return faults
 
 
-def test_a_client_tunes_malloc(untuned_faults: int) -> None:
-    assert probe(CLIENT)["faults"] <= TUNED_AT_MOST
+APPLIED = "from linkedblob import tuning; result['applied'] = tuning.applied()"
 
 
-@pytest.mark.parametrize("value", ["0", "false", "off"])
-def test_the_environment_opts_out(untuned_faults: int, value: str) -> None:
-    assert probe(CLIENT, {MALLOC_TUNING_ENV: value})["faults"] >= UNTUNED_AT_LEAST
+def test_a_client_leaves_malloc_alone(untuned_faults: int) -> None:
+    result = probe(f"{CLIENT}\n{APPLIED}")
+    assert result["applied"] is None
+    assert result["faults"] >= UNTUNED_AT_LEAST  # type: ignore[operator]
 
 
-def test_the_keyword_opts_out_and_wins_over_the_environment(untuned_faults: int) -> None:
+def test_a_client_tunes_malloc_when_asked(untuned_faults: int) -> None:
+    setup = "from linkedblob.client import Client; Client('127.0.0.1:1', malloc_tuning=True)"
+    result = probe(f"{setup}\n{APPLIED}")
+    assert result["applied"] == {"mmap_threshold": 64 << 20, "trim_threshold": 1 << 30}
+    assert result["faults"] <= TUNED_AT_MOST  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("value", ["1", "true", "on"])
+def test_the_environment_opts_in(untuned_faults: int, value: str) -> None:
+    assert probe(CLIENT, {MALLOC_TUNING_ENV: value})["faults"] <= TUNED_AT_MOST
+
+
+def test_the_keyword_wins_over_the_environment(untuned_faults: int) -> None:
     setup = "from linkedblob.client import Client; Client('127.0.0.1:1', malloc_tuning=False)"
-    assert probe(setup)["faults"] >= UNTUNED_AT_LEAST
+    assert probe(setup, {MALLOC_TUNING_ENV: "1"})["faults"] >= UNTUNED_AT_LEAST
     setup = "from linkedblob.client import Client; Client('127.0.0.1:1', malloc_tuning=True)"
     assert probe(setup, {MALLOC_TUNING_ENV: "0"})["faults"] <= TUNED_AT_MOST
+
+
+def test_a_variable_that_is_not_a_boolean_is_refused() -> None:
+    setup = """
+        from linkedblob.client import Client
+        try:
+            Client('127.0.0.1:1')
+        except ValueError as e:
+            result["error"] = str(e)
+    """
+    assert "LINKEDBLOB_MALLOC_TUNING='maybe'" in str(probe(setup, {MALLOC_TUNING_ENV: "maybe"}))
 
 
 def test_tuning_runs_once_per_process(untuned_faults: int) -> None:
@@ -106,7 +131,7 @@ def test_tuning_runs_once_per_process(untuned_faults: int) -> None:
         from linkedblob.client import Client
 
         def make():
-            Client('127.0.0.1:1').close()
+            Client('127.0.0.1:1', malloc_tuning=True).close()
 
         threads = [threading.Thread(target=make) for _ in range(8)]
         for t in threads:

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from linkedblob import exitcodes
 from linkedblob.config import add_duration_option, parse_duration
 from tests.services import spawn
 from tests.stack import free_port, scrape
@@ -61,7 +62,7 @@ def test_gc_and_fsck_against_an_unreachable_linksvc_fail_cleanly() -> None:
     assert run.returncode == 1, run.stderr
     assert '"outcome": "error"' in run.stdout and "UNAVAILABLE" in run.stdout
     check = cli("fsck", "--link-addr", dead, "--blob-addr", dead)
-    assert check.returncode == 2 and "cannot check" in check.stderr
+    assert check.returncode == exitcodes.RETRY and "cannot check" in check.stderr
 
 
 def test_serve_gc_is_a_worker_with_health_metrics_and_a_clean_stop() -> None:

@@ -211,6 +211,7 @@ PUSH_METHODS = (
     "CommitUpload",
     "CancelUpload",
     "MountBlob",
+    "ListUploads",
 )
 METHODS = (*PULL_METHODS, *PUSH_METHODS, "DeleteBlob", "ListRepositories")
 
@@ -268,6 +269,9 @@ def call(method: str, stub: Stub, f: Fixture, md: Metadata) -> Callable[[], obje
         "MountBlob": lambda: stub.MountBlob(
             pb.MountBlobRequest(repository=REPO, from_repository=SOURCE, digest=f.digest),
             metadata=md,
+        ),
+        "ListUploads": lambda: stub.ListUploads(
+            pb.ListUploadsRequest(repository=REPO), metadata=md
         ),
         "DeleteBlob": lambda: stub.DeleteBlob(blob, metadata=md),
         "ListRepositories": lambda: stub.ListRepositories(

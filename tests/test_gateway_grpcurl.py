@@ -4,6 +4,7 @@ answer in JSON (with the ErrorInfo of a failure)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -168,3 +169,43 @@ def test_a_direct_upload_with_grpcurl(stack: Stack) -> None:
         "linkedblob.v1.Registry/CommitUpload",
     )
     assert json.loads(committed.stdout) == {"digest": digest, "size": "5"}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+README_BLOCK_TITLE = "The gateway (`linkedblob.v1.Registry`), every RPC:"
+
+
+def readme_gateway_block() -> str:
+    """README's grpcurl block of every Registry RPC, as written."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(README_BLOCK_TITLE) :]
+    start = after.index("```sh\n") + len("```sh\n")
+    return after[start : after.index("```", start)]
+
+
+def test_the_readme_grpcurl_block_runs_as_written(stack: Stack) -> None:
+    """Every command of README's gateway block, in one bash with -e: each must succeed (the
+    gateway address is this stack's; the stack allows deletes, as the block's last line
+    says it needs). Every Registry RPC has its grpcurl line in README."""
+    block = readme_gateway_block()
+    assert "G=127.0.0.1:50051\n" in block
+    readme = (ROOT / "README.md").read_text()  # LocateBlob is in "Direct access" (tested above)
+    for method in registry_methods():
+        assert f"linkedblob.v1.Registry/{method}" in readme, method
+    script = block.replace("G=127.0.0.1:50051\n", f"G={stack.address}\n", 1)
+    env = {**os.environ, "PATH": f"{GRPCURL.parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"repositories"' in done.stdout and '"uploads"' in done.stdout
+
+
+def registry_methods() -> list[str]:
+    from linkedblob.v1 import registry_pb2
+
+    return [m.name for m in registry_pb2.DESCRIPTOR.services_by_name["Registry"].methods]

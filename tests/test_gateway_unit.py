@@ -126,7 +126,8 @@ def test_sizes_ranges_and_pages() -> None:
     assert reason_of(validation.expected_size, -2) == (INVALID, "SIZE_INVALID")
     validation.page(0, "")
     validation.page(1000, "t" * 1024)
-    for size, token in ((-1, ""), (1001, ""), (1, "t" * 1025)):
+    validation.page(1001, "")  # clamped to 1000 where it is used (AIP-158)
+    for size, token in ((-1, ""), (-(2**31), ""), (1, "t" * 1025)):
         assert reason_of(validation.page, size, token) == (INVALID, "PAGINATION_INVALID")
 
 

@@ -234,6 +234,7 @@ LOOKUPS: dict[str, dict[str, object]] = {
     "link_recorded": {"repository": "r", "digest": DIGEST, "media_type": "", "created_at": NOW},
     "get_session": {"id": "s"},
     "count_active_sessions": {"repository": "r"},
+    "list_sessions": {"repository": "r", "after": "", "limit": 10},
     "advance_session": {"p_id": "s", "from_size": 0, "to_size": 1, "now": NOW},
     "finish_session": {"p_id": "s", "p_state": "committed", "now": NOW},
     "finish_session_of": {"p_id": "s", "p_state": "committed", "now": NOW, "p_repository": "r"},

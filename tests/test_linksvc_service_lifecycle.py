@@ -186,7 +186,7 @@ def bad_requests(tokens: dict[str, str]) -> list[Case]:
          pb.ListCollectableRequest(grace_seconds=-1), IA, Reason.UNSUPPORTED),
         ("collectable negative takeover", "ListCollectable",
          pb.ListCollectableRequest(takeover_seconds=-1), IA, Reason.UNSUPPORTED),
-        ("collectable page size", "ListCollectable", pb.ListCollectableRequest(page_size=1001),
+        ("collectable page size", "ListCollectable", pb.ListCollectableRequest(page_size=-1),
          IA, Reason.PAGINATION_INVALID),
         ("collectable foreign token", "ListCollectable",
          pb.ListCollectableRequest(page_token=tokens["blobs"]), IA, Reason.PAGINATION_INVALID),

@@ -37,7 +37,10 @@ def test_page_tokens_round_trip_and_refuse_garbage() -> None:
 def test_page_size_defaults_and_limits() -> None:
     assert paging.page_size(0) == paging.DEFAULT_PAGE_SIZE
     assert paging.page_size(paging.MAX_PAGE_SIZE) == paging.MAX_PAGE_SIZE
-    for bad in (-1, paging.MAX_PAGE_SIZE + 1):
+    # AIP-158: above the maximum is clamped to it, negative is refused.
+    assert paging.page_size(paging.MAX_PAGE_SIZE + 1) == paging.MAX_PAGE_SIZE
+    assert paging.page_size(2**31 - 1) == paging.MAX_PAGE_SIZE
+    for bad in (-1, -(2**31)):
         with pytest.raises(LinkedBlobError) as excinfo:
             paging.page_size(bad)
         assert excinfo.value.reason == Reason.PAGINATION_INVALID

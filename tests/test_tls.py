@@ -22,7 +22,7 @@ import trustme
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from linkedblob import grants
+from linkedblob import exitcodes, grants
 from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
 from linkedblob.client import Client
 from linkedblob.config import MiB
@@ -137,7 +137,15 @@ def test_every_server_serves_tls(pki: Pki, tmp_path: Path) -> None:
         running("blob", "--storage", "memory", *tls) as blob,
         running("link", "--db", f"sqlite:///{tmp_path / 'l.db'}", "--migrate", *tls) as link,
         running(
-            "gateway", "--blob-addr", blob.address, "--link-addr", link.address, *tls
+            "gateway",
+            "--blob-addr",
+            blob.address,
+            "--link-addr",
+            link.address,
+            *tls,
+            # Its backends speak TLS too: without this it could reach neither, and is not ready.
+            "--backend-tls-ca",
+            pki.path("ca.pem"),
         ) as gateway,
     ):
         for svc in (blob, link, gateway):
@@ -583,13 +591,13 @@ def test_cli_over_tls(pki: Pki, stack: SecureStack, tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert done.returncode == 1 and "UNAVAILABLE" in done.stderr, done
+    assert done.returncode == exitcodes.RETRY and "UNAVAILABLE" in done.stderr, done
     assert "pass --tls" not in done.stderr  # it did ask for TLS
     # Plaintext to a TLS gateway: a closed socket, and a hint.
     done = subprocess.run(
         [*cli, "stat", "tls/cli", digest, *addr], capture_output=True, text=True, timeout=60
     )
-    assert done.returncode == 1 and "UNAVAILABLE" in done.stderr, done
+    assert done.returncode == exitcodes.RETRY and "UNAVAILABLE" in done.stderr, done
     assert "serves TLS, pass --tls and --ca" in done.stderr
 
 

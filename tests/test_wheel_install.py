@@ -1,18 +1,25 @@
 """The package as a new user installs it: a wheel built from this tree, installed (not editable)
-into a fresh virtualenv, runs `linkedblob migrate` and `linkedblob up` from a directory that is
-not the checkout, and serves a real push and pull, then stops cleanly on Ctrl-C.
+into a fresh virtualenv. Without extras (`pip install linkedblob`) it has the client library, the
+generated stubs and the CLI's client commands, and none of the services' dependencies; the
+service commands say to install `linkedblob[server]`. With the server extra it runs
+`linkedblob migrate` and `linkedblob up` from a directory that is not the checkout, and serves a
+real push and pull (made by the client-only install), then stops cleanly on Ctrl-C.
 
 Offline and fast: the wheel is built with the dev venv's setuptools (no build isolation), and the
-fresh venv reaches the already-installed dependencies through a .pth file naming the dev venv's
-site-packages. A plain path line in a .pth does not run that directory's own .pth files (the
-editable install's finder), so `linkedblob` there resolves to the wheel's copy, which the test
-checks.
+fresh venv reaches the already-installed dependencies of the dev venv through links to exactly
+the distributions the wheel requires: those of its base requirements (and theirs) in a directory
+named by a .pth file, those the server extra adds in a second one that only the server commands
+get on PYTHONPATH. A forgotten requirement in either set fails here. (A plain path line in a .pth
+does not run that directory's own .pth files, so `linkedblob` resolves to the wheel's copy,
+which the test checks.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import email
 import hashlib
+import importlib.metadata
 import os
 import queue
 import re
@@ -23,7 +30,8 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +40,10 @@ import psutil
 import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from linkedblob import exitcodes
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV_PIP = Path(sys.executable).parent / "pip"
@@ -57,7 +69,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 class Installed:
     venv: Path
     cwd: Path  # a scratch directory to run it from, outside the checkout
-    env: dict[str, str]
+    env: dict[str, str]  # `pip install linkedblob`: the base requirements only
+    server_env: dict[str, str] | None = None  # `pip install 'linkedblob[server]'`
 
     @property
     def python(self) -> str:
@@ -67,15 +80,64 @@ class Installed:
     def linkedblob(self) -> str:
         return str(self.venv / "bin" / "linkedblob")
 
-    def run(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *argv: str, timeout: float = 60, server: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        env = self.server_env if server else self.env
+        assert env is not None
         return subprocess.run(
             list(argv),
             cwd=self.cwd,
-            env=self.env,
+            env=env,
             capture_output=True,
             text=True,
             timeout=timeout,
         )
+
+
+def _requirements(wheel: Path, extra: str) -> list[Requirement]:
+    """The wheel's Requires-Dist that apply with ``extra`` ("" : the base ones only)."""
+    with zipfile.ZipFile(wheel) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = email.message_from_bytes(z.read(name))
+    chosen = []
+    for text in metadata.get_all("Requires-Dist") or ():
+        req = Requirement(text)
+        if req.marker is None or req.marker.evaluate({"extra": extra}):
+            req.marker = None
+            chosen.append(req)
+    return chosen
+
+
+def _closure(requirements: Iterable[Requirement]) -> set[str]:
+    """The dev venv's distributions (canonical names) these requirements install, recursively."""
+    found: set[str] = set()
+    todo = list(requirements)
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        extras = req.extras
+        if name == "linkedblob" or (name in found and not extras):
+            continue
+        found.add(name)
+        for text in importlib.metadata.distribution(name).requires or ():
+            dep = Requirement(text)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in {"", *extras}):
+                dep.marker = None
+                todo.append(dep)
+    return found
+
+
+def _link_distributions(names: Iterable[str], into: Path) -> None:
+    """Links the dev venv's files of these distributions (top-level packages, modules and
+    dist-info) into ``into``."""
+    into.mkdir()
+    site = Path(sysconfig.get_paths()["purelib"])
+    for name in names:
+        files = importlib.metadata.distribution(name).files or ()
+        for top in {f.parts[0] for f in files if f.parts[0] != ".."}:
+            if not (into / top).exists():
+                (into / top).symlink_to(site / top)
 
 
 def _check(result: subprocess.CompletedProcess[str]) -> str:
@@ -106,9 +168,47 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     site = _check(
         runner.run(runner.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     ).strip()
-    dependencies = sysconfig.get_paths()["purelib"]  # the dev venv's: grpcio, SQLAlchemy, ...
-    Path(site, "dev-venv-dependencies.pth").write_text(dependencies + "\n")
+    client = _closure(_requirements(wheel, ""))
+    server = _closure(_requirements(wheel, "server")) - client
+    assert {"grpcio", "protobuf"} <= client and {"sqlalchemy", "uvloop"} <= server
+    client_dir, server_dir = base / "client-deps", base / "server-deps"
+    _link_distributions(client, client_dir)
+    _link_distributions(server, server_dir)
+    Path(site, "client-dependencies.pth").write_text(f"{client_dir}\n")
+    runner.server_env = {**env, "PYTHONPATH": str(server_dir)}
     return runner
+
+
+# What only the services need: none of it comes with `pip install linkedblob`.
+SERVER_ONLY = ("sqlalchemy", "alembic", "psycopg", "uvloop", "jwt", "prometheus_client")
+
+
+def test_without_extras_the_client_and_its_cli_work_alone(installed: Installed) -> None:
+    code = (
+        "import importlib.util as u, importlib.resources as r, linkedblob\n"
+        "from linkedblob.client import Client\n"
+        "from linkedblob.v1 import registry_pb2, registry_pb2_grpc\n"
+        "Client('127.0.0.1:1').close()\n"
+        "lb = r.files('linkedblob')\n"
+        "assert lb.joinpath('py.typed').is_file()\n"
+        "assert lb.joinpath('protos/linkedblob/v1/registry.proto').is_file()\n"
+        f"print(linkedblob.__file__, [m for m in {SERVER_ONLY!r} if u.find_spec(m)])\n"
+    )
+    out = _check(installed.run(installed.python, "-c", code)).split()
+    assert Path(out[0]).resolve().is_relative_to(installed.venv.resolve())
+    assert out[1:] == ["[]"]  # no server dependency is importable
+
+    assert "push" in _check(installed.run(installed.linkedblob, "--help"))
+    assert _check(installed.run(installed.linkedblob, "--version")).startswith("linkedblob 0.")
+    _check(installed.run(installed.linkedblob, "push", "--help"))
+    # What it requires is there (the extras are not required).
+    _check(installed.run(str(DEV_PIP), "--python", installed.python, "check"))
+
+    for argv in (("serve", "link", "--open"), ("up",), ("migrate",), ("gc",), ("fsck",)):
+        done = installed.run(installed.linkedblob, *argv)
+        assert done.returncode == exitcodes.USAGE, (argv, done.stderr)
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and "pip install 'linkedblob[server]'" in lines[0], (argv, lines)
 
 
 def test_the_wheel_carries_what_runs(installed: Installed) -> None:
@@ -132,7 +232,7 @@ def test_the_wheel_carries_what_runs(installed: Installed) -> None:
         "    assert m.joinpath(p).is_file(), p\n"
         "print(migrate.script_revisions() == migrate.REVISIONS)\n"
     )
-    out = _check(installed.run(installed.python, "-c", code)).splitlines()
+    out = _check(installed.run(installed.python, "-c", code, server=True)).splitlines()
     venv = installed.venv.resolve()
     for path in out[:-1]:
         assert Path(path).resolve().is_relative_to(venv), out
@@ -142,14 +242,16 @@ def test_the_wheel_carries_what_runs(installed: Installed) -> None:
 def test_migrate_from_the_wheel(installed: Installed) -> None:
     db = installed.cwd / "migrated" / "link.db"
     url = f"sqlite:///{db}"
-    _check(installed.run(installed.linkedblob, "migrate", "--db", url))
+    _check(installed.run(installed.linkedblob, "migrate", "--db", url, server=True))
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         tables = set(sa.inspect(engine).get_table_names())
     finally:
         engine.dispose()
     assert {"repositories", "blobs", "links", "upload_sessions", "alembic_version"} <= tables
-    _check(installed.run(installed.linkedblob, "migrate", "--db", url))  # at head: nothing to do
+    _check(
+        installed.run(installed.linkedblob, "migrate", "--db", url, server=True)
+    )  # at head: nothing to do
 
 
 @contextlib.contextmanager
@@ -159,7 +261,7 @@ def _up(installed: Installed, data: Path, log: Path) -> Iterator[tuple[subproces
         proc = subprocess.Popen(
             [installed.linkedblob, "up", "--data", str(data), *ports],
             cwd=installed.cwd,
-            env=installed.env,
+            env=installed.server_env,
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
@@ -208,6 +310,7 @@ def test_up_from_the_wheel_serves_and_stops_on_ctrl_c(installed: Installed) -> N
         payload = os.urandom(3 * 1024 * 1024 + 7)
         src, copy = installed.cwd / "in.bin", installed.cwd / "out.bin"
         src.write_bytes(payload)
+        # The client-only install pushes and pulls.
         linkedblob = installed.linkedblob
         digest = _check(installed.run(linkedblob, "push", "wheel/app", str(src), "--addr", address))
         assert digest.strip() == f"sha256:{hashlib.sha256(payload).hexdigest()}"

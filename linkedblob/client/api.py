@@ -23,8 +23,8 @@ from linkedblob.v1 import registry_pb2
 
 ADDR_ENV = "LINKEDBLOB_ADDR"
 DEFAULT_ADDR = f"127.0.0.1:{GATEWAY_PORT}"
-# "0" (or false, no, off) keeps Client from tuning malloc (see Client).
-MALLOC_TUNING_ENV = "LINKEDBLOB_MALLOC_TUNING"
+# "1" (or true, yes, on) makes Client tune malloc when not told by its keyword (see Client).
+MALLOC_TUNING_ENV = tuning.MALLOC_TUNING_ENV
 
 
 class Client:
@@ -36,15 +36,16 @@ class Client:
     gateway offers it (one channel per blobsvc address, kept with the client). These settings
     are fixed when the client is made.
 
-    The first Client of a process tunes glibc's malloc as the servers do
-    (:func:`linkedblob.tuning.tune_malloc`: mmap threshold 64 MiB, trim threshold 1 GiB). With
-    glibc's defaults the ~1 MiB buffers of received messages are mmap-ed or trimmed, and
-    page-faulted in again, one by one, which costs a pull many faults, client CPU and
-    throughput; pushes fault little either way (measured: bench/README.md). The setting is
-    process-wide and stays: freed memory is kept for reuse instead of going back to the OS at
-    once (a process can hand it back with :func:`linkedblob.tuning.release_free_memory`).
-    ``malloc_tuning=False``, or LINKEDBLOB_MALLOC_TUNING=0 in the environment, leaves malloc as
-    it is. A no-op off glibc.
+    A Client changes no process-wide setting unless asked. ``malloc_tuning=True`` (or, when the
+    keyword is not given, LINKEDBLOB_MALLOC_TUNING=1 in the environment) tunes glibc's malloc as
+    the servers do (:func:`linkedblob.tuning.tune_malloc`: mmap threshold 64 MiB, trim threshold
+    1 GiB), once per process. With glibc's defaults the ~1 MiB buffers of received messages are
+    mmap-ed or trimmed, and page-faulted in again, one by one, which costs a pull many faults,
+    client CPU and throughput; pushes fault little either way (measured: bench/README.md). The
+    setting is process-wide and stays: freed memory is kept for reuse instead of going back to
+    the OS at once (a process can hand it back with
+    :func:`linkedblob.tuning.release_free_memory`). The CLI's client commands ask for it. A
+    no-op off glibc; :func:`linkedblob.tuning.applied` tells whether it was applied.
 
     Security (each from the environment when not given): ``tls`` (LINKEDBLOB_TLS) reaches the
     gateway over TLS, checked against the roots in ``ca`` (LINKEDBLOB_CA; empty: the system's);
@@ -73,8 +74,7 @@ class Client:
         if not 0 < chunk_size <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_size must be 1-{MAX_CHUNK_BYTES}")
         if malloc_tuning is None:
-            setting = os.environ.get(MALLOC_TUNING_ENV, "").strip().lower()
-            malloc_tuning = setting not in ("0", "false", "no", "off")
+            malloc_tuning = tuning.wanted(default=False)
         if malloc_tuning:
             tuning.tune_malloc()  # once per process
         security = Security.resolve(tls, ca, cert, key, token)
@@ -209,6 +209,20 @@ class Client:
 
     def list_repositories(self, *, page_size: int = 0) -> Iterator[str]:
         return self._gateway.list_repositories(page_size)
+
+    def list_uploads(self, repository: str, *, page_size: int = 0) -> Iterator[Upload]:
+        """The repository's uploads in progress, in id order (needs push on it): each one's
+        offset as of its last completed write, its start and its last write (updated_at)."""
+        token = ""
+        while True:
+            request = registry_pb2.ListUploadsRequest(
+                repository=repository, page_size=page_size, page_token=token
+            )
+            page = self._gateway.call(self._gateway.stub.ListUploads, request)
+            yield from (Upload.from_proto(upload) for upload in page.uploads)
+            token = page.next_page_token
+            if not token:
+                return
 
     # --- resumable uploads, step by step ----------------------------------------------------------
 

@@ -15,7 +15,14 @@ import grpc
 from linkedblob.client.errors import rpc_errors
 from linkedblob.client.model import Descriptor, Upload
 from linkedblob.tls import channel_credentials
-from linkedblob.transport import PUSH_BLOB, READ_BLOB, WRITE_UPLOAD, ChannelOptions, channel_options
+from linkedblob.transport import (
+    PUSH_BLOB,
+    READ_BLOB,
+    WRITE_UPLOAD,
+    ChannelOptions,
+    channel_options,
+    retrying_service_config,
+)
 from linkedblob.v1 import registry_pb2, registry_pb2_grpc
 
 Request = TypeVar("Request")
@@ -23,10 +30,25 @@ Response = TypeVar("Response")
 T = TypeVar("T")
 
 
+# The gateway's calls that read only: gRPC retries them on UNAVAILABLE (a gateway restarting).
+_RETRIED_READS = (
+    "StatBlob",
+    "ReadBlob",
+    "LocateBlob",
+    "ListBlobs",
+    "ListRepositories",
+    "GetUpload",
+)
+_GATEWAY_SERVICE_CONFIG = retrying_service_config("linkedblob.v1.Registry", _RETRIED_READS)
+
+
 def client_channel_options(*extra: tuple[str, int | str]) -> ChannelOptions:
     """Options of the client's channels (to the gateway and to blobsvc): a restarted server is
-    reconnected to within a second at most."""
-    return [*channel_options(max_reconnect_backoff_ms=1_000), *extra]
+    reconnected to within a second at most, and the gateway's reads are retried meanwhile."""
+    options = channel_options(
+        max_reconnect_backoff_ms=1_000, service_config=_GATEWAY_SERVICE_CONFIG
+    )
+    return [*options, *extra]
 
 
 # The client's security settings, from the environment when not given.
@@ -116,8 +138,23 @@ class _TokenMetadata(
 
 
 def _loopback(addr: str) -> bool:
-    host = addr.rsplit(":", 1)[0] if ":" in addr else addr
-    host = host.removeprefix("ipv4:").removeprefix("ipv6:").strip("[]")
+    """Whether every address the gRPC target ``addr`` names is a loopback one: ``host:port``,
+    ``dns:///host:port`` (``dns://resolver/host:port``), ``ipv4:a:port,b:port``, ``ipv6:...``."""
+    if addr.startswith("dns:"):
+        addr = addr.removeprefix("dns:").removeprefix("//").split("/", 1)[-1]
+        return _loopback_host(addr)
+    scheme, _, rest = addr.partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        return all(_loopback_host(part) for part in rest.split(","))
+    return _loopback_host(addr)
+
+
+def _loopback_host(hostport: str) -> bool:
+    host = hostport
+    if hostport.startswith("["):
+        host = hostport[1:].split("]", 1)[0]
+    elif hostport.count(":") == 1:
+        host = hostport.rsplit(":", 1)[0]
     if host == "localhost":
         return True
     try:

@@ -59,9 +59,14 @@ class Upload:
     started_at: datetime.datetime
     # Set when the upload was started or looked up with direct access.
     direct: DirectGrant | None = None
+    # Its last write (or its start); set by Client.list_uploads only.
+    updated_at: datetime.datetime | None = None
 
     @classmethod
     def from_proto(cls, msg: registry_pb2.Upload) -> Upload:
         started = msg.started_at.ToDatetime(tzinfo=datetime.UTC)
         direct = DirectGrant.from_proto(msg.direct) if msg.HasField("direct") else None
-        return cls(msg.id, msg.repository, msg.offset, started, direct)
+        updated = (
+            msg.updated_at.ToDatetime(tzinfo=datetime.UTC) if msg.HasField("updated_at") else None
+        )
+        return cls(msg.id, msg.repository, msg.offset, started, direct, updated)

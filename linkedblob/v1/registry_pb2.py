@@ -26,13 +26,14 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clinkedblob/v1/registry.proto\x12\rlinkedblob.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\nDescriptor\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x12\n\nmedia_type\x18\x03 \x01(\t\"5\n\x0fStatBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"U\n\x0fReadBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"I\n\x10ReadBlobResponse\x12\'\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x19.linkedblob.v1.Descriptor\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"7\n\x11LocateBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"^\n\x0c\x44irectAccess\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05grant\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x0c\x42lobLocation\x12\'\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x19.linkedblob.v1.Descriptor\x12+\n\x06\x64irect\x18\x02 \x01(\x0b\x32\x1b.linkedblob.v1.DirectAccess\"V\n\x0ePutBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\nmedia_type\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"\xc0\x01\n\x0fPushBlobRequest\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.linkedblob.v1.PushBlobRequest.HeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x1a\\\n\x06Header\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x11\n\x04size\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_sizeB\x06\n\x04part\"8\n\x12StartUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64irect\x18\x02 \x01(\x08\"\x95\x01\n\x06Upload\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x06\x64irect\x18\x05 \x01(\x0b\x32\x1b.linkedblob.v1.DirectAccess\"Y\n\x12WriteUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"I\n\x10GetUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64irect\x18\x03 \x01(\x08\"~\n\x13\x43ommitUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x03\"<\n\x13\x43\x61ncelUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\"c\n\x10MountBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_repository\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"7\n\x11\x44\x65leteBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"M\n\x10ListBlobsRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x11ListBlobsResponse\x12(\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x19.linkedblob.v1.Descriptor\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x17ListRepositoriesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"I\n\x18ListRepositoriesResponse\x12\x14\n\x0crepositories\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb5\x08\n\x08Registry\x12\x45\n\x08StatBlob\x12\x1e.linkedblob.v1.StatBlobRequest\x1a\x19.linkedblob.v1.Descriptor\x12M\n\x08ReadBlob\x12\x1e.linkedblob.v1.ReadBlobRequest\x1a\x1f.linkedblob.v1.ReadBlobResponse0\x01\x12K\n\nLocateBlob\x12 .linkedblob.v1.LocateBlobRequest\x1a\x1b.linkedblob.v1.BlobLocation\x12\x43\n\x07PutBlob\x12\x1d.linkedblob.v1.PutBlobRequest\x1a\x19.linkedblob.v1.Descriptor\x12G\n\x08PushBlob\x12\x1e.linkedblob.v1.PushBlobRequest\x1a\x19.linkedblob.v1.Descriptor(\x01\x12G\n\x0bStartUpload\x12!.linkedblob.v1.StartUploadRequest\x1a\x15.linkedblob.v1.Upload\x12I\n\x0bWriteUpload\x12!.linkedblob.v1.WriteUploadRequest\x1a\x15.linkedblob.v1.Upload(\x01\x12\x43\n\tGetUpload\x12\x1f.linkedblob.v1.GetUploadRequest\x1a\x15.linkedblob.v1.Upload\x12M\n\x0c\x43ommitUpload\x12\".linkedblob.v1.CommitUploadRequest\x1a\x19.linkedblob.v1.Descriptor\x12J\n\x0c\x43\x61ncelUpload\x12\".linkedblob.v1.CancelUploadRequest\x1a\x16.google.protobuf.Empty\x12G\n\tMountBlob\x12\x1f.linkedblob.v1.MountBlobRequest\x1a\x19.linkedblob.v1.Descriptor\x12\x46\n\nDeleteBlob\x12 .linkedblob.v1.DeleteBlobRequest\x1a\x16.google.protobuf.Empty\x12N\n\tListBlobs\x12\x1f.linkedblob.v1.ListBlobsRequest\x1a .linkedblob.v1.ListBlobsResponse\x12\x63\n\x10ListRepositories\x12&.linkedblob.v1.ListRepositoriesRequest\x1a\'.linkedblob.v1.ListRepositoriesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clinkedblob/v1/registry.proto\x12\rlinkedblob.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\nDescriptor\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x12\n\nmedia_type\x18\x03 \x01(\t\"5\n\x0fStatBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"U\n\x0fReadBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"I\n\x10ReadBlobResponse\x12\'\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x19.linkedblob.v1.Descriptor\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"7\n\x11LocateBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"^\n\x0c\x44irectAccess\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05grant\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x0c\x42lobLocation\x12\'\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x19.linkedblob.v1.Descriptor\x12+\n\x06\x64irect\x18\x02 \x01(\x0b\x32\x1b.linkedblob.v1.DirectAccess\"V\n\x0ePutBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\nmedia_type\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"\xc0\x01\n\x0fPushBlobRequest\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.linkedblob.v1.PushBlobRequest.HeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x1a\\\n\x06Header\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x11\n\x04size\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_sizeB\x06\n\x04part\"8\n\x12StartUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64irect\x18\x02 \x01(\x08\"\xc5\x01\n\x06Upload\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x06\x64irect\x18\x05 \x01(\x0b\x32\x1b.linkedblob.v1.DirectAccess\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x12WriteUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"I\n\x10GetUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64irect\x18\x03 \x01(\x08\"~\n\x13\x43ommitUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x03\"<\n\x13\x43\x61ncelUploadRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\"c\n\x10MountBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_repository\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"7\n\x11\x44\x65leteBlobRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"M\n\x10ListBlobsRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x11ListBlobsResponse\x12(\n\x05\x62lobs\x18\x01 \x03(\x0b\x32\x19.linkedblob.v1.Descriptor\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x17ListRepositoriesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"I\n\x18ListRepositoriesResponse\x12\x14\n\x0crepositories\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x12ListUploadsRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x13ListUploadsResponse\x12&\n\x07uploads\x18\x01 \x03(\x0b\x32\x15.linkedblob.v1.Upload\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x8b\t\n\x08Registry\x12\x45\n\x08StatBlob\x12\x1e.linkedblob.v1.StatBlobRequest\x1a\x19.linkedblob.v1.Descriptor\x12M\n\x08ReadBlob\x12\x1e.linkedblob.v1.ReadBlobRequest\x1a\x1f.linkedblob.v1.ReadBlobResponse0\x01\x12K\n\nLocateBlob\x12 .linkedblob.v1.LocateBlobRequest\x1a\x1b.linkedblob.v1.BlobLocation\x12\x43\n\x07PutBlob\x12\x1d.linkedblob.v1.PutBlobRequest\x1a\x19.linkedblob.v1.Descriptor\x12G\n\x08PushBlob\x12\x1e.linkedblob.v1.PushBlobRequest\x1a\x19.linkedblob.v1.Descriptor(\x01\x12G\n\x0bStartUpload\x12!.linkedblob.v1.StartUploadRequest\x1a\x15.linkedblob.v1.Upload\x12I\n\x0bWriteUpload\x12!.linkedblob.v1.WriteUploadRequest\x1a\x15.linkedblob.v1.Upload(\x01\x12\x43\n\tGetUpload\x12\x1f.linkedblob.v1.GetUploadRequest\x1a\x15.linkedblob.v1.Upload\x12M\n\x0c\x43ommitUpload\x12\".linkedblob.v1.CommitUploadRequest\x1a\x19.linkedblob.v1.Descriptor\x12J\n\x0c\x43\x61ncelUpload\x12\".linkedblob.v1.CancelUploadRequest\x1a\x16.google.protobuf.Empty\x12G\n\tMountBlob\x12\x1f.linkedblob.v1.MountBlobRequest\x1a\x19.linkedblob.v1.Descriptor\x12\x46\n\nDeleteBlob\x12 .linkedblob.v1.DeleteBlobRequest\x1a\x16.google.protobuf.Empty\x12N\n\tListBlobs\x12\x1f.linkedblob.v1.ListBlobsRequest\x1a .linkedblob.v1.ListBlobsResponse\x12\x63\n\x10ListRepositories\x12&.linkedblob.v1.ListRepositoriesRequest\x1a\'.linkedblob.v1.ListRepositoriesResponse\x12T\n\x0bListUploads\x12!.linkedblob.v1.ListUploadsRequest\x1a\".linkedblob.v1.ListUploadsResponseBV\n\x11\x64\x65v.linkedblob.v1B\rRegistryProtoP\x01Z0linkedblob.dev/gen/go/linkedblob/v1;linkedblobv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'linkedblob.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\021dev.linkedblob.v1B\rRegistryProtoP\001Z0linkedblob.dev/gen/go/linkedblob/v1;linkedblobv1'
   _globals['_DESCRIPTOR']._serialized_start=109
   _globals['_DESCRIPTOR']._serialized_end=171
   _globals['_STATBLOBREQUEST']._serialized_start=173
@@ -56,27 +57,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTUPLOADREQUEST']._serialized_start=928
   _globals['_STARTUPLOADREQUEST']._serialized_end=984
   _globals['_UPLOAD']._serialized_start=987
-  _globals['_UPLOAD']._serialized_end=1136
-  _globals['_WRITEUPLOADREQUEST']._serialized_start=1138
-  _globals['_WRITEUPLOADREQUEST']._serialized_end=1227
-  _globals['_GETUPLOADREQUEST']._serialized_start=1229
-  _globals['_GETUPLOADREQUEST']._serialized_end=1302
-  _globals['_COMMITUPLOADREQUEST']._serialized_start=1304
-  _globals['_COMMITUPLOADREQUEST']._serialized_end=1430
-  _globals['_CANCELUPLOADREQUEST']._serialized_start=1432
-  _globals['_CANCELUPLOADREQUEST']._serialized_end=1492
-  _globals['_MOUNTBLOBREQUEST']._serialized_start=1494
-  _globals['_MOUNTBLOBREQUEST']._serialized_end=1593
-  _globals['_DELETEBLOBREQUEST']._serialized_start=1595
-  _globals['_DELETEBLOBREQUEST']._serialized_end=1650
-  _globals['_LISTBLOBSREQUEST']._serialized_start=1652
-  _globals['_LISTBLOBSREQUEST']._serialized_end=1729
-  _globals['_LISTBLOBSRESPONSE']._serialized_start=1731
-  _globals['_LISTBLOBSRESPONSE']._serialized_end=1817
-  _globals['_LISTREPOSITORIESREQUEST']._serialized_start=1819
-  _globals['_LISTREPOSITORIESREQUEST']._serialized_end=1883
-  _globals['_LISTREPOSITORIESRESPONSE']._serialized_start=1885
-  _globals['_LISTREPOSITORIESRESPONSE']._serialized_end=1958
-  _globals['_REGISTRY']._serialized_start=1961
-  _globals['_REGISTRY']._serialized_end=3038
+  _globals['_UPLOAD']._serialized_end=1184
+  _globals['_WRITEUPLOADREQUEST']._serialized_start=1186
+  _globals['_WRITEUPLOADREQUEST']._serialized_end=1275
+  _globals['_GETUPLOADREQUEST']._serialized_start=1277
+  _globals['_GETUPLOADREQUEST']._serialized_end=1350
+  _globals['_COMMITUPLOADREQUEST']._serialized_start=1352
+  _globals['_COMMITUPLOADREQUEST']._serialized_end=1478
+  _globals['_CANCELUPLOADREQUEST']._serialized_start=1480
+  _globals['_CANCELUPLOADREQUEST']._serialized_end=1540
+  _globals['_MOUNTBLOBREQUEST']._serialized_start=1542
+  _globals['_MOUNTBLOBREQUEST']._serialized_end=1641
+  _globals['_DELETEBLOBREQUEST']._serialized_start=1643
+  _globals['_DELETEBLOBREQUEST']._serialized_end=1698
+  _globals['_LISTBLOBSREQUEST']._serialized_start=1700
+  _globals['_LISTBLOBSREQUEST']._serialized_end=1777
+  _globals['_LISTBLOBSRESPONSE']._serialized_start=1779
+  _globals['_LISTBLOBSRESPONSE']._serialized_end=1865
+  _globals['_LISTREPOSITORIESREQUEST']._serialized_start=1867
+  _globals['_LISTREPOSITORIESREQUEST']._serialized_end=1931
+  _globals['_LISTREPOSITORIESRESPONSE']._serialized_start=1933
+  _globals['_LISTREPOSITORIESRESPONSE']._serialized_end=2006
+  _globals['_LISTUPLOADSREQUEST']._serialized_start=2008
+  _globals['_LISTUPLOADSREQUEST']._serialized_end=2087
+  _globals['_LISTUPLOADSRESPONSE']._serialized_start=2089
+  _globals['_LISTUPLOADSRESPONSE']._serialized_end=2175
+  _globals['_REGISTRY']._serialized_start=2178
+  _globals['_REGISTRY']._serialized_end=3341
 # @@protoc_insertion_point(module_scope)

@@ -35,17 +35,19 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Descriptor(_message.Message):
+    """A blob as one repository links it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
-    """"<algorithm>:<hex>"."""
+    """"<algorithm>:<hex>", e.g. "sha256:e3b0c442..."."""
     size: _builtins.int
     """Size in bytes."""
     media_type: _builtins.str
-    """The media type recorded on this repository's link; may be empty."""
+    """The media type recorded on this repository's link; may be empty (none recorded)."""
     def __init__(
         self,
         *,
@@ -63,12 +65,16 @@ Global___Descriptor: _TypeAlias = Descriptor  # noqa: Y015
 
 @_typing.final
 class StatBlobRequest(_message.Message):
+    """Request of StatBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository the call acts through (OCI name grammar, at most 255 characters)."""
     digest: _builtins.str
+    """The blob's digest ("sha256:" + 64 or "sha512:" + 128 lowercase hex characters)."""
     def __init__(
         self,
         *,
@@ -85,6 +91,8 @@ Global___StatBlobRequest: _TypeAlias = StatBlobRequest  # noqa: Y015
 
 @_typing.final
 class ReadBlobRequest(_message.Message):
+    """Request of ReadBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
@@ -92,7 +100,9 @@ class ReadBlobRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository the call acts through (OCI name grammar, at most 255 characters)."""
     digest: _builtins.str
+    """The blob's digest ("sha256:" + 64 or "sha512:" + 128 lowercase hex characters)."""
     offset: _builtins.int
     """First byte to send, 0 <= offset <= size; beyond the end is OUT_OF_RANGE / RANGE_INVALID."""
     length: _builtins.int
@@ -117,6 +127,8 @@ Global___ReadBlobRequest: _TypeAlias = ReadBlobRequest  # noqa: Y015
 
 @_typing.final
 class ReadBlobResponse(_message.Message):
+    """One message of ReadBlob's stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOB_FIELD_NUMBER: _builtins.int
@@ -125,7 +137,7 @@ class ReadBlobResponse(_message.Message):
     """Consecutive bytes from the requested offset (the first message may carry data too)."""
     @_builtins.property
     def blob(self) -> Global___Descriptor:
-        """First message only."""
+        """First message only: the blob's descriptor."""
 
     def __init__(
         self,
@@ -143,12 +155,16 @@ Global___ReadBlobResponse: _TypeAlias = ReadBlobResponse  # noqa: Y015
 
 @_typing.final
 class LocateBlobRequest(_message.Message):
+    """Request of LocateBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository the call acts through (OCI name grammar, at most 255 characters)."""
     digest: _builtins.str
+    """The blob's digest ("sha256:" + 64 or "sha512:" + 128 lowercase hex characters)."""
     def __init__(
         self,
         *,
@@ -177,7 +193,9 @@ class DirectAccess(_message.Message):
     grant: _builtins.str
     """Send as the "linkedblob-grant" call metadata to blobsvc. Checked when a call starts."""
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the grant stops being accepted (a call started before then runs to its end)."""
+
     def __init__(
         self,
         *,
@@ -195,14 +213,20 @@ Global___DirectAccess: _TypeAlias = DirectAccess  # noqa: Y015
 
 @_typing.final
 class BlobLocation(_message.Message):
+    """Where a blob can be read directly: the answer of LocateBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOB_FIELD_NUMBER: _builtins.int
     DIRECT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def blob(self) -> Global___Descriptor: ...
+    def blob(self) -> Global___Descriptor:
+        """The blob as the repository links it."""
+
     @_builtins.property
-    def direct(self) -> Global___DirectAccess: ...
+    def direct(self) -> Global___DirectAccess:
+        """blobsvc's address and a grant to read this digest there."""
+
     def __init__(
         self,
         *,
@@ -219,6 +243,8 @@ Global___BlobLocation: _TypeAlias = BlobLocation  # noqa: Y015
 
 @_typing.final
 class PutBlobRequest(_message.Message):
+    """Request of PutBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
@@ -226,9 +252,11 @@ class PutBlobRequest(_message.Message):
     MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository the call acts through (OCI name grammar, at most 255 characters)."""
     data: _builtins.bytes
     """The whole blob."""
     media_type: _builtins.str
+    """Media type recorded on the link (at most 255 characters); empty: none."""
     digest: _builtins.str
     """Optional: the digest the data must hash to (DIGEST_INVALID otherwise); it also picks the
     algorithm. Empty: sha256 of the data.
@@ -251,10 +279,14 @@ Global___PutBlobRequest: _TypeAlias = PutBlobRequest  # noqa: Y015
 
 @_typing.final
 class PushBlobRequest(_message.Message):
+    """One message of PushBlob's stream: the header first, then data."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
     class Header(_message.Message):
+        """What the first message declares."""
+
         DESCRIPTOR: _descriptor.Descriptor
 
         REPOSITORY_FIELD_NUMBER: _builtins.int
@@ -262,7 +294,9 @@ class PushBlobRequest(_message.Message):
         DIGEST_FIELD_NUMBER: _builtins.int
         SIZE_FIELD_NUMBER: _builtins.int
         repository: _builtins.str
+        """The repository to link the blob into (OCI name grammar, at most 255 characters)."""
         media_type: _builtins.str
+        """Media type recorded on the link (at most 255 characters); empty: none."""
         digest: _builtins.str
         """Optional: the expected digest (enables the early return and picks the algorithm)."""
         size: _builtins.int
@@ -309,11 +343,14 @@ Global___PushBlobRequest: _TypeAlias = PushBlobRequest  # noqa: Y015
 
 @_typing.final
 class StartUploadRequest(_message.Message):
+    """Request of StartUpload."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     DIRECT_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository the upload belongs to; only it can write, commit or cancel the upload."""
     direct: _builtins.bool
     """Ask for direct access: the returned Upload carries blobsvc's address and a grant to write
     this upload there (BlobService/Write with upload_id = Upload.id), so bytes cross one hop.
@@ -336,6 +373,8 @@ Global___StartUploadRequest: _TypeAlias = StartUploadRequest  # noqa: Y015
 
 @_typing.final
 class Upload(_message.Message):
+    """A resumable upload in progress."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -343,16 +382,28 @@ class Upload(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     DIRECT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque, unguessable; valid only through the repository that started it."""
     repository: _builtins.str
+    """The repository that started the upload."""
     offset: _builtins.int
-    """Bytes received so far: where the next write must start."""
+    """Bytes received so far: where the next write must start. In ListUploads: the size recorded
+    by the last completed write (a write still streaming may have staged more).
+    """
     @_builtins.property
-    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When StartUpload opened the upload."""
+
     @_builtins.property
     def direct(self) -> Global___DirectAccess:
         """Set when direct access was asked for (StartUpload / GetUpload with direct)."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the upload was last written (or started); set by ListUploads only. The collector
+        purges an upload idle for longer than its upload expiry (`linkedblob gc --upload-expiry`).
+        """
 
     def __init__(
         self,
@@ -362,10 +413,11 @@ class Upload(_message.Message):
         offset: _builtins.int = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         direct: Global___DirectAccess | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["direct", b"direct", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["direct", b"direct", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct", b"direct", "id", b"id", "offset", b"offset", "repository", b"repository", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct", b"direct", "id", b"id", "offset", b"offset", "repository", b"repository", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -373,6 +425,8 @@ Global___Upload: _TypeAlias = Upload  # noqa: Y015
 
 @_typing.final
 class WriteUploadRequest(_message.Message):
+    """One message of WriteUpload's stream: the first names the upload, every one may carry data."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
@@ -380,9 +434,9 @@ class WriteUploadRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
-    """First message only."""
+    """First message only: the repository that started the upload."""
     upload_id: _builtins.str
-    """First message only."""
+    """First message only: Upload.id."""
     offset: _builtins.int
     """First message only: must equal the upload's current offset."""
     data: _builtins.bytes
@@ -405,13 +459,17 @@ Global___WriteUploadRequest: _TypeAlias = WriteUploadRequest  # noqa: Y015
 
 @_typing.final
 class GetUploadRequest(_message.Message):
+    """Request of GetUpload."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     DIRECT_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository that started the upload."""
     upload_id: _builtins.str
+    """Upload.id; unknown, finished or of another repository: NOT_FOUND / BLOB_UPLOAD_UNKNOWN."""
     direct: _builtins.bool
     """Also return a fresh grant for direct writes (to resume after the previous one expired)."""
     def __init__(
@@ -431,6 +489,8 @@ Global___GetUploadRequest: _TypeAlias = GetUploadRequest  # noqa: Y015
 
 @_typing.final
 class CommitUploadRequest(_message.Message):
+    """Request of CommitUpload."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
@@ -440,15 +500,19 @@ class CommitUploadRequest(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository that started the upload (the blob is linked there)."""
     upload_id: _builtins.str
+    """Upload.id; unknown, cancelled or of another repository: NOT_FOUND / BLOB_UPLOAD_UNKNOWN."""
     digest: _builtins.str
     """The digest the uploaded bytes must hash to."""
     media_type: _builtins.str
+    """Media type recorded on the link (at most 255 characters); empty: none."""
     data: _builtins.bytes
     """Optional last chunk, appended before committing (at most 4 MiB); written at `offset`,
     which must then equal the upload's current offset.
     """
     offset: _builtins.int
+    """With data: the upload's current offset, where data goes. Ignored without data."""
     def __init__(
         self,
         *,
@@ -469,12 +533,18 @@ Global___CommitUploadRequest: _TypeAlias = CommitUploadRequest  # noqa: Y015
 
 @_typing.final
 class CancelUploadRequest(_message.Message):
+    """Request of CancelUpload."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository that started the upload."""
     upload_id: _builtins.str
+    """Upload.id. Cancelling a cancelled upload again succeeds; a committed or unknown one is
+    NOT_FOUND / BLOB_UPLOAD_UNKNOWN.
+    """
     def __init__(
         self,
         *,
@@ -491,6 +561,8 @@ Global___CancelUploadRequest: _TypeAlias = CancelUploadRequest  # noqa: Y015
 
 @_typing.final
 class MountBlobRequest(_message.Message):
+    """Request of MountBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
@@ -498,9 +570,13 @@ class MountBlobRequest(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository to link the blob into (needs push)."""
     from_repository: _builtins.str
-    """The repository that links the blob. Empty: any repository that links it."""
+    """The repository that links the blob (needs pull). Empty: any repository that links it
+    and that the caller may pull.
+    """
     digest: _builtins.str
+    """The blob's digest."""
     media_type: _builtins.str
     """Media type of the new link; empty: the source link's."""
     def __init__(
@@ -521,12 +597,16 @@ Global___MountBlobRequest: _TypeAlias = MountBlobRequest  # noqa: Y015
 
 @_typing.final
 class DeleteBlobRequest(_message.Message):
+    """Request of DeleteBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository to unlink the blob from (needs delete)."""
     digest: _builtins.str
+    """The blob's digest ("sha256:" + 64 or "sha512:" + 128 lowercase hex characters)."""
     def __init__(
         self,
         *,
@@ -543,16 +623,23 @@ Global___DeleteBlobRequest: _TypeAlias = DeleteBlobRequest  # noqa: Y015
 
 @_typing.final
 class ListBlobsRequest(_message.Message):
+    """Request of ListBlobs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository the call acts through (OCI name grammar, at most 255 characters)."""
     page_size: _builtins.int
-    """1-1000; 0 means 100."""
+    """Most blobs in the page: 0 means 100; above 1000 is read as 1000 (AIP-158); negative is
+    INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
     page_token: _builtins.str
-    """Opaque, from the previous response; empty for the first page."""
+    """Opaque, from the previous response of the same list; empty for the first page. A token
+    of another list is INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
     def __init__(
         self,
         *,
@@ -570,6 +657,8 @@ Global___ListBlobsRequest: _TypeAlias = ListBlobsRequest  # noqa: Y015
 
 @_typing.final
 class ListBlobsResponse(_message.Message):
+    """A page of ListBlobs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOBS_FIELD_NUMBER: _builtins.int
@@ -577,7 +666,9 @@ class ListBlobsResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
-    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Descriptor]: ...
+    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Descriptor]:
+        """The page's blobs, in digest order."""
+
     def __init__(
         self,
         *,
@@ -594,12 +685,18 @@ Global___ListBlobsResponse: _TypeAlias = ListBlobsResponse  # noqa: Y015
 
 @_typing.final
 class ListRepositoriesRequest(_message.Message):
+    """Request of ListRepositories."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Most names in the page: 0 means 100; above 1000 is read as 1000 (AIP-158); negative is
+    INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
     page_token: _builtins.str
+    """Opaque, from the previous response; empty for the first page."""
     def __init__(
         self,
         *,
@@ -616,13 +713,18 @@ Global___ListRepositoriesRequest: _TypeAlias = ListRepositoriesRequest  # noqa: 
 
 @_typing.final
 class ListRepositoriesResponse(_message.Message):
+    """A page of ListRepositories."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORIES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def repositories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def repositories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Repository names in ascending order."""
+
     def __init__(
         self,
         *,
@@ -636,3 +738,63 @@ class ListRepositoriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRepositoriesResponse: _TypeAlias = ListRepositoriesResponse  # noqa: Y015
+
+@_typing.final
+class ListUploadsRequest(_message.Message):
+    """Request of ListUploads."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPOSITORY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    repository: _builtins.str
+    """The repository whose uploads are listed (needs push)."""
+    page_size: _builtins.int
+    """Most uploads in the page: 0 means 100; above 1000 is read as 1000 (AIP-158); negative is
+    INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
+    page_token: _builtins.str
+    """Opaque, from the previous response for the same repository; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        repository: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "repository", b"repository"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUploadsRequest: _TypeAlias = ListUploadsRequest  # noqa: Y015
+
+@_typing.final
+class ListUploadsResponse(_message.Message):
+    """A page of ListUploads."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOADS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def uploads(self) -> _containers.RepeatedCompositeFieldContainer[Global___Upload]:
+        """The repository's uploads in progress, in id order (without direct access)."""
+
+    def __init__(
+        self,
+        *,
+        uploads: _abc.Iterable[Global___Upload] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "uploads", b"uploads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUploadsResponse: _TypeAlias = ListUploadsResponse  # noqa: Y015

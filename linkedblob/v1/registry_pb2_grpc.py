@@ -27,7 +27,11 @@ if _version_not_supported:
 
 
 class RegistryStub:
-    """Missing associated documentation comment in .proto file."""
+    """The gateway: every call a client makes. Each call names the repository it acts through and
+    needs the caller's right to it (pull, push or delete; UNAUTHENTICATED / UNAUTHORIZED without
+    valid credentials, PERMISSION_DENIED / DENIED without the right) when the gateway checks
+    tokens. Byte counts are bytes of blob content; sizes are in bytes.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -105,10 +109,19 @@ class RegistryStub:
                 request_serializer=linkedblob_dot_v1_dot_registry__pb2.ListRepositoriesRequest.SerializeToString,
                 response_deserializer=linkedblob_dot_v1_dot_registry__pb2.ListRepositoriesResponse.FromString,
                 _registered_method=True)
+        self.ListUploads = channel.unary_unary(
+                '/linkedblob.v1.Registry/ListUploads',
+                request_serializer=linkedblob_dot_v1_dot_registry__pb2.ListUploadsRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_v1_dot_registry__pb2.ListUploadsResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The gateway: every call a client makes. Each call names the repository it acts through and
+    needs the caller's right to it (pull, push or delete; UNAUTHENTICATED / UNAUTHORIZED without
+    valid credentials, PERMISSION_DENIED / DENIED without the right) when the gateway checks
+    tokens. Byte counts are bytes of blob content; sizes are in bytes.
+    """
 
     def StatBlob(self, request, context):
         """The descriptor of a blob the repository links. NOT_FOUND / BLOB_UNKNOWN otherwise.
@@ -213,7 +226,17 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRepositories(self, request, context):
-        """Repository names in order, paged.
+        """Repository names in order, paged. A caller restricted to some repositories sees only
+        those it may pull.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUploads(self, request, context):
+        """The repository's uploads in progress (started, neither committed nor cancelled), in id
+        order, paged; needs the right to push to the repository. Each Upload's offset is the size
+        recorded by its last completed write (GetUpload answers the bytes staged at this moment).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -292,6 +315,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     request_deserializer=linkedblob_dot_v1_dot_registry__pb2.ListRepositoriesRequest.FromString,
                     response_serializer=linkedblob_dot_v1_dot_registry__pb2.ListRepositoriesResponse.SerializeToString,
             ),
+            'ListUploads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUploads,
+                    request_deserializer=linkedblob_dot_v1_dot_registry__pb2.ListUploadsRequest.FromString,
+                    response_serializer=linkedblob_dot_v1_dot_registry__pb2.ListUploadsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'linkedblob.v1.Registry', rpc_method_handlers)
@@ -301,7 +329,11 @@ def add_RegistryServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Registry:
-    """Missing associated documentation comment in .proto file."""
+    """The gateway: every call a client makes. Each call names the repository it acts through and
+    needs the caller's right to it (pull, push or delete; UNAUTHENTICATED / UNAUTHORIZED without
+    valid credentials, PERMISSION_DENIED / DENIED without the right) when the gateway checks
+    tokens. Byte counts are bytes of blob content; sizes are in bytes.
+    """
 
     @staticmethod
     def StatBlob(request,
@@ -671,6 +703,33 @@ class Registry:
             '/linkedblob.v1.Registry/ListRepositories',
             linkedblob_dot_v1_dot_registry__pb2.ListRepositoriesRequest.SerializeToString,
             linkedblob_dot_v1_dot_registry__pb2.ListRepositoriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUploads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.v1.Registry/ListUploads',
+            linkedblob_dot_v1_dot_registry__pb2.ListUploadsRequest.SerializeToString,
+            linkedblob_dot_v1_dot_registry__pb2.ListUploadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

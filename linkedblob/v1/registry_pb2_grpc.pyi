@@ -42,6 +42,12 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class RegistryStub:
+    """The gateway: every call a client makes. Each call names the repository it acts through and
+    needs the caller's right to it (pull, push or delete; UNAUTHENTICATED / UNAUTHORIZED without
+    valid credentials, PERMISSION_DENIED / DENIED without the right) when the gateway checks
+    tokens. Byte counts are bytes of blob content; sizes are in bytes.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -90,10 +96,23 @@ class RegistryStub:
     ListBlobs: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListBlobsRequest, _registry_pb2.ListBlobsResponse]
     """The repository's blobs in digest order, paged."""
     ListRepositories: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListRepositoriesRequest, _registry_pb2.ListRepositoriesResponse]
-    """Repository names in order, paged."""
+    """Repository names in order, paged. A caller restricted to some repositories sees only
+    those it may pull.
+    """
+    ListUploads: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListUploadsRequest, _registry_pb2.ListUploadsResponse]
+    """The repository's uploads in progress (started, neither committed nor cancelled), in id
+    order, paged; needs the right to push to the repository. Each Upload's offset is the size
+    recorded by its last completed write (GetUpload answers the bytes staged at this moment).
+    """
 
 @_typing.type_check_only
 class RegistryAsyncStub(RegistryStub):
+    """The gateway: every call a client makes. Each call names the repository it acts through and
+    needs the caller's right to it (pull, push or delete; UNAUTHENTICATED / UNAUTHORIZED without
+    valid credentials, PERMISSION_DENIED / DENIED without the right) when the gateway checks
+    tokens. Byte counts are bytes of blob content; sizes are in bytes.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     StatBlob: _aio.UnaryUnaryMultiCallable[_registry_pb2.StatBlobRequest, _registry_pb2.Descriptor]  # type: ignore[assignment]
     """The descriptor of a blob the repository links. NOT_FOUND / BLOB_UNKNOWN otherwise."""
@@ -139,9 +158,22 @@ class RegistryAsyncStub(RegistryStub):
     ListBlobs: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListBlobsRequest, _registry_pb2.ListBlobsResponse]  # type: ignore[assignment]
     """The repository's blobs in digest order, paged."""
     ListRepositories: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListRepositoriesRequest, _registry_pb2.ListRepositoriesResponse]  # type: ignore[assignment]
-    """Repository names in order, paged."""
+    """Repository names in order, paged. A caller restricted to some repositories sees only
+    those it may pull.
+    """
+    ListUploads: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListUploadsRequest, _registry_pb2.ListUploadsResponse]  # type: ignore[assignment]
+    """The repository's uploads in progress (started, neither committed nor cancelled), in id
+    order, paged; needs the right to push to the repository. Each Upload's offset is the size
+    recorded by its last completed write (GetUpload answers the bytes staged at this moment).
+    """
 
 class RegistryServicer(metaclass=_abc_1.ABCMeta):
+    """The gateway: every call a client makes. Each call names the repository it acts through and
+    needs the caller's right to it (pull, push or delete; UNAUTHENTICATED / UNAUTHORIZED without
+    valid credentials, PERMISSION_DENIED / DENIED without the right) when the gateway checks
+    tokens. Byte counts are bytes of blob content; sizes are in bytes.
+    """
+
     @_abc_1.abstractmethod
     def StatBlob(
         self,
@@ -269,6 +301,19 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.ListRepositoriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ListRepositoriesResponse, _abc.Awaitable[_registry_pb2.ListRepositoriesResponse]]:
-        """Repository names in order, paged."""
+        """Repository names in order, paged. A caller restricted to some repositories sees only
+        those it may pull.
+        """
+
+    @_abc_1.abstractmethod
+    def ListUploads(
+        self,
+        request: _registry_pb2.ListUploadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListUploadsResponse, _abc.Awaitable[_registry_pb2.ListUploadsResponse]]:
+        """The repository's uploads in progress (started, neither committed nor cancelled), in id
+        order, paged; needs the right to push to the repository. Each Upload's offset is the size
+        recorded by its last completed write (GetUpload answers the bytes staged at this moment).
+        """
 
 def add_RegistryServicer_to_server(servicer: RegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

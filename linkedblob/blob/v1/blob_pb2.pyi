@@ -58,10 +58,13 @@ Global___Descriptor: _TypeAlias = Descriptor  # noqa: Y015
 
 @_typing.final
 class StatRequest(_message.Message):
+    """Request of Stat."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
+    """"<algorithm>:<hex>" ("sha256:" + 64 or "sha512:" + 128 lowercase hex characters)."""
     def __init__(
         self,
         *,
@@ -77,11 +80,15 @@ Global___StatRequest: _TypeAlias = StatRequest  # noqa: Y015
 
 @_typing.final
 class StatResponse(_message.Message):
+    """Answer of Stat."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def blob(self) -> Global___Descriptor: ...
+    def blob(self) -> Global___Descriptor:
+        """The stored blob."""
+
     def __init__(
         self,
         *,
@@ -97,6 +104,8 @@ Global___StatResponse: _TypeAlias = StatResponse  # noqa: Y015
 
 @_typing.final
 class FindMissingRequest(_message.Message):
+    """Request of FindMissing."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGESTS_FIELD_NUMBER: _builtins.int
@@ -119,6 +128,8 @@ Global___FindMissingRequest: _TypeAlias = FindMissingRequest  # noqa: Y015
 
 @_typing.final
 class FindMissingResponse(_message.Message):
+    """Answer of FindMissing."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MISSING_FIELD_NUMBER: _builtins.int
@@ -141,12 +152,15 @@ Global___FindMissingResponse: _TypeAlias = FindMissingResponse  # noqa: Y015
 
 @_typing.final
 class ReadRequest(_message.Message):
+    """Request of Read."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
+    """"<algorithm>:<hex>" ("sha256:" + 64 or "sha512:" + 128 lowercase hex characters)."""
     offset: _builtins.int
     """First byte to send. 0 <= offset <= size; an offset past the end is OUT_OF_RANGE /
     RANGE_INVALID (offset == size yields an empty stream).
@@ -170,6 +184,8 @@ Global___ReadRequest: _TypeAlias = ReadRequest  # noqa: Y015
 
 @_typing.final
 class ReadResponse(_message.Message):
+    """One message of Read's stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DATA_FIELD_NUMBER: _builtins.int
@@ -190,6 +206,8 @@ Global___ReadResponse: _TypeAlias = ReadResponse  # noqa: Y015
 
 @_typing.final
 class WriteRequest(_message.Message):
+    """One message of Write's stream: the first names the upload, every one may carry data."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
@@ -258,6 +276,8 @@ Global___WriteRequest: _TypeAlias = WriteRequest  # noqa: Y015
 
 @_typing.final
 class WriteResponse(_message.Message):
+    """Answer of Write, when its stream ends."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SIZE_FIELD_NUMBER: _builtins.int
@@ -294,10 +314,13 @@ Global___WriteResponse: _TypeAlias = WriteResponse  # noqa: Y015
 
 @_typing.final
 class UploadStatusRequest(_message.Message):
+    """Request of UploadStatus."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
+    """The upload's id (1-128 characters of [A-Za-z0-9_-])."""
     def __init__(
         self,
         *,
@@ -313,6 +336,8 @@ Global___UploadStatusRequest: _TypeAlias = UploadStatusRequest  # noqa: Y015
 
 @_typing.final
 class UploadStatusResponse(_message.Message):
+    """Answer of UploadStatus."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SIZE_FIELD_NUMBER: _builtins.int
@@ -339,12 +364,17 @@ Global___UploadStatusResponse: _TypeAlias = UploadStatusResponse  # noqa: Y015
 
 @_typing.final
 class CommitRequest(_message.Message):
+    """Request of Commit."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
+    """The upload whose staged bytes are committed; nothing staged: NOT_FOUND /
+    BLOB_UPLOAD_UNKNOWN.
+    """
     digest: _builtins.str
     """The digest the staged bytes must hash to. A mismatch is INVALID_ARGUMENT / DIGEST_INVALID
     and keeps the staged bytes so the caller can retry or abort. Empty: commit under the
@@ -371,6 +401,8 @@ Global___CommitRequest: _TypeAlias = CommitRequest  # noqa: Y015
 
 @_typing.final
 class CommitResponse(_message.Message):
+    """Answer of Commit."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOB_FIELD_NUMBER: _builtins.int
@@ -378,7 +410,9 @@ class CommitResponse(_message.Message):
     already_existed: _builtins.bool
     """True when the blob was already stored and the staged copy was dropped."""
     @_builtins.property
-    def blob(self) -> Global___Descriptor: ...
+    def blob(self) -> Global___Descriptor:
+        """The stored blob."""
+
     def __init__(
         self,
         *,
@@ -395,10 +429,13 @@ Global___CommitResponse: _TypeAlias = CommitResponse  # noqa: Y015
 
 @_typing.final
 class AbortRequest(_message.Message):
+    """Request of Abort."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
+    """The upload's id (1-128 characters of [A-Za-z0-9_-])."""
     def __init__(
         self,
         *,
@@ -414,6 +451,8 @@ Global___AbortRequest: _TypeAlias = AbortRequest  # noqa: Y015
 
 @_typing.final
 class AbortResponse(_message.Message):
+    """Answer of Abort (nothing to say: the staged bytes are gone)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -429,6 +468,8 @@ Global___AbortResponse: _TypeAlias = AbortResponse  # noqa: Y015
 
 @_typing.final
 class PutRequest(_message.Message):
+    """Request of Put."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DATA_FIELD_NUMBER: _builtins.int
@@ -455,13 +496,18 @@ Global___PutRequest: _TypeAlias = PutRequest  # noqa: Y015
 
 @_typing.final
 class PutResponse(_message.Message):
+    """Answer of Put."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOB_FIELD_NUMBER: _builtins.int
     ALREADY_EXISTED_FIELD_NUMBER: _builtins.int
     already_existed: _builtins.bool
+    """True when the blob was stored already (the data was checked and dropped)."""
     @_builtins.property
-    def blob(self) -> Global___Descriptor: ...
+    def blob(self) -> Global___Descriptor:
+        """The stored blob."""
+
     def __init__(
         self,
         *,
@@ -478,10 +524,13 @@ Global___PutResponse: _TypeAlias = PutResponse  # noqa: Y015
 
 @_typing.final
 class DeleteRequest(_message.Message):
+    """Request of Delete."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
+    """"<algorithm>:<hex>" ("sha256:" + 64 or "sha512:" + 128 lowercase hex characters)."""
     def __init__(
         self,
         *,
@@ -497,6 +546,8 @@ Global___DeleteRequest: _TypeAlias = DeleteRequest  # noqa: Y015
 
 @_typing.final
 class DeleteResponse(_message.Message):
+    """Answer of Delete."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DELETED_FIELD_NUMBER: _builtins.int
@@ -517,12 +568,16 @@ Global___DeleteResponse: _TypeAlias = DeleteResponse  # noqa: Y015
 
 @_typing.final
 class ListRequest(_message.Message):
+    """Request of List."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """1-1000; 0 means 100."""
+    """Most items in the page: 0 means 100; above 1000 is read as 1000 (AIP-158); negative is
+    INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
     page_token: _builtins.str
     """From the previous ListResponse; empty for the first page."""
     def __init__(
@@ -541,6 +596,8 @@ Global___ListRequest: _TypeAlias = ListRequest  # noqa: Y015
 
 @_typing.final
 class ListResponse(_message.Message):
+    """A page of List."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOBS_FIELD_NUMBER: _builtins.int
@@ -548,7 +605,9 @@ class ListResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
-    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Descriptor]: ...
+    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Descriptor]:
+        """The page's blobs, in digest order."""
+
     def __init__(
         self,
         *,
@@ -565,13 +624,18 @@ Global___ListResponse: _TypeAlias = ListResponse  # noqa: Y015
 
 @_typing.final
 class ListUploadsRequest(_message.Message):
+    """Request of ListUploads."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """1-1000; 0 means 100."""
+    """Most items in the page: 0 means 100; above 1000 is read as 1000 (AIP-158); negative is
+    INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
     page_token: _builtins.str
+    """From the previous ListUploadsResponse; empty for the first page."""
     def __init__(
         self,
         *,
@@ -588,15 +652,21 @@ Global___ListUploadsRequest: _TypeAlias = ListUploadsRequest  # noqa: Y015
 
 @_typing.final
 class StagedUpload(_message.Message):
+    """A staging area: the bytes of an upload not committed yet."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
+    """The upload's id."""
     size: _builtins.int
+    """Bytes staged."""
     @_builtins.property
-    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the staging area was last written (or created)."""
+
     def __init__(
         self,
         *,
@@ -614,13 +684,18 @@ Global___StagedUpload: _TypeAlias = StagedUpload  # noqa: Y015
 
 @_typing.final
 class ListUploadsResponse(_message.Message):
+    """A page of ListUploads."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     UPLOADS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def uploads(self) -> _containers.RepeatedCompositeFieldContainer[Global___StagedUpload]: ...
+    def uploads(self) -> _containers.RepeatedCompositeFieldContainer[Global___StagedUpload]:
+        """The page's staging areas, in upload-id order."""
+
     def __init__(
         self,
         *,

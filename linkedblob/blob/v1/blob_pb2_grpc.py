@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class BlobServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """blobsvc: stores blobs by digest and stages the bytes of uploads. Called by the gateway, the
+    collector and, with a grant, by clients reading or writing directly.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -92,7 +94,9 @@ class BlobServiceStub:
 
 
 class BlobServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """blobsvc: stores blobs by digest and stages the bytes of uploads. Called by the gateway, the
+    collector and, with a grant, by clients reading or writing directly.
+    """
 
     def Stat(self, request, context):
         """Size of a stored blob. NOT_FOUND / BLOB_UNKNOWN when absent; INVALID_ARGUMENT /
@@ -243,7 +247,9 @@ def add_BlobServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class BlobService:
-    """Missing associated documentation comment in .proto file."""
+    """blobsvc: stores blobs by digest and stages the bytes of uploads. Called by the gateway, the
+    collector and, with a grant, by clients reading or writing directly.
+    """
 
     @staticmethod
     def Stat(request,

@@ -38,6 +38,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class BlobServiceStub:
+    """blobsvc: stores blobs by digest and stages the bytes of uploads. Called by the gateway, the
+    collector and, with a grant, by clients reading or writing directly.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -76,6 +80,10 @@ class BlobServiceStub:
 
 @_typing.type_check_only
 class BlobServiceAsyncStub(BlobServiceStub):
+    """blobsvc: stores blobs by digest and stages the bytes of uploads. Called by the gateway, the
+    collector and, with a grant, by clients reading or writing directly.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Stat: _aio.UnaryUnaryMultiCallable[_blob_pb2.StatRequest, _blob_pb2.StatResponse]  # type: ignore[assignment]
     """Size of a stored blob. NOT_FOUND / BLOB_UNKNOWN when absent; INVALID_ARGUMENT /
@@ -110,6 +118,10 @@ class BlobServiceAsyncStub(BlobServiceStub):
     """
 
 class BlobServiceServicer(metaclass=_abc_1.ABCMeta):
+    """blobsvc: stores blobs by digest and stages the bytes of uploads. Called by the gateway, the
+    collector and, with a grant, by clients reading or writing directly.
+    """
+
     @_abc_1.abstractmethod
     def Stat(
         self,

@@ -36,7 +36,9 @@ class Descriptor(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
+    """"<algorithm>:<hex>" ("sha256:" + 64 or "sha512:" + 128 lowercase hex characters)."""
     size: _builtins.int
+    """Size in bytes."""
     media_type: _builtins.str
     """The link's media type (repository-local); may be empty."""
     def __init__(
@@ -56,13 +58,17 @@ Global___Descriptor: _TypeAlias = Descriptor  # noqa: Y015
 
 @_typing.final
 class RecordBlobRequest(_message.Message):
+    """Request of RecordBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
+    """The committed blob's digest."""
     size: _builtins.int
+    """Its size in bytes (>= 0)."""
     lease_id: _builtins.str
     """The lease taken (Lease) before the bytes were committed; needed for a new blob."""
     def __init__(
@@ -82,6 +88,8 @@ Global___RecordBlobRequest: _TypeAlias = RecordBlobRequest  # noqa: Y015
 
 @_typing.final
 class RecordBlobResponse(_message.Message):
+    """Answer of RecordBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CREATED_FIELD_NUMBER: _builtins.int
@@ -102,10 +110,13 @@ Global___RecordBlobResponse: _TypeAlias = RecordBlobResponse  # noqa: Y015
 
 @_typing.final
 class StatBlobRequest(_message.Message):
+    """Request of StatBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
+    """The blob's digest."""
     def __init__(
         self,
         *,
@@ -121,15 +132,21 @@ Global___StatBlobRequest: _TypeAlias = StatBlobRequest  # noqa: Y015
 
 @_typing.final
 class StatBlobResponse(_message.Message):
+    """Answer of StatBlob: the recorded blob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
+    """The blob's digest."""
     size: _builtins.int
+    """Its size in bytes."""
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was first recorded."""
+
     def __init__(
         self,
         *,
@@ -147,6 +164,8 @@ Global___StatBlobResponse: _TypeAlias = StatBlobResponse  # noqa: Y015
 
 @_typing.final
 class LinkRequest(_message.Message):
+    """Request of Link."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
@@ -158,6 +177,7 @@ class LinkRequest(_message.Message):
     repository: _builtins.str
     """OCI repository name, at most 255 characters."""
     digest: _builtins.str
+    """The blob to link."""
     media_type: _builtins.str
     """Stored on the link; a repeated link keeps the first media type unless this is set."""
     size: _builtins.int
@@ -190,6 +210,8 @@ Global___LinkRequest: _TypeAlias = LinkRequest  # noqa: Y015
 
 @_typing.final
 class LinkResponse(_message.Message):
+    """Answer of Link."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOB_FIELD_NUMBER: _builtins.int
@@ -197,7 +219,9 @@ class LinkResponse(_message.Message):
     created: _builtins.bool
     """False when the link already existed."""
     @_builtins.property
-    def blob(self) -> Global___Descriptor: ...
+    def blob(self) -> Global___Descriptor:
+        """The blob as the repository now links it."""
+
     def __init__(
         self,
         *,
@@ -214,12 +238,16 @@ Global___LinkResponse: _TypeAlias = LinkResponse  # noqa: Y015
 
 @_typing.final
 class ResolveRequest(_message.Message):
+    """Request of Resolve."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository whose link is read."""
     digest: _builtins.str
+    """The linked blob's digest."""
     def __init__(
         self,
         *,
@@ -236,11 +264,15 @@ Global___ResolveRequest: _TypeAlias = ResolveRequest  # noqa: Y015
 
 @_typing.final
 class ResolveResponse(_message.Message):
+    """Answer of Resolve."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def blob(self) -> Global___Descriptor: ...
+    def blob(self) -> Global___Descriptor:
+        """The blob as the repository links it."""
+
     def __init__(
         self,
         *,
@@ -256,12 +288,16 @@ Global___ResolveResponse: _TypeAlias = ResolveResponse  # noqa: Y015
 
 @_typing.final
 class UnlinkRequest(_message.Message):
+    """Request of Unlink."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository whose link is removed."""
     digest: _builtins.str
+    """The linked blob's digest."""
     def __init__(
         self,
         *,
@@ -278,6 +314,8 @@ Global___UnlinkRequest: _TypeAlias = UnlinkRequest  # noqa: Y015
 
 @_typing.final
 class UnlinkResponse(_message.Message):
+    """Answer of Unlink (the link is gone)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -293,6 +331,8 @@ Global___UnlinkResponse: _TypeAlias = UnlinkResponse  # noqa: Y015
 
 @_typing.final
 class MountRequest(_message.Message):
+    """Request of Mount."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
@@ -300,9 +340,11 @@ class MountRequest(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository the blob is linked into."""
     from_repository: _builtins.str
     """Empty: any repository that links the digest is a valid source."""
     digest: _builtins.str
+    """The blob's digest."""
     media_type: _builtins.str
     """Media type for the new link; empty: the source link's."""
     def __init__(
@@ -323,13 +365,18 @@ Global___MountRequest: _TypeAlias = MountRequest  # noqa: Y015
 
 @_typing.final
 class MountResponse(_message.Message):
+    """Answer of Mount."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOB_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     created: _builtins.bool
+    """False when `repository` linked it already."""
     @_builtins.property
-    def blob(self) -> Global___Descriptor: ...
+    def blob(self) -> Global___Descriptor:
+        """The blob as `repository` now links it."""
+
     def __init__(
         self,
         *,
@@ -346,14 +393,19 @@ Global___MountResponse: _TypeAlias = MountResponse  # noqa: Y015
 
 @_typing.final
 class ListLinksRequest(_message.Message):
+    """Request of ListLinks."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository whose links are listed."""
     page_size: _builtins.int
-    """1-1000; 0 means 100."""
+    """Most links in the page: 0 means 100; above 1000 is read as 1000 (AIP-158); negative is
+    INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
     page_token: _builtins.str
     """Opaque, from the previous response; empty for the first page."""
     def __init__(
@@ -373,6 +425,8 @@ Global___ListLinksRequest: _TypeAlias = ListLinksRequest  # noqa: Y015
 
 @_typing.final
 class ListLinksResponse(_message.Message):
+    """A page of ListLinks."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOBS_FIELD_NUMBER: _builtins.int
@@ -380,7 +434,9 @@ class ListLinksResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
-    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Descriptor]: ...
+    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Descriptor]:
+        """The page's links, in digest order."""
+
     def __init__(
         self,
         *,
@@ -397,12 +453,18 @@ Global___ListLinksResponse: _TypeAlias = ListLinksResponse  # noqa: Y015
 
 @_typing.final
 class ListRepositoriesRequest(_message.Message):
+    """Request of ListRepositories."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Most names in the page: 0 means 100; above 1000 is read as 1000 (AIP-158); negative is
+    INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
     page_token: _builtins.str
+    """Opaque, from the previous response; empty for the first page."""
     def __init__(
         self,
         *,
@@ -419,13 +481,18 @@ Global___ListRepositoriesRequest: _TypeAlias = ListRepositoriesRequest  # noqa: 
 
 @_typing.final
 class ListRepositoriesResponse(_message.Message):
+    """A page of ListRepositories."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORIES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def repositories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def repositories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Repository names in ascending order."""
+
     def __init__(
         self,
         *,
@@ -442,6 +509,8 @@ Global___ListRepositoriesResponse: _TypeAlias = ListRepositoriesResponse  # noqa
 
 @_typing.final
 class ListLinkingRepositoriesRequest(_message.Message):
+    """Request of ListLinkingRepositories."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
@@ -450,7 +519,9 @@ class ListLinkingRepositoriesRequest(_message.Message):
     digest: _builtins.str
     """The digest whose links are listed (sha256:<64 hex> or sha512:<128 hex>)."""
     page_size: _builtins.int
-    """1-1000; 0 means 100."""
+    """Most names in the page: 0 means 100; above 1000 is read as 1000 (AIP-158); negative is
+    INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
     page_token: _builtins.str
     """Opaque, from the previous response for the same digest; empty for the first page. A token
     of another digest or another list is INVALID_ARGUMENT / PAGINATION_INVALID.
@@ -472,6 +543,8 @@ Global___ListLinkingRepositoriesRequest: _TypeAlias = ListLinkingRepositoriesReq
 
 @_typing.final
 class ListLinkingRepositoriesResponse(_message.Message):
+    """A page of ListLinkingRepositories."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORIES_FIELD_NUMBER: _builtins.int
@@ -498,6 +571,8 @@ Global___ListLinkingRepositoriesResponse: _TypeAlias = ListLinkingRepositoriesRe
 
 @_typing.final
 class Session(_message.Message):
+    """An upload session: the metadata of a resumable upload (its bytes are staged in blobsvc)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     class _State:
@@ -507,15 +582,25 @@ class Session(_message.Message):
     class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Session._State.ValueType], _builtins.type):
         DESCRIPTOR: _descriptor.EnumDescriptor
         STATE_UNSPECIFIED: Session._State.ValueType  # 0
+        """Never sent; as FinishSession's state: INVALID_ARGUMENT."""
         ACTIVE: Session._State.ValueType  # 1
+        """Open: writes and a commit are accepted."""
         COMMITTED: Session._State.ValueType  # 2
+        """Its blob was committed and linked (Link with finish_session_id)."""
         CANCELLED: Session._State.ValueType  # 3
+        """Cancelled by its client, or expired and purged by the collector."""
 
-    class State(_State, metaclass=_StateEnumTypeWrapper): ...
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """Where a session is in its life."""
+
     STATE_UNSPECIFIED: Session.State.ValueType  # 0
+    """Never sent; as FinishSession's state: INVALID_ARGUMENT."""
     ACTIVE: Session.State.ValueType  # 1
+    """Open: writes and a commit are accepted."""
     COMMITTED: Session.State.ValueType  # 2
+    """Its blob was committed and linked (Link with finish_session_id)."""
     CANCELLED: Session.State.ValueType  # 3
+    """Cancelled by its client, or expired and purged by the collector."""
 
     ID_FIELD_NUMBER: _builtins.int
     REPOSITORY_FIELD_NUMBER: _builtins.int
@@ -526,13 +611,19 @@ class Session(_message.Message):
     id: _builtins.str
     """At least 128 random bits, URL-safe."""
     repository: _builtins.str
+    """The repository that started it; the only one through which it can be used."""
     size: _builtins.int
     """Bytes recorded as written (advanced by AdvanceSession)."""
     state: Global___Session.State.ValueType
+    """The session's state."""
     @_builtins.property
-    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When CreateSession made it."""
+
     @_builtins.property
-    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When its size or state last changed (or when it was made)."""
+
     def __init__(
         self,
         *,
@@ -553,10 +644,15 @@ Global___Session: _TypeAlias = Session  # noqa: Y015
 
 @_typing.final
 class CreateSessionRequest(_message.Message):
+    """Request of CreateSession."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    """The repository the upload belongs to. RESOURCE_EXHAUSTED / TOO_MANY_REQUESTS when the
+    repository has linksvc's --max-sessions-per-repository active sessions already.
+    """
     def __init__(
         self,
         *,
@@ -572,10 +668,13 @@ Global___CreateSessionRequest: _TypeAlias = CreateSessionRequest  # noqa: Y015
 
 @_typing.final
 class GetSessionRequest(_message.Message):
+    """Request of GetSession."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Session.id."""
     def __init__(
         self,
         *,
@@ -591,12 +690,15 @@ Global___GetSessionRequest: _TypeAlias = GetSessionRequest  # noqa: Y015
 
 @_typing.final
 class AdvanceSessionRequest(_message.Message):
+    """Request of AdvanceSession."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     FROM_SIZE_FIELD_NUMBER: _builtins.int
     TO_SIZE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Session.id of an active session (otherwise NOT_FOUND / BLOB_UPLOAD_UNKNOWN)."""
     from_size: _builtins.int
     """The size the caller last read."""
     to_size: _builtins.int
@@ -618,11 +720,14 @@ Global___AdvanceSessionRequest: _TypeAlias = AdvanceSessionRequest  # noqa: Y015
 
 @_typing.final
 class FinishSessionRequest(_message.Message):
+    """Request of FinishSession."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Session.id."""
     state: Global___Session.State.ValueType
     """COMMITTED or CANCELLED."""
     def __init__(
@@ -640,7 +745,69 @@ class FinishSessionRequest(_message.Message):
 Global___FinishSessionRequest: _TypeAlias = FinishSessionRequest  # noqa: Y015
 
 @_typing.final
+class ListSessionsRequest(_message.Message):
+    """Request of ListSessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPOSITORY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    repository: _builtins.str
+    """The repository whose active sessions are listed."""
+    page_size: _builtins.int
+    """Most sessions in the page: 0 means 100; above 1000 is read as 1000 (AIP-158); negative
+    is INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
+    page_token: _builtins.str
+    """Opaque, from the previous response for the same repository; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        repository: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "repository", b"repository"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsRequest: _TypeAlias = ListSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ListSessionsResponse(_message.Message):
+    """A page of ListSessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
+        """The page's sessions (all ACTIVE), in id order."""
+
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___Session] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015
+
+@_typing.final
 class ListStaleSessionsRequest(_message.Message):
+    """Request of ListStaleSessions."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OLDER_THAN_SECONDS_FIELD_NUMBER: _builtins.int
@@ -665,11 +832,15 @@ Global___ListStaleSessionsRequest: _TypeAlias = ListStaleSessionsRequest  # noqa
 
 @_typing.final
 class ListStaleSessionsResponse(_message.Message):
+    """Answer of ListStaleSessions."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]: ...
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
+        """At most `limit` sessions, oldest update first."""
+
     def __init__(
         self,
         *,
@@ -685,10 +856,13 @@ Global___ListStaleSessionsResponse: _TypeAlias = ListStaleSessionsResponse  # no
 
 @_typing.final
 class PurgeSessionRequest(_message.Message):
+    """Request of PurgeSession."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Session.id."""
     def __init__(
         self,
         *,
@@ -704,6 +878,8 @@ Global___PurgeSessionRequest: _TypeAlias = PurgeSessionRequest  # noqa: Y015
 
 @_typing.final
 class PurgeSessionResponse(_message.Message):
+    """Answer of PurgeSession (the row is gone)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -719,6 +895,8 @@ Global___PurgeSessionResponse: _TypeAlias = PurgeSessionResponse  # noqa: Y015
 
 @_typing.final
 class LeaseRequest(_message.Message):
+    """Request of Lease."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
@@ -727,6 +905,7 @@ class LeaseRequest(_message.Message):
     MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
+    """The digest to protect from garbage collection."""
     ttl_seconds: _builtins.int
     """How long the lease lives; 0: the server's default (600 s). At most 86400."""
     link_repository: _builtins.str
@@ -758,6 +937,8 @@ Global___LeaseRequest: _TypeAlias = LeaseRequest  # noqa: Y015
 
 @_typing.final
 class LeaseResponse(_message.Message):
+    """Answer of Lease: a lease, or the link made at once."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASE_ID_FIELD_NUMBER: _builtins.int
@@ -766,7 +947,9 @@ class LeaseResponse(_message.Message):
     lease_id: _builtins.str
     """Set when a lease was taken (the blob was not linked at once)."""
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """With lease_id: when the lease stops protecting the digest."""
+
     @_builtins.property
     def linked(self) -> Global___LinkResponse:
         """Set when the blob was linked at once (link_repository): no lease, no bytes needed."""
@@ -788,6 +971,8 @@ Global___LeaseResponse: _TypeAlias = LeaseResponse  # noqa: Y015
 
 @_typing.final
 class ReleaseLeaseRequest(_message.Message):
+    """Request of ReleaseLease."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
@@ -812,6 +997,8 @@ Global___ReleaseLeaseRequest: _TypeAlias = ReleaseLeaseRequest  # noqa: Y015
 
 @_typing.final
 class ReleaseLeaseResponse(_message.Message):
+    """Answer of ReleaseLease."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RELEASED_FIELD_NUMBER: _builtins.int
@@ -845,15 +1032,25 @@ class IndexedBlob(_message.Message):
     class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[IndexedBlob._State.ValueType], _builtins.type):
         DESCRIPTOR: _descriptor.EnumDescriptor
         STATE_UNSPECIFIED: IndexedBlob._State.ValueType  # 0
+        """Never sent."""
         ACTIVE: IndexedBlob._State.ValueType  # 1
+        """Kept: linked, leased, or not yet found unreferenced."""
         MARKED: IndexedBlob._State.ValueType  # 2
+        """Found unreferenced; collectable after the grace period unless linked or leased again."""
         DELETING: IndexedBlob._State.ValueType  # 3
+        """Fenced: its bytes are being deleted in blobsvc, then its row forgotten."""
 
-    class State(_State, metaclass=_StateEnumTypeWrapper): ...
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """Where a blob is in the collection lifecycle (docs/design.md#lifecycle)."""
+
     STATE_UNSPECIFIED: IndexedBlob.State.ValueType  # 0
+    """Never sent."""
     ACTIVE: IndexedBlob.State.ValueType  # 1
+    """Kept: linked, leased, or not yet found unreferenced."""
     MARKED: IndexedBlob.State.ValueType  # 2
+    """Found unreferenced; collectable after the grace period unless linked or leased again."""
     DELETING: IndexedBlob.State.ValueType  # 3
+    """Fenced: its bytes are being deleted in blobsvc, then its row forgotten."""
 
     DIGEST_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
@@ -861,8 +1058,11 @@ class IndexedBlob(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
+    """The blob's digest."""
     size: _builtins.int
+    """Its size in bytes."""
     state: Global___IndexedBlob.State.ValueType
+    """The blob's state."""
     version: _builtins.int
     """Bumped by every change of state: the compare-and-set token of FenceBlob and ForgetBlob."""
     @_builtins.property
@@ -888,6 +1088,8 @@ Global___IndexedBlob: _TypeAlias = IndexedBlob  # noqa: Y015
 
 @_typing.final
 class MarkUnreferencedRequest(_message.Message):
+    """Request of MarkUnreferenced (no parameters)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -903,6 +1105,8 @@ Global___MarkUnreferencedRequest: _TypeAlias = MarkUnreferencedRequest  # noqa: 
 
 @_typing.final
 class MarkUnreferencedResponse(_message.Message):
+    """Answer of MarkUnreferenced."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MARKED_FIELD_NUMBER: _builtins.int
@@ -927,6 +1131,8 @@ Global___MarkUnreferencedResponse: _TypeAlias = MarkUnreferencedResponse  # noqa
 
 @_typing.final
 class ListCollectableRequest(_message.Message):
+    """Request of ListCollectable."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
@@ -938,8 +1144,11 @@ class ListCollectableRequest(_message.Message):
     takeover_seconds: _builtins.int
     """Deleting blobs qualify after this long deleting (their collector stopped midway)."""
     page_size: _builtins.int
-    """1-1000; 0 means 100."""
+    """Most blobs in the page: 0 means 100; above 1000 is read as 1000 (AIP-158); negative is
+    INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
     page_token: _builtins.str
+    """Opaque, from the previous response; empty for the first page."""
     def __init__(
         self,
         *,
@@ -958,13 +1167,18 @@ Global___ListCollectableRequest: _TypeAlias = ListCollectableRequest  # noqa: Y0
 
 @_typing.final
 class ListCollectableResponse(_message.Message):
+    """A page of ListCollectable."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOBS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexedBlob]: ...
+    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexedBlob]:
+        """The page's collectable blobs, in digest order."""
+
     def __init__(
         self,
         *,
@@ -981,11 +1195,14 @@ Global___ListCollectableResponse: _TypeAlias = ListCollectableResponse  # noqa: 
 
 @_typing.final
 class FenceBlobRequest(_message.Message):
+    """Request of FenceBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
+    """The blob to fence."""
     version: _builtins.int
     """The version the caller read (ListCollectable)."""
     def __init__(
@@ -1004,11 +1221,14 @@ Global___FenceBlobRequest: _TypeAlias = FenceBlobRequest  # noqa: Y015
 
 @_typing.final
 class FenceBlobResponse(_message.Message):
+    """Answer of FenceBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FENCED_FIELD_NUMBER: _builtins.int
     BLOB_FIELD_NUMBER: _builtins.int
     fenced: _builtins.bool
+    """True when the blob is now deleting with a new version (its bytes may be deleted)."""
     @_builtins.property
     def blob(self) -> Global___IndexedBlob:
         """The blob as it is now (absent when it is no longer indexed)."""
@@ -1029,11 +1249,14 @@ Global___FenceBlobResponse: _TypeAlias = FenceBlobResponse  # noqa: Y015
 
 @_typing.final
 class ForgetBlobRequest(_message.Message):
+    """Request of ForgetBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
+    """The fenced blob whose bytes blobsvc deleted."""
     version: _builtins.int
     """The version FenceBlob gave it."""
     def __init__(
@@ -1052,10 +1275,13 @@ Global___ForgetBlobRequest: _TypeAlias = ForgetBlobRequest  # noqa: Y015
 
 @_typing.final
 class ForgetBlobResponse(_message.Message):
+    """Answer of ForgetBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FORGOTTEN_FIELD_NUMBER: _builtins.int
     forgotten: _builtins.bool
+    """True when this call removed the row; false when it was gone or had another version."""
     def __init__(
         self,
         *,
@@ -1071,12 +1297,16 @@ Global___ForgetBlobResponse: _TypeAlias = ForgetBlobResponse  # noqa: Y015
 
 @_typing.final
 class AdoptBlobRequest(_message.Message):
+    """Request of AdoptBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIGEST_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
+    """The digest of bytes blobsvc holds."""
     size: _builtins.int
+    """Their size in bytes, as blobsvc has them."""
     def __init__(
         self,
         *,
@@ -1093,10 +1323,13 @@ Global___AdoptBlobRequest: _TypeAlias = AdoptBlobRequest  # noqa: Y015
 
 @_typing.final
 class AdoptBlobResponse(_message.Message):
+    """Answer of AdoptBlob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ADOPTED_FIELD_NUMBER: _builtins.int
     adopted: _builtins.bool
+    """True when the blob was indexed now (as marked); false when it was recorded already."""
     def __init__(
         self,
         *,
@@ -1112,13 +1345,18 @@ Global___AdoptBlobResponse: _TypeAlias = AdoptBlobResponse  # noqa: Y015
 
 @_typing.final
 class ListBlobsRequest(_message.Message):
+    """Request of ListBlobs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """1-1000; 0 means 100."""
+    """Most blobs in the page: 0 means 100; above 1000 is read as 1000 (AIP-158); negative is
+    INVALID_ARGUMENT / PAGINATION_INVALID.
+    """
     page_token: _builtins.str
+    """Opaque, from the previous response; empty for the first page."""
     def __init__(
         self,
         *,
@@ -1135,13 +1373,18 @@ Global___ListBlobsRequest: _TypeAlias = ListBlobsRequest  # noqa: Y015
 
 @_typing.final
 class ListBlobsResponse(_message.Message):
+    """A page of ListBlobs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOBS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexedBlob]: ...
+    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexedBlob]:
+        """The page's indexed blobs, in digest order, any state."""
+
     def __init__(
         self,
         *,
@@ -1158,6 +1401,8 @@ Global___ListBlobsResponse: _TypeAlias = ListBlobsResponse  # noqa: Y015
 
 @_typing.final
 class AcquireRunnerLockRequest(_message.Message):
+    """Request of AcquireRunnerLock."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -1186,16 +1431,21 @@ Global___AcquireRunnerLockRequest: _TypeAlias = AcquireRunnerLockRequest  # noqa
 
 @_typing.final
 class AcquireRunnerLockResponse(_message.Message):
+    """Answer of AcquireRunnerLock."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ACQUIRED_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     acquired: _builtins.bool
+    """True when the caller holds the lock now (taken or renewed)."""
     holder: _builtins.str
     """The holder now, and until when."""
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the holder's lock lapses unless renewed."""
+
     def __init__(
         self,
         *,
@@ -1213,12 +1463,16 @@ Global___AcquireRunnerLockResponse: _TypeAlias = AcquireRunnerLockResponse  # no
 
 @_typing.final
 class ReleaseRunnerLockRequest(_message.Message):
+    """Request of ReleaseRunnerLock."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The lock's name."""
     holder: _builtins.str
+    """The caller; the lock is released only if it holds it."""
     def __init__(
         self,
         *,
@@ -1235,6 +1489,8 @@ Global___ReleaseRunnerLockRequest: _TypeAlias = ReleaseRunnerLockRequest  # noqa
 
 @_typing.final
 class ReleaseRunnerLockResponse(_message.Message):
+    """Answer of ReleaseRunnerLock (the lock is free, or held by another)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class LinkServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """linksvc: the blob index, the repositories' links and the upload sessions, in one SQL
+    database. Called by the gateway and the collector only (with peer checks, each method by
+    the roles of linksvc/roles.py; PERMISSION_DENIED / DENIED for another caller).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -109,6 +112,11 @@ class LinkServiceStub:
                 request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.FinishSessionRequest.SerializeToString,
                 response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.Session.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/linkedblob.link.v1.LinkService/ListSessions',
+                request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
         self.ListStaleSessions = channel.unary_unary(
                 '/linkedblob.link.v1.LinkService/ListStaleSessions',
                 request_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListStaleSessionsRequest.SerializeToString,
@@ -162,7 +170,10 @@ class LinkServiceStub:
 
 
 class LinkServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """linksvc: the blob index, the repositories' links and the upload sessions, in one SQL
+    database. Called by the gateway and the collector only (with peer checks, each method by
+    the roles of linksvc/roles.py; PERMISSION_DENIED / DENIED for another caller).
+    """
 
     def RecordBlob(self, request, context):
         """Records a blob that blobsvc has committed. Idempotent; a size that disagrees with the
@@ -295,6 +306,14 @@ class LinkServiceServicer:
     def FinishSession(self, request, context):
         """Marks a session committed or cancelled. Finishing a finished session in the same state is
         a no-op; in the other state it is FAILED_PRECONDITION / BLOB_UPLOAD_INVALID.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """A repository's active sessions (uploads in progress), in id order, paged: the gateway's
+        ListUploads.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -463,6 +482,11 @@ def add_LinkServiceServicer_to_server(servicer, server):
                     request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.FinishSessionRequest.FromString,
                     response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.Session.SerializeToString,
             ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListSessionsRequest.FromString,
+                    response_serializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListSessionsResponse.SerializeToString,
+            ),
             'ListStaleSessions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListStaleSessions,
                     request_deserializer=linkedblob_dot_link_dot_v1_dot_link__pb2.ListStaleSessionsRequest.FromString,
@@ -522,7 +546,10 @@ def add_LinkServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class LinkService:
-    """Missing associated documentation comment in .proto file."""
+    """linksvc: the blob index, the repositories' links and the upload sessions, in one SQL
+    database. Called by the gateway and the collector only (with peer checks, each method by
+    the roles of linksvc/roles.py; PERMISSION_DENIED / DENIED for another caller).
+    """
 
     @staticmethod
     def RecordBlob(request,
@@ -919,6 +946,33 @@ class LinkService:
             '/linkedblob.link.v1.LinkService/FinishSession',
             linkedblob_dot_link_dot_v1_dot_link__pb2.FinishSessionRequest.SerializeToString,
             linkedblob_dot_link_dot_v1_dot_link__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/linkedblob.link.v1.LinkService/ListSessions',
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ListSessionsRequest.SerializeToString,
+            linkedblob_dot_link_dot_v1_dot_link__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

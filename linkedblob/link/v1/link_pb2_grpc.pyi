@@ -33,6 +33,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class LinkServiceStub:
+    """linksvc: the blob index, the repositories' links and the upload sessions, in one SQL
+    database. Called by the gateway and the collector only (with peer checks, each method by
+    the roles of linksvc/roles.py; PERMISSION_DENIED / DENIED for another caller).
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -107,6 +112,10 @@ class LinkServiceStub:
     """Marks a session committed or cancelled. Finishing a finished session in the same state is
     a no-op; in the other state it is FAILED_PRECONDITION / BLOB_UPLOAD_INVALID.
     """
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_link_pb2.ListSessionsRequest, _link_pb2.ListSessionsResponse]
+    """A repository's active sessions (uploads in progress), in id order, paged: the gateway's
+    ListUploads.
+    """
     ListStaleSessions: _grpc.UnaryUnaryMultiCallable[_link_pb2.ListStaleSessionsRequest, _link_pb2.ListStaleSessionsResponse]
     """Sessions (any state) last updated longer ago than `older_than_seconds`, oldest first, for
     purging.
@@ -152,6 +161,11 @@ class LinkServiceStub:
 
 @_typing.type_check_only
 class LinkServiceAsyncStub(LinkServiceStub):
+    """linksvc: the blob index, the repositories' links and the upload sessions, in one SQL
+    database. Called by the gateway and the collector only (with peer checks, each method by
+    the roles of linksvc/roles.py; PERMISSION_DENIED / DENIED for another caller).
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     RecordBlob: _aio.UnaryUnaryMultiCallable[_link_pb2.RecordBlobRequest, _link_pb2.RecordBlobResponse]  # type: ignore[assignment]
     """Records a blob that blobsvc has committed. Idempotent; a size that disagrees with the
@@ -223,6 +237,10 @@ class LinkServiceAsyncStub(LinkServiceStub):
     """Marks a session committed or cancelled. Finishing a finished session in the same state is
     a no-op; in the other state it is FAILED_PRECONDITION / BLOB_UPLOAD_INVALID.
     """
+    ListSessions: _aio.UnaryUnaryMultiCallable[_link_pb2.ListSessionsRequest, _link_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """A repository's active sessions (uploads in progress), in id order, paged: the gateway's
+    ListUploads.
+    """
     ListStaleSessions: _aio.UnaryUnaryMultiCallable[_link_pb2.ListStaleSessionsRequest, _link_pb2.ListStaleSessionsResponse]  # type: ignore[assignment]
     """Sessions (any state) last updated longer ago than `older_than_seconds`, oldest first, for
     purging.
@@ -267,6 +285,11 @@ class LinkServiceAsyncStub(LinkServiceStub):
     """Gives the lock back (only its holder can). Idempotent."""
 
 class LinkServiceServicer(metaclass=_abc_1.ABCMeta):
+    """linksvc: the blob index, the repositories' links and the upload sessions, in one SQL
+    database. Called by the gateway and the collector only (with peer checks, each method by
+    the roles of linksvc/roles.py; PERMISSION_DENIED / DENIED for another caller).
+    """
+
     @_abc_1.abstractmethod
     def RecordBlob(
         self,
@@ -425,6 +448,16 @@ class LinkServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_link_pb2.Session, _abc.Awaitable[_link_pb2.Session]]:
         """Marks a session committed or cancelled. Finishing a finished session in the same state is
         a no-op; in the other state it is FAILED_PRECONDITION / BLOB_UPLOAD_INVALID.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _link_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_link_pb2.ListSessionsResponse, _abc.Awaitable[_link_pb2.ListSessionsResponse]]:
+        """A repository's active sessions (uploads in progress), in id order, paged: the gateway's
+        ListUploads.
         """
 
     @_abc_1.abstractmethod
