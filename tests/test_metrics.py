@@ -203,3 +203,26 @@ def test_an_upload_in_progress_is_counted_until_it_ends(stack: TelemetryStack) -
     while metrics_of(stack, "blob")[blob_write] != 0:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_a_gc_run_is_counted_and_only_a_completed_one_stamps_the_last_success() -> None:
+    from prometheus_client import REGISTRY
+
+    from collector import metrics as gc_metrics
+    from collector.stats import ERROR, OK, RunStats
+
+    def value(name: str, labels: dict[str, str] | None = None) -> float:
+        return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    runs, freed = (
+        value("linkedblob_gc_runs_total", {"outcome": OK}),
+        value("linkedblob_gc_reclaimed_bytes_total"),
+    )
+    stamped = value("linkedblob_gc_last_success_timestamp_seconds")
+    gc_metrics.record(RunStats(outcome=ERROR, error="linksvc down"))
+    assert value("linkedblob_gc_last_success_timestamp_seconds") == stamped
+    before = time.time()
+    gc_metrics.record(RunStats(outcome=OK, reclaimed_blobs=2, reclaimed_bytes=300))
+    assert value("linkedblob_gc_runs_total", {"outcome": OK}) == runs + 1
+    assert value("linkedblob_gc_reclaimed_bytes_total") == freed + 300
+    assert value("linkedblob_gc_last_success_timestamp_seconds") >= before
