@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def wanted(flag: bool, environ: Any = os.environ) -> bool:
 
 def configure(service_name: str, flag: bool = False) -> bool:
     """Sets up the tracer provider and its OTLP exporter when tracing is wanted; returns whether
-    it is on. Exits 2 with one line when the ``otel`` extra is missing."""
+    it is on. Exits 2 (a configuration error) with one line when the ``otel`` extra is missing."""
     if not wanted(flag):
         return False
     try:
@@ -50,10 +51,12 @@ def configure(service_name: str, flag: bool = False) -> bool:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as exc:
-        raise SystemExit(
+        print(
             f"linkedblob {service_name}: tracing needs the otel extra "
-            f"(pip install 'linkedblob[otel]'): {exc}"
-        ) from None
+            f"(pip install 'linkedblob[otel]'): {exc}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     attributes = {
         "service.name": os.environ.get("OTEL_SERVICE_NAME") or f"linkedblob-{service_name}"
     }
