@@ -32,6 +32,7 @@ from collector.model import (
 from linkedblob import grants, tls, transport
 from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
 from linkedblob.errors import LinkedBlobError, from_rpc_error
+from linkedblob.interceptors import backend_channel
 from linkedblob.link.v1 import link_pb2, link_pb2_grpc
 
 R = TypeVar("R")
@@ -87,7 +88,10 @@ def _session(session: link_pb2.Session) -> Session:
 
 class _Channel:
     def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.channel = tls.channel(address, credentials, transport.channel_options())
+        # Metrics, request id and tracing of the collector's calls (linkedblob.interceptors).
+        self.channel = backend_channel(
+            tls.channel(address, credentials, transport.channel_options())
+        )
 
     def close(self) -> None:
         self.channel.close()

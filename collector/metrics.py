@@ -1,10 +1,11 @@
-"""The collector's Prometheus metrics (served by `linkedblob serve gc --metrics-port`)."""
+"""The collector's Prometheus metrics (served by `linkedblob serve gc --metrics-port`); its calls
+to linksvc and blobsvc are counted as grpc_client_* (linkedblob.interceptors)."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from collector.stats import RunStats
+from collector.stats import OK, RunStats
 
 RUNS = Counter(
     "linkedblob_gc_runs", "GC runs, by outcome (ok, skipped, stopped, error, ...)", ["outcome"]
@@ -17,6 +18,10 @@ SESSIONS_PURGED = Counter("linkedblob_gc_sessions_purged", "Upload sessions purg
 STAGING_ABORTED = Counter("linkedblob_gc_staging_aborted", "Staging areas aborted in blobsvc")
 STUCK_DELETING = Gauge(
     "linkedblob_gc_stuck_deleting", "Blobs the last run left deleting (a later run finishes them)"
+)
+LAST_SUCCESS = Gauge(
+    "linkedblob_gc_last_success_timestamp_seconds",
+    "When the last GC run that completed (outcome ok, not a dry run) ended, Unix time",
 )
 RUN_SECONDS = Histogram(
     "linkedblob_gc_run_seconds",
@@ -38,3 +43,5 @@ def record(stats: RunStats) -> None:
     STAGING_ABORTED.inc(stats.staging_aborted)
     STUCK_DELETING.set(stats.stuck_deleting)
     RUN_SECONDS.observe(stats.duration)
+    if stats.outcome == OK:
+        LAST_SUCCESS.set_to_current_time()

@@ -15,6 +15,7 @@ from linkedblob.config import (
     LINK_PORT,
     add_duration_option,
     add_option,
+    add_telemetry_options,
 )
 from linkedblob.tls import add_client_tls_options
 
@@ -89,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_option(parser, "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     add_option(parser, "--log-format", default="json", choices=["json", "text"], help="log format")
+    add_telemetry_options(parser, access_log=False)
     add_collection(parser)
     add_duration_option(
         parser,

@@ -45,6 +45,7 @@ from collector.stats import (
     Progress,
     RunStats,
 )
+from linkedblob import requestid
 from linkedblob.errors import LinkedBlobError
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ class Runner:
     def run(self) -> RunStats:
         """One run: purge, mark, sweep. Never raises for a failed call: the outcome says."""
         stats = RunStats(dry_run=self.options.dry_run)
+        # One request id per run, on every call it makes (backends' access logs group them).
+        requestid.REQUEST_ID.set("gc-" + requestid.new())
         started = self.clock()
         try:
             if not self.options.dry_run and not self._acquire(stats):

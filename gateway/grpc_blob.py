@@ -24,7 +24,7 @@ from gateway.grpc_calls import (
     channel_failure,
 )
 from gateway.model import BlobDescriptor, CommitSpec, IncomingData, OutgoingData, Written
-from linkedblob import metrics, tls, transport, wire
+from linkedblob import interceptors, metrics, tls, transport, wire
 from linkedblob.blob.v1 import blob_pb2, blob_pb2_grpc
 from linkedblob.errors import LinkedBlobError, Reason, from_rpc_error
 
@@ -53,7 +53,10 @@ class GrpcBlobBackend:
         plaintext)."""
         self._final_status_wait = final_status_wait
         self._channel = tls.aio_channel(
-            address, credentials, [*transport.channel_options(), *transport.bounded_windows()]
+            address,
+            credentials,
+            [*transport.channel_options(), *transport.bounded_windows()],
+            interceptors.aio_backend_interceptors(),  # metrics, request id, tracing
         )
         self._stub = blob_pb2_grpc.BlobServiceStub(self._channel)  # type: ignore[no-untyped-call]
         # Read: a ReadRequest in, serialized ReadResponses out.
@@ -146,7 +149,9 @@ class GrpcBlobBackend:
         elif want_staged_digest:
             first.want_staged_digest = True
         try:
-            raw_call = self._write_raw(metadata=self._metadata())  # type: ignore[call-arg]
+            raw_call = self._write_raw(  # type: ignore[call-arg]
+                metadata=interceptors.with_request_id(self._metadata())
+            )
         except CHANNEL_FAILURES as err:
             raise channel_failure(err) from None
         call = WriteCall(raw_call, self._final_status_wait)

@@ -12,7 +12,7 @@ import grpc
 
 from gateway.grpc_calls import answer
 from gateway.model import BlobDescriptor, Lease, LinkedBlob, Page, SessionState, UploadSession
-from linkedblob import tls, transport
+from linkedblob import interceptors, tls, transport
 from linkedblob.link.v1 import link_pb2, link_pb2_grpc
 
 _STATES = {
@@ -44,7 +44,10 @@ class GrpcLinkBackend:
         """Opens the channel (lazily connected; must run inside the server's event loop);
         ``credentials``: TLS (None: plaintext)."""
         self._channel = tls.aio_channel(
-            address, credentials, [*transport.channel_options(), *transport.bounded_windows()]
+            address,
+            credentials,
+            [*transport.channel_options(), *transport.bounded_windows()],
+            interceptors.aio_backend_interceptors(),  # metrics, request id, tracing
         )
         self._stub = link_pb2_grpc.LinkServiceStub(self._channel)  # type: ignore[no-untyped-call]
 

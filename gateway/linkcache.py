@@ -42,6 +42,12 @@ class LinkCache(Generic[Value]):
         # Bumped by every invalidation: an answer fetched before it may be stale, so it is not
         # stored (see `generation` and `put`).
         self._generation = 0
+        # linkedblob_link_cache_* (imported here: prometheus_client is a server dependency).
+        from linkedblob import metrics
+
+        self._hits = metrics.CACHE_LOOKUPS.labels("hit")
+        self._misses = metrics.CACHE_LOOKUPS.labels("miss")
+        self._evictions = metrics.CACHE_EVICTIONS
 
     @property
     def enabled(self) -> bool:
@@ -59,12 +65,15 @@ class LinkCache(Generic[Value]):
         key = (repository, digest)
         entry = self._entries.get(key)
         if entry is None:
+            self._misses.inc()
             return None
         expires, value = entry
         if expires <= self._clock():
             del self._entries[key]
+            self._misses.inc()
             return None
         self._entries.move_to_end(key)
+        self._hits.inc()
         return value
 
     def put(
@@ -79,6 +88,7 @@ class LinkCache(Generic[Value]):
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+            self._evictions.inc()
 
     def invalidate(self, repository: str, digest: str) -> None:
         self._generation += 1

@@ -18,7 +18,7 @@ from gateway.options import MAX_LEASE_TTL
 from gateway.registry import Registry
 from gateway.servicer import RegistryServicer
 from gateway.uploads import Uploads
-from linkedblob import tls
+from linkedblob import requestid, tls
 from linkedblob.grants import signer_from_args
 from linkedblob.health import PeerHealth
 from linkedblob.limits import ServerLimits
@@ -125,6 +125,7 @@ def serve(args: argparse.Namespace) -> int | None:
         limits=ServerLimits.from_args(args),
         readiness=backends.check,
     )
+    requestid.serve_as_edge()  # the gateway makes, passes on and returns x-request-id
     run(
         service,
         args.host,

@@ -32,7 +32,7 @@ from gateway.registry import MayPull, Registry
 from gateway.uploads import Uploads
 from linkedblob import transport
 from linkedblob.errors import Reason, invalid_argument
-from linkedblob.rpc import servicer_method
+from linkedblob.rpc import note, servicer_method
 from linkedblob.v1 import registry_pb2
 
 Context = grpc.aio.ServicerContext
@@ -170,6 +170,7 @@ class RegistryServicer:
         media_type = validation.media_type(header.media_type)
         digest = validation.optional_digest(header.digest)
         size = validation.expected_size(header.size if header.HasField("size") else None)
+        note(repository, str(digest) if digest else "")  # for the access line
         self._access.require(caller, Action.PUSH, repository)
         data = IncomingData(
             messages, transport.PUSH_BLOB_DATA, _push_data, "PushBlob", validation.data_size
@@ -213,6 +214,7 @@ class RegistryServicer:
         upload_id = validation.upload_id(first.upload_id)
         validation.write_offset(first.offset)
         validation.data_size(len(first.data))
+        note(repository)  # for the access line
         self._access.require(caller, Action.PUSH, repository)
         rest = IncomingData(
             messages,

@@ -15,7 +15,7 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
-from linkedblob import exitcodes
+from linkedblob import exitcodes, tracing
 from linkedblob.config import add_option, add_server_options
 from linkedblob.logs import setup_logging
 from linkedblob.tuning import tune_malloc
@@ -40,7 +40,8 @@ def _require_server_extra() -> None:
 def _serve(args: argparse.Namespace) -> int | None:
     # The CLI opts in to the process-wide malloc tuning the library leaves alone by default.
     tune_malloc()
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level, args.log_format, getattr(args, "access_log", "on") == "on")
+    tracing.configure(SERVICES[args.service], getattr(args, "otel", False))
     server = importlib.import_module(f"{SERVICES[args.service]}.server")
     return server.serve(args)  # type: ignore[no-any-return]
 

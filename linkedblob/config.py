@@ -111,6 +111,7 @@ def add_server_options(parser: argparse.ArgumentParser, default_port: int) -> No
     )
     add_option(parser, "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     add_option(parser, "--log-format", default="json", choices=["json", "text"], help="log format")
+    add_telemetry_options(parser)
     add_option(
         parser,
         "--open",
@@ -144,6 +145,25 @@ def add_server_options(parser: argparse.ArgumentParser, default_port: int) -> No
 GC_PORT = 50054
 
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def add_telemetry_options(parser: argparse.ArgumentParser, access_log: bool = True) -> None:
+    """``--access-log`` (the servers) and ``--otel`` (linkedblob.tracing)."""
+    if access_log:
+        add_option(
+            parser,
+            "--access-log",
+            default="on",
+            choices=["on", "off"],
+            help="one JSON line per call on the logger linkedblob.access (off: none)",
+        )
+    add_option(
+        parser,
+        "--otel",
+        action="store_true",
+        help="OpenTelemetry tracing over OTLP/gRPC (needs the otel extra; also on when "
+        "OTEL_EXPORTER_OTLP_ENDPOINT is set)",
+    )
 
 
 def parse_duration(text: str) -> float:

@@ -28,7 +28,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
+def setup_logging(level: str = "INFO", fmt: str = "json", access_log: bool = True) -> None:
+    """Logs at ``level`` in ``fmt`` on stderr; ``access_log`` False silences the logger
+    linkedblob.access (the servers' line per call: linkedblob.rpc)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -37,3 +39,6 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("linkedblob.access").setLevel(
+        logging.NOTSET if access_log else logging.CRITICAL
+    )

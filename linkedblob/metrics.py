@@ -1,4 +1,14 @@
-"""Prometheus metrics shared by the services: calls by method and code, and their latency."""
+"""Prometheus metrics shared by the services.
+
+The gRPC metrics carry the names and labels of go-grpc-prometheus / py-grpc-prometheus, so the
+dashboards made for them work as they are: ``grpc_server_started_total``,
+``grpc_server_handled_total`` (with ``grpc_code``), ``grpc_server_handling_seconds``,
+``grpc_server_msg_received_total`` and ``grpc_server_msg_sent_total`` (labels ``grpc_type``,
+``grpc_service``, ``grpc_method``), counted by the servicer wrapper (linkedblob.rpc); and the
+``grpc_client_*`` of the gateway's and the collector's calls to the backends
+(linkedblob.interceptors). The domain metrics (storage, SQL, link cache, uploads) live here too so
+that every service exports one set of names; the collector's are in collector.metrics.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +18,114 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Histogram, make_wsgi_app
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-RPCS = Counter(
-    "linkedblob_rpcs_total", "gRPC calls served, by method and status code", ["method", "code"]
+_GRPC = ["grpc_type", "grpc_service", "grpc_method"]
+# go-grpc-prometheus's default buckets, with finer ones below 5 ms (the unary calls' range).
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120,
+)  # fmt: skip
+
+SERVER_STARTED = Counter(
+    "grpc_server_started_total", "Total number of RPCs started on the server.", _GRPC
 )
-RPC_SECONDS = Histogram(
-    "linkedblob_rpc_seconds",
-    "Time to serve a gRPC call, by method",
-    ["method"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30, 120),
+SERVER_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "Total number of RPCs completed on the server, regardless of success or failure.",
+    [*_GRPC, "grpc_code"],
 )
+SERVER_HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Histogram of response latency (seconds) of gRPC that had been application-level handled "
+    "by the server.",
+    _GRPC,
+    buckets=_LATENCY_BUCKETS,
+)
+SERVER_MSG_RECEIVED = Counter(
+    "grpc_server_msg_received_total",
+    "Total number of RPC stream messages received on the server.",
+    _GRPC,
+)
+SERVER_MSG_SENT = Counter(
+    "grpc_server_msg_sent_total", "Total number of gRPC stream messages sent by the server.", _GRPC
+)
+
+CLIENT_STARTED = Counter(
+    "grpc_client_started_total", "Total number of RPCs started on the client.", _GRPC
+)
+CLIENT_HANDLED = Counter(
+    "grpc_client_handled_total",
+    "Total number of RPCs completed by the client, regardless of success or failure.",
+    [*_GRPC, "grpc_code"],
+)
+CLIENT_HANDLING_SECONDS = Histogram(
+    "grpc_client_handling_seconds",
+    "Histogram of response latency (seconds) of the gRPC until it is finished by the application.",
+    _GRPC,
+    buckets=_LATENCY_BUCKETS,
+)
+
+# Blob bytes through the public byte streams, by method (gateway and blobsvc).
 BYTES_IN = Counter("linkedblob_bytes_received_total", "Blob bytes received", ["method"])
 BYTES_OUT = Counter("linkedblob_bytes_sent_total", "Blob bytes sent", ["method"])
+
+# blobsvc's store (blobsvc.store's metrics wrapper).
+STORAGE_BYTES_WRITTEN = Counter(
+    "linkedblob_storage_written_bytes_total", "Bytes blobsvc wrote to its store"
+)
+STORAGE_BYTES_READ = Counter(
+    "linkedblob_storage_read_bytes_total", "Bytes blobsvc read from its store"
+)
+STORAGE_SECONDS = Histogram(
+    "linkedblob_storage_operation_seconds",
+    "Time of a store operation (a read or write: until the stream ends), by operation",
+    ["op"],
+    buckets=_LATENCY_BUCKETS,
+)
+STORAGE_ERRORS = Counter(
+    "linkedblob_storage_errors_total",
+    "Store operations that failed, by operation and code",
+    ["op", "code"],
+)
+
+# linksvc's database (linksvc.database).
+SQL_SECONDS = Histogram(
+    "linkedblob_sql_operation_seconds",
+    "Time of a database operation (its transaction: one or a few statements), by operation",
+    ["op"],
+    buckets=_LATENCY_BUCKETS,
+)
+SQL_ERRORS = Counter(
+    "linkedblob_sql_errors_total",
+    "Database operations that failed, by operation and error (busy, transient, error)",
+    ["op", "error"],
+)
+SQL_POOL_IN_USE = Gauge(
+    "linkedblob_sql_pool_connections_in_use",
+    "Database connections checked out of the pool (the SQL threads hold theirs)",
+)
+
+# The gateway's link cache (gateway.linkcache).
+CACHE_LOOKUPS = Counter(
+    "linkedblob_link_cache_lookups_total", "Link cache lookups, by result (hit, miss)", ["result"]
+)
+CACHE_EVICTIONS = Counter(
+    "linkedblob_link_cache_evictions_total", "Links the cache dropped to stay within its size"
+)
+
+# Uploads in progress: the client streams being served (the gateway's PushBlob and WriteUpload,
+# blobsvc's Write), kept by linkedblob.rpc.
+UPLOADS_IN_PROGRESS = Gauge(
+    "linkedblob_uploads_in_progress",
+    "Upload streams (client-streaming calls) being served now",
+    ["grpc_service", "grpc_method"],
+)
 
 
 class Activity:
     """Calls started so far and calls in flight, kept by the servicer wrapper
-    (linkedblob.rpc.records_metrics) for the bootstrap to see when the server is quiet. Plain
+    (linkedblob.rpc.servicer_method) for the bootstrap to see when the server is quiet. Plain
     integers: only the event loop's thread touches them."""
 
     __slots__ = ("in_flight", "started")

@@ -12,11 +12,17 @@
 - refuses a :class:`Refusal` put in place of the request (a malformed request message, see
   linkedblob.server.method_handlers; a limit, see gateway.limits) inside the call, so the
   status, the metrics and the access log see it like any other answer;
-- counts calls by method and final code, times them, and keeps the in-flight count the
-  bootstrap uses to see when the server is quiet (metrics.ACTIVITY);
-- writes the access log line: logger ``linkedblob.access`` at INFO, one line per call with the
-  method, code, reason, duration, peer and the caller identity (linkedblob.caller). Raise that
-  logger's level to turn it off; nothing of it is computed then.
+- counts calls under the standard gRPC names (grpc_server_started_total, _handled_total by
+  code, _handling_seconds, and on streams _msg_received_total / _msg_sent_total: see
+  linkedblob.metrics), with the metric children of each method looked up once, and keeps the
+  in-flight count the bootstrap uses to see when the server is quiet (metrics.ACTIVITY);
+- takes the call's request id from its metadata (``x-request-id``; at the gateway, made when
+  missing and returned in the initial metadata: linkedblob.requestid);
+- writes the access log line: logger ``linkedblob.access`` at INFO, one JSON line per call with
+  the service, method, repository and digest (of a request message with such fields), code,
+  reason, duration, bytes of a byte stream in and out, peer, request id and the caller identity
+  (linkedblob.caller), and the trace id when tracing is on. ``--access-log off`` (or that
+  logger's level raised) turns it off; nothing of it is computed then.
 
 It works on async unary and client-streaming methods and on async-generator (server-streaming)
 ones.
@@ -25,6 +31,7 @@ ones.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
@@ -37,7 +44,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from linkedblob import metrics
+from linkedblob import metrics, requestid, tracing
 from linkedblob.caller import caller
 from linkedblob.errors import LinkedBlobError, Reason, invalid_argument
 
@@ -109,8 +116,144 @@ def to_linkedblob_error(method: str, exc: BaseException) -> LinkedBlobError:
     return LinkedBlobError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error")
 
 
+_GRPC_TYPES = {
+    (False, False): "unary",
+    (True, False): "client_stream",
+    (False, True): "server_stream",
+    (True, True): "bidi_stream",
+}
+
+
+def grpc_type(client_streaming: bool, server_streaming: bool) -> str:
+    """The ``grpc_type`` label of a method of these streaming kinds."""
+    return _GRPC_TYPES[(client_streaming, server_streaming)]
+
+
+class MethodTelemetry:
+    """One servicer method's metric children (linkedblob.metrics), looked up once: a labels()
+    lookup per call costs as much as the rest of the wrapper (a lock and a dict of label
+    tuples). Bound to the full service name by :func:`describe` when the server registers the
+    method; a method called without that (a test calling the servicer directly) binds with an
+    empty service name on its first call."""
+
+    __slots__ = (
+        "failed",
+        "grpc_type",
+        "method",
+        "ok",
+        "received",
+        "seconds",
+        "sent",
+        "service",
+        "started",
+        "streams_in",
+        "uploading",
+    )
+
+    def __init__(self, method: str, grpc_type: str) -> None:
+        self.method = method
+        self.grpc_type = grpc_type
+        self.service = ""
+        self.started: Any = None
+        self.seconds: Any = None
+        self.ok: Any = None
+        self.failed: dict[grpc.StatusCode, Any] = {}
+        self.received: Any = None
+        self.sent: Any = None
+        self.streams_in = False
+        self.uploading: Any = None
+
+    def bind(self, service: str, kind: str | None = None) -> None:
+        self.service = service
+        self.grpc_type = kind or self.grpc_type
+        labels = (self.grpc_type, service, self.method)
+        self.started = metrics.SERVER_STARTED.labels(*labels)
+        self.seconds = metrics.SERVER_HANDLING_SECONDS.labels(*labels)
+        self.ok = metrics.SERVER_HANDLED.labels(*labels, "OK")
+        self.failed = {}
+        self.streams_in = self.grpc_type in ("client_stream", "bidi_stream")
+        self.uploading = (
+            metrics.UPLOADS_IN_PROGRESS.labels(service, self.method) if self.streams_in else None
+        )
+        streams = self.grpc_type != "unary"
+        # Messages are counted on streams only: a unary call is one each way, which
+        # grpc_server_handled_total already counts (two fewer increments per unary call).
+        self.received = metrics.SERVER_MSG_RECEIVED.labels(*labels) if streams else None
+        self.sent = metrics.SERVER_MSG_SENT.labels(*labels) if streams else None
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        if code is grpc.StatusCode.OK:
+            return self.ok
+        counter = self.failed.get(code)
+        if counter is None:
+            counter = self.failed[code] = metrics.SERVER_HANDLED.labels(
+                self.grpc_type, self.service, self.method, code.name
+            )
+        return counter
+
+
+def describe(behaviour: Any, service: str, kind: str) -> None:
+    """Tells a servicer method wrapped by :func:`servicer_method` its full service name and
+    ``grpc_type`` (linkedblob.server.method_handlers does, as it registers the method)."""
+    telemetry = getattr(getattr(behaviour, "__func__", behaviour), "telemetry", None)
+    if isinstance(telemetry, MethodTelemetry):
+        telemetry.bind(service, kind)
+
+
+class _Streamed:
+    """Messages and bytes of a client stream, counted as the servicer reads them."""
+
+    __slots__ = ("messages", "size")
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.size = 0
+
+
+async def _counting(requests: Any, counts: _Streamed) -> Any:
+    async for request in requests:
+        counts.messages += 1
+        if type(request) is bytes:  # a raw request stream (the byte streams): its size is free
+            counts.size += len(request)
+        yield request
+
+
+# What a streamed call's servicer noted of its first message for the access line (note()).
+_NOTED: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "linkedblob_access_noted", default=("", "")
+)
+
+
+def note(repository: str = "", digest: str = "") -> None:
+    """Names the repository and digest of the call in progress in its access line: for the
+    streams, whose messages the wrapper does not parse (a unary request's fields are read)."""
+    _NOTED.set((repository, digest))
+
+
+def _access_fields(request: Any) -> tuple[str, str]:
+    """The repository and digest a request names (a message with such fields, or what the
+    servicer noted), else ""."""
+    repository = getattr(request, "repository", "")
+    digest = getattr(request, "digest", "")
+    if not (repository or digest):
+        return _NOTED.get()
+    return (
+        repository if isinstance(repository, str) else "",
+        digest if isinstance(digest, str) else "",
+    )
+
+
 def log_access(
-    method: str, code: grpc.StatusCode, reason: str, started: float, context: Any
+    method: str,
+    code: grpc.StatusCode,
+    reason: str,
+    started: float,
+    context: Any,
+    *,
+    service: str = "",
+    request: Any = None,
+    bytes_in: int = 0,
+    bytes_out: int = 0,
 ) -> None:
     """The access log line of one call (also written by linkedblob.peers for the calls it
     refuses before they reach the servicer)."""
@@ -120,69 +263,129 @@ def log_access(
     except Exception:  # a context without a peer (tests' fakes)
         peer = ""
     who = caller()
+    rid = requestid.REQUEST_ID.get()
+    repository, digest = _access_fields(request)
+    fields: dict[str, Any] = {
+        "service": service,
+        "method": method,
+        "repository": repository,
+        "digest": digest,
+        "code": code.name,
+        "reason": reason,
+        "seconds": round(seconds, 6),
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "peer": peer,
+        "request_id": rid,
+        "caller": who,
+    }
+    if tracing.STATE.on:
+        fields["trace_id"] = tracing.trace_id()
     access_log.info(
-        "%s %s %s %.1fms peer=%s caller=%s",
+        "%s %s %s %.1fms peer=%s caller=%s request_id=%s",
         method,
         code.name,
         reason or "-",
         seconds * 1000,
         peer,
         who or "-",
-        extra={
-            "method": method,
-            "code": code.name,
-            "reason": reason,
-            "seconds": round(seconds, 6),
-            "peer": peer,
-            "caller": who,
-        },
+        rid or "-",
+        extra=fields,
     )
+
+
+async def _edge_request_id(context: Any, rid: str) -> None:
+    """At the edge (the gateway): the caller's valid id or a new one, set for the call and
+    returned in the initial metadata."""
+    rid = rid or requestid.new()
+    requestid.REQUEST_ID.set(rid)
+    await context.send_initial_metadata(((requestid.KEY, rid),))
 
 
 def servicer_method(method: F) -> F:
     """How every servicer method is wrapped: errors mapped to a status once, the call counted
     and timed, and its access log line written (see the module's docstring)."""
     name = method.__name__
-    # The metric children of this method, looked up once: a labels() lookup per call costs as
-    # much as the rest of the wrapper (a lock and a dict of label tuples).
-    seconds = metrics.RPC_SECONDS.labels(name)
-    ok_calls = metrics.RPCS.labels(name, grpc.StatusCode.OK.name)
-    failed_calls: dict[grpc.StatusCode, Any] = {}
+    streams_out = inspect.isasyncgenfunction(method)
+    telemetry = MethodTelemetry(name, "server_stream" if streams_out else "unary")
     activity = metrics.ACTIVITY
     info = logging.INFO
+    role = requestid.ROLE
+    incoming = requestid.incoming
+    request_id = requestid.REQUEST_ID
 
-    def finish(started: float, code: grpc.StatusCode, reason: str, context: Any) -> None:
+    def begin(context: Any) -> str:
+        """Counts the call's start; its request id (from its metadata: "" without one)."""
+        if telemetry.started is None:
+            telemetry.bind("")
+        telemetry.started.inc()
+        activity.started += 1
+        activity.in_flight += 1
+        rid = incoming(context.invocation_metadata())
+        if rid:
+            request_id.set(rid)
+        return rid
+
+    def finish(
+        started: float,
+        code: grpc.StatusCode,
+        reason: str,
+        context: Any,
+        request: Any,
+        streamed: _Streamed | None,
+        sent: int,
+        sent_bytes: int,
+    ) -> None:
         activity.in_flight -= 1
-        calls: Any
-        if code is grpc.StatusCode.OK:
-            calls = ok_calls
-        else:
-            calls = failed_calls.get(code)
-            if calls is None:
-                calls = failed_calls[code] = metrics.RPCS.labels(name, code.name)
-        calls.inc()
-        seconds.observe(perf_counter() - started)
+        telemetry.handled(code).inc()
+        telemetry.seconds.observe(perf_counter() - started)
+        if telemetry.received is not None:  # a stream: its messages (a unary request is one)
+            received = streamed.messages if streamed is not None else 1
+            if received:
+                telemetry.received.inc(received)
+        if sent:
+            telemetry.sent.inc(sent)
         if access_log.isEnabledFor(info):
-            log_access(name, code, reason, started, context)
+            log_access(
+                name,
+                code,
+                reason,
+                started,
+                context,
+                service=telemetry.service,
+                request=request,
+                bytes_in=streamed.size if streamed is not None else 0,
+                bytes_out=sent_bytes,
+            )
 
     def aborted_code(context: Any, exc: BaseException) -> grpc.StatusCode:
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
             return grpc.StatusCode.CANCELLED  # the caller went away (mid-stream: the close)
         return context.code() or grpc.StatusCode.UNKNOWN
 
-    if inspect.isasyncgenfunction(method):
+    if streams_out:
 
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: Any) -> Any:
             started = perf_counter()
-            activity.started += 1
-            activity.in_flight += 1
+            rid = begin(context)
+            t = telemetry
             code, reason = grpc.StatusCode.UNKNOWN, ""
+            streamed = None
+            sent = sent_bytes = 0
             try:
                 try:
+                    if role.edge:
+                        await _edge_request_id(context, rid)
                     if type(request) is Refusal:
                         raise request.make()
+                    if t.streams_in:
+                        streamed = _Streamed()
+                        request = _counting(request, streamed)
                     async for item in method(self, request, context):
+                        sent += 1
+                        if type(item) is bytes:  # raw responses: the size is free
+                            sent_bytes += len(item)
                         yield item
                     code = grpc.StatusCode.OK
                 except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit) as exc:
@@ -193,21 +396,34 @@ def servicer_method(method: F) -> F:
                     code, reason = err.code, err.reason
                     await context.abort_with_status(err.to_status())
             finally:
-                finish(started, code, reason, context)
+                finish(started, code, reason, context, request, streamed, sent, sent_bytes)
 
+        stream_wrapper.telemetry = telemetry  # type: ignore[attr-defined]
         return stream_wrapper  # type: ignore[return-value]
 
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
         started = perf_counter()
-        activity.started += 1
-        activity.in_flight += 1
+        rid = begin(context)
+        t = telemetry
         code, reason = grpc.StatusCode.UNKNOWN, ""
+        streamed = None
         try:
             try:
+                if role.edge:
+                    await _edge_request_id(context, rid)
                 if type(request) is Refusal:
                     raise request.make()
-                result = await method(self, request, context)
+                if t.streams_in:
+                    streamed = _Streamed()
+                    request = _counting(request, streamed)
+                    t.uploading.inc()
+                    try:
+                        result = await method(self, request, context)
+                    finally:
+                        t.uploading.dec()
+                else:
+                    result = await method(self, request, context)
                 code = grpc.StatusCode.OK
                 return result
             except (grpc.aio.AbortError, asyncio.CancelledError) as exc:
@@ -218,6 +434,8 @@ def servicer_method(method: F) -> F:
                 code, reason = err.code, err.reason
                 await context.abort_with_status(err.to_status())
         finally:
-            finish(started, code, reason, context)
+            sent = 1 if t.sent is not None and code is grpc.StatusCode.OK else 0
+            finish(started, code, reason, context, request, streamed, sent, 0)
 
+    unary_wrapper.telemetry = telemetry  # type: ignore[attr-defined]
     return unary_wrapper  # type: ignore[return-value]

@@ -23,11 +23,11 @@ from google.protobuf import descriptor, message_factory
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2_grpc
 
-from linkedblob import metrics, reflection
+from linkedblob import metrics, reflection, tracing
 from linkedblob.config import TRANSPORT_LIMIT_BYTES
 from linkedblob.health import Check, Readiness
 from linkedblob.limits import ServerLimits
-from linkedblob.rpc import Refusal, malformed_request
+from linkedblob.rpc import Refusal, describe, grpc_type, malformed_request
 from linkedblob.tuning import release_free_memory
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,11 @@ def method_handlers(
         response_class: Any = message_factory.GetMessageClass(method.output_type)
         factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
         behaviour = getattr(servicer, method.name)
+        describe(
+            behaviour,
+            service.full_name,
+            grpc_type(method.client_streaming, method.server_streaming),
+        )
         raw = method.name in raw_requests
         if method.client_streaming and not raw:
             behaviour = _refusing_streamed(behaviour, method.server_streaming)
@@ -218,7 +223,7 @@ class RunningServer:
 async def start(service: Service, host: str, port: int) -> RunningServer:
     server = grpc.aio.server(
         options=server_options(limits=service.limits) + service.extra_options,
-        interceptors=list(service.interceptors) or None,
+        interceptors=[*tracing.server_interceptors(), *service.interceptors] or None,
     )
     service.register(server)
     health_servicer = AioHealthServicer()

@@ -182,12 +182,16 @@ def exit_with(name: str, exc: Exception) -> NoReturn:
 
 
 def aio_channel(
-    address: str, credentials: grpc.ChannelCredentials | None, options: Sequence[Any]
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: Sequence[Any],
+    interceptors: Sequence[Any] | None = None,
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel: TLS with ``credentials``, plaintext without."""
+    """A grpc.aio channel: TLS with ``credentials``, plaintext without; ``interceptors``: the
+    backend channels' (linkedblob.interceptors)."""
     if credentials is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, credentials, options=options)
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
 
 def channel(

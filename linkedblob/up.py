@@ -50,7 +50,7 @@ def register(commands: Any) -> None:
     add_option(up, "--blob-port", type=int, default=BLOB_PORT, help="blobsvc port (0: any free)")
     add_option(up, "--link-port", type=int, default=LINK_PORT, help="linksvc port (0: any free)")
     add_option(up, "--enable-delete", action="store_true", help="allow DeleteBlob")
-    add_option(up, "--log-format", default="text", choices=["json", "text"], help="log format")
+    add_option(up, "--log-format", default="json", choices=["json", "text"], help="log format")
     add_duration_option(
         up, "--gc-interval", default="1h", help="time between two garbage-collection runs"
     )

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from time import perf_counter
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
@@ -45,6 +46,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from linkedblob import metrics
 from linkedblob.errors import LinkedBlobError, Reason, unavailable
 from linksvc.queries import DriverQuery, DriverResult
 
@@ -100,21 +102,31 @@ _COMMIT = DriverQuery("COMMIT", None)
 
 def map_errors(fn: Callable[P, T]) -> Callable[P, T]:
     """Turns a transient database error into UNAVAILABLE; other errors pass unchanged (the
-    servicer's error mapping logs them and answers INTERNAL)."""
+    servicer's error mapping logs them and answers INTERNAL). Times the operation and counts
+    its database errors (linkedblob_sql_operation_seconds, linkedblob_sql_errors_total, by the
+    function's name as ``op``)."""
+    op = fn.__name__
+    seconds = metrics.SQL_SECONDS.labels(op)
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        started = perf_counter()
         try:
             return fn(*args, **kwargs)
         except LinkedBlobError:
             raise
         except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
             if getattr(_on_event_loop, "active", False) and _is_sqlite_busy(exc):
+                metrics.SQL_ERRORS.labels(op, "busy").inc()
                 raise DatabaseBusy() from exc
             if is_transient(exc):
+                metrics.SQL_ERRORS.labels(op, "transient").inc()
                 log.warning("transient database error: %s", exc.__class__.__name__, exc_info=exc)
                 raise unavailable(f"database unavailable, retry: {_first_line(exc)}") from exc
+            metrics.SQL_ERRORS.labels(op, "error").inc()
             raise
+        finally:
+            seconds.observe(perf_counter() - started)
 
     return wrapper
 
@@ -162,6 +174,8 @@ class Database:
         else:
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
         self._begin_query = DriverQuery(self._begin, None)
+        pool: Any = self.engine.pool
+        metrics.SQL_POOL_IN_USE.set_function(lambda: pool.checkedout())  # read when scraped
         # SQLite's short calls run on the event loop (see run_hot).
         self.inline = self.dialect == "sqlite" and sqlite_on_loop
         self._local = threading.local()

@@ -37,7 +37,10 @@ class Metered:
         return scrape(self.metrics_port).get(sample, 0.0)
 
     def calls(self, method: str, code: str = "OK") -> float:
-        return self.count(f'linkedblob_rpcs_total{{code="{code}",method="{method}"}}')
+        return self.count(
+            f'grpc_server_handled_total{{grpc_code="{code}",grpc_method="{method}",'
+            'grpc_service="linkedblob.v1.Registry",grpc_type="unary"}'
+        )
 
     def relayed(self) -> float:
         """Blob bytes the gateway received or sent on its byte streams."""

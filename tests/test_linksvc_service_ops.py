@@ -189,12 +189,44 @@ def test_calls_are_counted_by_method_and_code(sqlite_url: str) -> None:
             Reason.NAME_INVALID,
         )
         samples = scrape(port)
-    assert samples['linkedblob_rpcs_total{code="OK",method="Resolve"}'] == 3
-    assert samples['linkedblob_rpcs_total{code="NOT_FOUND",method="Resolve"}'] == 2
-    assert samples['linkedblob_rpcs_total{code="INVALID_ARGUMENT",method="Resolve"}'] == 1
-    assert samples['linkedblob_rpcs_total{code="OK",method="Link"}'] == 1
-    assert samples['linkedblob_rpc_seconds_count{method="Resolve"}'] == 6
-    assert samples['linkedblob_rpc_seconds_count{method="Link"}'] == 1
+    assert (
+        samples[
+            'grpc_server_handled_total{grpc_code="OK",grpc_method="Resolve",grpc_service="linkedblob.link.v1.LinkService",grpc_type="unary"}'
+        ]
+        == 3
+    )
+    assert (
+        samples[
+            'grpc_server_handled_total{grpc_code="NOT_FOUND",grpc_method="Resolve",grpc_service="linkedblob.link.v1.LinkService",grpc_type="unary"}'
+        ]
+        == 2
+    )
+    assert (
+        samples[
+            'grpc_server_handled_total{grpc_code="INVALID_ARGUMENT",grpc_method="Resolve",grpc_service="linkedblob.link.v1.LinkService",grpc_type="unary"}'
+        ]
+        == 1
+    )
+    assert (
+        samples[
+            'grpc_server_handled_total{grpc_code="OK",grpc_method="Link",grpc_service="linkedblob.link.v1.LinkService",grpc_type="unary"}'
+        ]
+        == 1
+    )
+    assert (
+        samples[
+            'grpc_server_handling_seconds_count{grpc_method="Resolve",'
+            'grpc_service="linkedblob.link.v1.LinkService",grpc_type="unary"}'
+        ]
+        == 6
+    )
+    assert (
+        samples[
+            'grpc_server_handling_seconds_count{grpc_method="Link",'
+            'grpc_service="linkedblob.link.v1.LinkService",grpc_type="unary"}'
+        ]
+        == 1
+    )
 
 
 def test_migrate_on_serve_refuses_a_database_a_newer_linksvc_migrated(db_url: str) -> None:
