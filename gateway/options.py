@@ -6,7 +6,14 @@ import argparse
 
 from gateway.auth import config as auth_config
 from linkedblob import grants
-from linkedblob.config import BLOB_PORT, GATEWAY_PORT, LINK_PORT, add_duration_option, add_option
+from linkedblob.config import (
+    BLOB_PORT,
+    GATEWAY_PORT,
+    LINK_PORT,
+    add_duration_option,
+    add_option,
+    parse_duration,
+)
 from linkedblob.tls import add_client_tls_options
 
 HELP = "the public API (linkedblob.v1.Registry)"
@@ -82,18 +89,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(
         parser,
         "--grant-ttl",
-        type=float,
+        type=parse_duration,
         default=300.0,
-        help="seconds a write grant handed to a client is valid (checked on every message of a "
+        help="how long a write grant handed to a client is valid (checked on every message of a "
         "Write; the client then asks for a new one)",
     )
     add_grant_options(parser)
     add_option(
         parser,
         "--link-cache-ttl",
-        type=float,
+        type=parse_duration,
         default=DEFAULT_LINK_CACHE_TTL,
-        help="seconds a resolved link is served from memory (bounds how long a delete through "
+        help="how long a resolved link is served from memory (bounds how long a delete through "
         "another gateway goes unseen here); 0 turns the cache off",
     )
     add_option(
@@ -106,10 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(
         parser,
         "--lease-ttl",
-        type=float,
+        type=parse_duration,
         default=DEFAULT_LEASE_TTL,
-        help="seconds a lease protects a blob being committed from garbage collection until it "
-        f"is linked (at most {MAX_LEASE_TTL:.0f}); a commit that takes longer is answered "
+        help="how long a lease protects a blob being committed from garbage collection until it "
+        f"is linked (at most {MAX_LEASE_TTL:.0f}s); a commit that takes longer is answered "
         "ABORTED and pushed again",
     )
     auth_config.add_arguments(parser)

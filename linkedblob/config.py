@@ -105,9 +105,9 @@ def add_server_options(parser: argparse.ArgumentParser, default_port: int) -> No
     add_option(
         parser,
         "--grace",
-        type=float,
+        type=parse_duration,
         default=30.0,
-        help="seconds to drain in-flight calls on SIGTERM",
+        help="time to drain in-flight calls on SIGTERM (30s, 2m, or seconds)",
     )
     add_option(parser, "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     add_option(parser, "--log-format", default="json", choices=["json", "text"], help="log format")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from linkedblob.config import LINK_PORT, add_option
+from linkedblob.config import LINK_PORT, add_option, parse_duration
 from linkedblob.peers import add_peer_options
 
 HELP = "the metadata plane: links, blob index, upload sessions (linkedblob.link.v1.LinkService)"
@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(
         parser,
         "--db-busy-timeout",
-        type=float,
+        type=parse_duration,
         default=5.0,
-        help="SQLite: seconds a writer waits for the database lock before answering UNAVAILABLE",
+        help="SQLite: how long a writer waits for the database lock before answering UNAVAILABLE",
     )
     add_option(
         parser,

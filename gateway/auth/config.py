@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from linkedblob.config import add_option
+from linkedblob.config import add_option, parse_duration
 
 if TYPE_CHECKING:
     from gateway.auth.access import Access
@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(
         parser,
         "--auth-token-leeway",
-        type=float,
+        type=parse_duration,
         default=DEFAULT_LEEWAY,
-        help="seconds of clock skew allowed on a token's exp and nbf",
+        help="clock skew allowed on a token's exp and nbf",
     )
     add_option(
         parser,
