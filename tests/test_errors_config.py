@@ -57,9 +57,9 @@ def _cli(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_server_variable_breaks_only_the_command_that_reads_it(tmp_path: Path) -> None:
-    """LINKEDBLOB_GRACE=30s is a bad value for the servers' --grace (seconds): the servers
+    """LINKEDBLOB_GRACE=half is a bad value for the servers' --grace (a duration): the servers
     refuse it in one line naming flag and variable; a client command is not affected."""
-    done = _cli("ls", "--addr", "127.0.0.1:1", env={"LINKEDBLOB_GRACE": "30s"})
+    done = _cli("ls", "--addr", "127.0.0.1:1", env={"LINKEDBLOB_GRACE": "half"})
     assert "Traceback" not in done.stderr and "GRACE" not in done.stderr
     assert "UNAVAILABLE" in done.stderr  # it ran (and found no gateway)
     done = _cli(
@@ -68,10 +68,24 @@ def test_a_server_variable_breaks_only_the_command_that_reads_it(tmp_path: Path)
         "--open",
         "--db",
         f"sqlite:///{tmp_path}/l.db",
-        env={"LINKEDBLOB_GRACE": "30s"},
+        env={"LINKEDBLOB_GRACE": "half"},
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "--grace: '30s' is not valid" in done.stderr and "LINKEDBLOB_GRACE" in done.stderr
+    assert "--grace: 'half' is not valid" in done.stderr and "LINKEDBLOB_GRACE" in done.stderr
+
+
+def test_every_time_flag_takes_a_duration_with_units() -> None:
+    """A time is written with its unit everywhere (30s, 2m, 1h), never seconds-only."""
+    from linkedblob.cli import build_parser
+
+    parser = build_parser()
+    times = ["--grace", "2m", "--lease-ttl", "90s", "--link-cache-ttl", "1s"]
+    times += ["--grant-ttl", "5m", "--auth-token-leeway", "30s"]
+    args = parser.parse_args(["serve", "gateway", *times])
+    assert (args.grace, args.lease_ttl, args.link_cache_ttl) == (120.0, 90.0, 1.0)
+    assert (args.grant_ttl, args.auth_token_leeway) == (300.0, 30.0)
+    args = parser.parse_args(["serve", "link", "--db-busy-timeout", "2s"])
+    assert args.db_busy_timeout == 2.0
 
 
 def test_a_boolean_variable_takes_only_boolean_words(monkeypatch) -> None:  # type: ignore[no-untyped-def]
