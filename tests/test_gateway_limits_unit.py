@@ -89,7 +89,7 @@ def test_server_limits_options() -> None:
     options = dict(ServerLimits().options())
     assert options["grpc.max_concurrent_streams"] == 100
     assert options["grpc.max_connection_idle_ms"] == 300_000
-    assert options["grpc.max_connection_age_ms"] == 3_600_000
+    assert options["grpc.max_connection_age_ms"] == 300_000  # 5m: clients rebalance over gateways
     assert options["grpc.max_connection_age_grace_ms"] == 86_400_000
     off = ServerLimits(
         max_streams_per_connection=0, max_connection_idle=0, max_connection_age=0
