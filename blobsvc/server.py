@@ -11,9 +11,9 @@ import grpc
 
 from blobsvc import roles
 from blobsvc.limits import StreamLimits
-from blobsvc.metered import MeteredBlobStore
 from blobsvc.servicer import RAW_REQUESTS, RAW_RESPONSES, SERVICE_NAME, BlobServicer
 from blobsvc.storage import open_storage
+from blobsvc.store import BlobStore
 from linkedblob import peers, tls
 from linkedblob.blob.v1 import blob_pb2
 from linkedblob.grants import signer_from_args
@@ -65,7 +65,7 @@ def serve(args: argparse.Namespace) -> int | None:
     )
     limit_malloc_arenas(MALLOC_ARENAS)
     storage = open_storage(args.storage, args.data, direct_io=args.direct_io == "auto")
-    store = MeteredBlobStore(storage)  # the store with its metrics (linkedblob_storage_*)
+    store = BlobStore(storage)  # open_storage wraps the driver in its metrics
     limits = StreamLimits(args.idle_stream_timeout, args.max_open_uploads)
     handlers = method_handlers(BlobServicer(store, signer, limits))
 

@@ -70,24 +70,7 @@ CLIENT_HANDLING_SECONDS = Histogram(
 BYTES_IN = Counter("linkedblob_bytes_received_total", "Blob bytes received", ["method"])
 BYTES_OUT = Counter("linkedblob_bytes_sent_total", "Blob bytes sent", ["method"])
 
-# blobsvc's store (blobsvc.store's metrics wrapper).
-STORAGE_BYTES_WRITTEN = Counter(
-    "linkedblob_storage_written_bytes_total", "Bytes blobsvc wrote to its store"
-)
-STORAGE_BYTES_READ = Counter(
-    "linkedblob_storage_read_bytes_total", "Bytes blobsvc read from its store"
-)
-STORAGE_SECONDS = Histogram(
-    "linkedblob_storage_operation_seconds",
-    "Time of a store operation (a read or write: until the stream ends), by operation",
-    ["op"],
-    buckets=_LATENCY_BUCKETS,
-)
-STORAGE_ERRORS = Counter(
-    "linkedblob_storage_errors_total",
-    "Store operations that failed, by operation and code",
-    ["op", "code"],
-)
+# blobsvc's storage: blobsvc.storage.metrics (a wrapper on the driver interface).
 
 # linksvc's database (linksvc.database).
 SQL_SECONDS = Histogram(

@@ -3,6 +3,8 @@
 
 - ``linkedblob_storage_action_seconds{driver,action}`` (histogram)
 - ``linkedblob_storage_bytes_total{driver,action}`` (counter)
+- ``linkedblob_storage_errors_total{driver,action}`` (counter): calls that raised (a missing blob
+  is an answer, not an error)
 
 Actions, one observation per call: ``stat``, ``open`` (a blob for reading), ``put``, ``delete``,
 ``list``, ``upload_size``, ``upload_info``, ``list_uploads``, ``open_upload``, ``store`` (an
@@ -42,22 +44,42 @@ STORAGE_BYTES = Counter(
     ["driver", "action"],
 )
 
+STORAGE_ERRORS = Counter(
+    "linkedblob_storage_errors",
+    "Storage driver calls that raised, by action (byte streams: per failed call)",
+    ["driver", "action"],
+)
 
-def _timed(seconds: Histogram, call: Callable[..., T], *args: object) -> T:
+
+class _Action:
+    """One action's metric children, looked up once per driver."""
+
+    __slots__ = ("errors", "seconds")
+
+    def __init__(self, driver: str, action: str) -> None:
+        self.seconds = STORAGE_SECONDS.labels(driver, action)
+        self.errors = STORAGE_ERRORS.labels(driver, action)
+
+
+def _timed(action: _Action, call: Callable[..., T], *args: object) -> T:
     started = perf_counter()
     try:
         return call(*args)
+    except BaseException:
+        action.errors.inc()
+        raise
     finally:
-        seconds.observe(perf_counter() - started)
+        action.seconds.observe(perf_counter() - started)
 
 
 class _Tally:
     """One stream's calls of one action: seconds and bytes added up (calls may run at once in
     several threads), observed when the stream closes."""
 
-    def __init__(self, seconds: Histogram, count: Counter) -> None:
+    def __init__(self, seconds: Histogram, count: Counter, errors: Counter) -> None:
         self._seconds_metric = seconds
         self._bytes_metric = count
+        self.errors = errors
         self._lock = threading.Lock()
         self._calls = 0
         self._seconds = 0.0
@@ -87,6 +109,9 @@ def _tallied_read(
     try:
         data = read_at(offset, length)
         return data
+    except BaseException:
+        reads.errors.inc()
+        raise
     finally:
         reads.add(started, len(data))
 
@@ -97,9 +122,10 @@ class _StreamAction:
     def __init__(self, driver: str, action: str) -> None:
         self.seconds = STORAGE_SECONDS.labels(driver, action)
         self.bytes = STORAGE_BYTES.labels(driver, action)
+        self.errors = STORAGE_ERRORS.labels(driver, action)
 
     def tally(self) -> _Tally:
-        return _Tally(self.seconds, self.bytes)
+        return _Tally(self.seconds, self.bytes, self.errors)
 
 
 class MetricsStorage(ForwardingStorage):
@@ -108,19 +134,18 @@ class MetricsStorage(ForwardingStorage):
         The metric children are looked up here, once: a labels() lookup costs a lock and a
         dict of label tuples, as much as the observation itself."""
         super().__init__(base)
-        seconds = STORAGE_SECONDS.labels
-        self._stat = seconds(driver, "stat")
-        self._open = seconds(driver, "open")
-        self._put = seconds(driver, "put")
+        self._stat = _Action(driver, "stat")
+        self._open = _Action(driver, "open")
+        self._put = _Action(driver, "put")
         self._put_bytes = STORAGE_BYTES.labels(driver, "put")
-        self._delete = seconds(driver, "delete")
-        self._list = seconds(driver, "list")
-        self._upload_size = seconds(driver, "upload_size")
-        self._upload_info = seconds(driver, "upload_info")
-        self._list_uploads = seconds(driver, "list_uploads")
-        self._open_upload = seconds(driver, "open_upload")
-        self._store = seconds(driver, "store")
-        self._discard = seconds(driver, "discard")
+        self._delete = _Action(driver, "delete")
+        self._list = _Action(driver, "list")
+        self._upload_size = _Action(driver, "upload_size")
+        self._upload_info = _Action(driver, "upload_info")
+        self._list_uploads = _Action(driver, "list_uploads")
+        self._open_upload = _Action(driver, "open_upload")
+        self._store = _Action(driver, "store")
+        self._discard = _Action(driver, "discard")
         self._read = _StreamAction(driver, "read")
         self._append = _StreamAction(driver, "append")
         self._read_staged = _StreamAction(driver, "read_staged")
@@ -184,8 +209,8 @@ class _MeteredUpload(ForwardingStagedUpload):
         base: StagedUpload,
         appends: _Tally,
         reads: _Tally,
-        store: Histogram,
-        discard: Histogram,
+        store: _Action,
+        discard: _Action,
     ) -> None:
         super().__init__(base)
         self._appends = appends
@@ -198,6 +223,7 @@ class _MeteredUpload(ForwardingStagedUpload):
         try:
             self.base.append(data)
         except BaseException:
+            self._appends.errors.inc()
             self._appends.add(started, 0)  # the time, not the bytes (some may have landed)
             raise
         self._appends.add(started, len(data))
