@@ -44,7 +44,7 @@ def database(kind: str, directory: Path) -> Iterator[str]:
     if not server:
         conftest._pg_skipped.append("pg")
         pytest.skip(f"PostgreSQL not configured ({conftest.PG_ENV} unset)")
-    name = f"linkedblob_test_{secrets.token_hex(6)}"
+    name = conftest.pg_database_name()
     conftest.admin_execute(server, f'CREATE DATABASE "{name}"')
     try:
         yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)

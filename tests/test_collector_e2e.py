@@ -281,12 +281,19 @@ def test_a_runner_skips_while_another_holds_the_lock_and_wait_waits(stack: Stack
         env={**os.environ, GRANT_SECRET_ENV: stack.grant_secret},
     )
     try:
-        time.sleep(1.5)
-        assert waiting.poll() is None  # still waiting for the lock
+        # Until it says it waits (it found the lock held), then it is still running.
+        said: list[str] = []
+        assert waiting.stderr is not None
+        for line in waiting.stderr:
+            said.append(line)
+            if "waiting for" in line:
+                break
+        assert waiting.poll() is None, "".join(said)  # still waiting for the lock
         links(stack).ReleaseRunnerLock(
             link_pb2.ReleaseRunnerLockRequest(name="gc", holder="elsewhere:1")
         )
         out, err = waiting.communicate(timeout=60)
+        err = "".join(said) + err
     finally:
         if waiting.poll() is None:
             waiting.kill()

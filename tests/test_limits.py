@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -102,6 +103,65 @@ async def _attack(address: str, streams: int, send_header: bool) -> list[BaseExc
         return await asyncio.gather(*calls, return_exceptions=True)
 
 
+@dataclass
+class Watch:
+    """What :func:`attacked` saw: descriptors before and at their peak during an attack, the
+    gateway's RSS before, and when the other client was served."""
+
+    stack: Stack
+    prefix: str
+    before: dict[str, int]
+    peaks: dict[str, int]
+    rss_before: int
+    served: list[float] = field(default_factory=list)
+
+    def assert_bounded_and_clean(self, *, blob_streams: int) -> None:
+        """Another client was served during the attack; descriptors and memory stayed bounded
+        (the gateway opens no descriptor per stream, they share the connection; blobsvc at most
+        two per relayed stream until uploads open their files lazily); nothing leaks once the
+        attacker has gone (staging areas aborted, descriptors back), and pushes still work."""
+        stack, before, peaks = self.stack, self.before, self.peaks
+        assert len(self.served) >= 3, "the other client was not served during the attack"
+        assert peaks["gateway"] <= before["gateway"] + 20, (before, peaks)
+        assert peaks["blob"] <= before["blob"] + 2 * blob_streams + 20, (before, peaks)
+        assert stack.gateway.rss() < self.rss_before + 200 * 1024 * 1024
+        deadline = time.monotonic() + 20
+        while staging(stack) or fds(stack.blob) > before["blob"] + 5:
+            assert time.monotonic() < deadline, (staging(stack), fds(stack.blob), before)
+            time.sleep(0.2)
+        assert fds(stack.gateway) <= before["gateway"] + 5
+        push_ok(stack.address, f"{self.prefix}/after", b"after")
+
+
+@contextmanager
+def attacked(stack: Stack, prefix: str, *, pause: float) -> Iterator[Watch]:
+    """Runs the block (the attack) while another client pushes to ``PREFIX/other`` every
+    ``pause`` seconds and the gateway's and blobsvc's descriptors are sampled."""
+    push_ok(stack.address, f"{prefix}/warmup", b"warm")  # the gateway's channels are up
+    time.sleep(0.5)
+    before = {"gateway": fds(stack.gateway), "blob": fds(stack.blob)}
+    watch = Watch(stack, prefix, before, dict(before), stack.gateway.rss())
+    done = threading.Event()
+
+    def other_client() -> None:
+        n = 0
+        while not done.is_set():
+            for name, svc in (("gateway", stack.gateway), ("blob", stack.blob)):
+                watch.peaks[name] = max(watch.peaks[name], fds(svc))
+            push_ok(stack.address, f"{prefix}/other", f"payload {n}".encode())
+            watch.served.append(time.monotonic())
+            n += 1
+            time.sleep(pause)
+
+    watcher = threading.Thread(target=other_client)
+    watcher.start()
+    try:
+        yield watch
+    finally:
+        done.set()
+        watcher.join()
+
+
 def test_slowloris_streams_end_by_the_idle_timeout_and_leak_nothing(tmp_path: Path) -> None:
     with running_stack(
         tmp_path,
@@ -116,40 +176,16 @@ def test_slowloris_streams_end_by_the_idle_timeout_and_leak_nothing(tmp_path: Pa
 
 
 def _test_slowloris_streams_end_by_the_idle_timeout_and_leak_nothing(stack: Stack) -> None:
-    push_ok(stack.address, "slowloris/warmup", b"warm")  # the gateway's channels are up
-    time.sleep(0.5)
-    before = {"gateway": fds(stack.gateway), "blob": fds(stack.blob)}
-    rss_before = stack.gateway.rss()
-    peaks = dict(before)
-    served: list[float] = []
-    done = threading.Event()
+    # 150 streams with a header (each relayed into a blobsvc staging area) and 150 with
+    # nothing at all, on one connection each: more than the 100 streams a connection may
+    # have open at once, so the rest wait their turn.
+    async def both() -> tuple[list[BaseException | bytes], list[BaseException | bytes]]:
+        with_header = _attack(stack.address, 150, True)
+        without = _attack(stack.address, 150, False)
+        return await asyncio.gather(with_header, without)
 
-    def watch() -> None:
-        # Another client is served while the attack goes on; descriptors are sampled.
-        n = 0
-        while not done.is_set():
-            for name, svc in (("gateway", stack.gateway), ("blob", stack.blob)):
-                peaks[name] = max(peaks[name], fds(svc))
-            push_ok(stack.address, "slowloris/other", f"payload {n}".encode())
-            served.append(time.monotonic())
-            n += 1
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        # 150 streams with a header (each relayed into a blobsvc staging area) and 150 with
-        # nothing at all, on one connection each: more than the 100 streams a connection may
-        # have open at once, so the rest wait their turn.
-        async def both() -> tuple[list[BaseException | bytes], list[BaseException | bytes]]:
-            with_header = _attack(stack.address, 150, True)
-            without = _attack(stack.address, 150, False)
-            return await asyncio.gather(with_header, without)
-
+    with attacked(stack, "slowloris", pause=0.1) as watch:
         results = asyncio.run(both())
-    finally:
-        done.set()
-        watcher.join()
     idle = 0
     for outcome in (*results[0], *results[1]):
         code, reason, metadata = status_of(outcome)  # type: ignore[arg-type]
@@ -170,21 +206,10 @@ def _test_slowloris_streams_end_by_the_idle_timeout_and_leak_nothing(stack: Stac
         idle += 1
     # At least the first 100 (grpc shares one connection between the two channels).
     assert idle >= 100, idle
-    assert len(served) >= 3, "the other client was not served during the attack"
-    # Bounded: the gateway opens no descriptor per stream (they share the connection), and
-    # relays at most 100 of them at once (the streams per connection); blobsvc holds one staging
-    # area per relayed stream, with (until uploads open their files lazily) two descriptors.
-    assert peaks["gateway"] <= before["gateway"] + 20, (before, peaks)
-    assert peaks["blob"] <= before["blob"] + 2 * 100 + 20, (before, peaks)
-    assert stack.gateway.rss() < rss_before + 200 * 1024 * 1024
-    # Nothing leaks once the attacker has gone: staging areas aborted, descriptors back.
-    deadline = time.monotonic() + 20
-    while staging(stack) or fds(stack.blob) > before["blob"] + 5:
-        assert time.monotonic() < deadline, (staging(stack), fds(stack.blob), before)
-        time.sleep(0.2)
-    assert fds(stack.gateway) <= before["gateway"] + 5
+    # Bounded: blobsvc holds one staging area per relayed stream (at most 100 at once, the
+    # streams per connection), with (until uploads open their files lazily) two descriptors.
+    watch.assert_bounded_and_clean(blob_streams=100)
     assert '"level": "error"' not in "".join(stack.gateway.output)
-    push_ok(stack.address, "slowloris/after", b"after")
 
 
 def test_open_uploads_are_limited_per_repository_and_in_total(tmp_path: Path) -> None:
@@ -355,31 +380,8 @@ def test_ten_thousand_header_only_pushes_on_one_connection(tmp_path: Path) -> No
         "--max-open-uploads", "200",
     )  # fmt: skip
     with running_stack(tmp_path, *args) as stack:
-        push_ok(stack.address, "flood/warmup", b"warm")
-        time.sleep(0.5)
-        before = {"gateway": fds(stack.gateway), "blob": fds(stack.blob)}
-        rss_before = stack.gateway.rss()
-        peaks = dict(before)
-        served: list[float] = []
-        done = threading.Event()
-
-        def watch() -> None:
-            n = 0
-            while not done.is_set():
-                for name, svc in (("gateway", stack.gateway), ("blob", stack.blob)):
-                    peaks[name] = max(peaks[name], fds(svc))
-                push_ok(stack.address, "flood/other", f"payload {n}".encode())
-                served.append(time.monotonic())
-                n += 1
-                time.sleep(0.05)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
+        with attacked(stack, "flood", pause=0.05) as watch:
             results = asyncio.run(_attack(stack.address, HEADER_ONLY_STREAMS, True))
-        finally:
-            done.set()
-            watcher.join()
         outcomes: dict[str, int] = {}
         for outcome in results:
             code, reason, metadata = status_of(outcome)  # type: ignore[arg-type]
@@ -396,18 +398,8 @@ def test_ten_thousand_header_only_pushes_on_one_connection(tmp_path: Path) -> No
                 key = code.name
             outcomes[key] = outcomes.get(key, 0) + 1
         assert outcomes.get("STREAM_IDLE:idle-stream-timeout", 0) >= 50, outcomes
-        assert len(served) >= 3, "the other client was not served during the attack"
-        assert peaks["gateway"] <= before["gateway"] + 20, (before, peaks)
-        # 50 uploads at once (and the other client's), two descriptors each until blobsvc
-        # opens uploads lazily.
-        assert peaks["blob"] <= before["blob"] + 2 * 51 + 20, (before, peaks)
-        assert stack.gateway.rss() < rss_before + 200 * 1024 * 1024
-        deadline = time.monotonic() + 20
-        while staging(stack) or fds(stack.blob) > before["blob"] + 5:
-            assert time.monotonic() < deadline, (staging(stack), fds(stack.blob), before)
-            time.sleep(0.2)
-        assert fds(stack.gateway) <= before["gateway"] + 5
-        push_ok(stack.address, "flood/after", b"after")
+        # 50 uploads at once, and the other client's.
+        watch.assert_bounded_and_clean(blob_streams=51)
 
 
 def test_an_idle_write_upload_ends_and_the_upload_resumes(tmp_path: Path) -> None:

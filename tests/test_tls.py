@@ -271,96 +271,37 @@ def test_wrong_role_is_denied_and_the_right_role_allowed(
 # --- (f) starting secured, and refusing allow lists without a CA ----------------------------------
 
 
+def refused_start(kind: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`linkedblob serve KIND --port 0 ARGS...` run to its end: a server that refuses its flags
+    exits at once (a server that starts would run into the timeout)."""
+    return subprocess.run(
+        [sys.executable, "-m", "linkedblob.cli", "serve", kind, "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_allow_lists_without_a_client_ca_refuse_to_start(pki: Pki, tmp_path: Path) -> None:
     for kind, extra in (("link", ("--db", f"sqlite:///{tmp_path / 'l.db'}")), ("blob", ())):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "linkedblob.cli",
-                "serve",
-                kind,
-                "--port",
-                "0",
-                *extra,
-                *pki.server_args(client_ca=False),
-                "--allow-gateway",
-                GATEWAY_ID,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
+        done = refused_start(
+            kind, *extra, *pki.server_args(client_ca=False), "--allow-gateway", GATEWAY_ID
         )
         assert done.returncode == 2, done
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and "--tls-client-ca" in lines[0], done.stderr
+    memory = ("--open", "--storage", "memory")
     # A key without its certificate: one line, exit 2.
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "linkedblob.cli",
-            "serve",
-            "blob",
-            "--port",
-            "0",
-            "--open",
-            "--storage",
-            "memory",
-            "--tls-key",
-            pki.path("server.key"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = refused_start("blob", *memory, "--tls-key", pki.path("server.key"))
     assert (
         done.returncode == 2
         and done.stderr.strip() == "linkedblob blob: --tls-key needs --tls-cert"
     )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "linkedblob.cli",
-            "serve",
-            "blob",
-            "--port",
-            "0",
-            "--open",
-            "--storage",
-            "memory",
-            "--tls-cert",
-            pki.path("missing.pem"),
-            "--tls-key",
-            pki.path("server.key"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    missing = ("--tls-cert", pki.path("missing.pem"), "--tls-key", pki.path("server.key"))
+    done = refused_start("blob", *memory, *missing)
     assert done.returncode == 2 and "missing.pem" in done.stderr, done
     # A direct port needs mTLS with allow lists (else every call there would pass unchecked).
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "linkedblob.cli",
-            "serve",
-            "blob",
-            "--port",
-            "0",
-            "--open",
-            "--storage",
-            "memory",
-            *pki.server_args(client_ca=False),
-            "--direct-port",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = refused_start("blob", *memory, *pki.server_args(client_ca=False), "--direct-port", "0")
     assert done.returncode == 2 and "--direct-port" in done.stderr, done
 
 
@@ -666,10 +607,15 @@ def test_grpcurl_over_tls_and_mtls(pki: Pki, stack: SecureStack) -> None:
         [grpcurl, *mtls, stack.link.address, "list"], capture_output=True, text=True, timeout=60
     )
     assert listed.returncode == 0 and "linkedblob.link.v1.LinkService" in listed.stdout, listed
+    # No client certificate, no handshake. (With a connect timeout grpcurl gives up at the
+    # refused handshake; without one it would retry it for its 10 s default.)
     listed = subprocess.run(
-        [grpcurl, *ca, stack.link.address, "list"], capture_output=True, text=True, timeout=60
+        [grpcurl, *ca, "-connect-timeout", "5", stack.link.address, "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert listed.returncode != 0  # no client certificate, no handshake
+    assert listed.returncode != 0 and "Failed to dial" in listed.stderr, listed
 
 
 def test_every_method_of_blobsvc_and_linksvc_has_its_roles() -> None:
