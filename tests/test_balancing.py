@@ -26,8 +26,8 @@ CALLS = 20
 # Each replica's share of CALLS calls under round_robin is about half; pick_first gives one
 # replica none.
 AT_LEAST = CALLS // 4
-# The served-call counters (today's name and the standard gRPC one).
-CALL_COUNTERS = ("linkedblob_rpcs_total{", "grpc_server_handled_total{")
+# The served-call counter (the standard gRPC one).
+CALL_COUNTERS = "grpc_server_handled_total{"
 
 
 def served(metrics_port: int) -> float:

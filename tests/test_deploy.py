@@ -1,5 +1,5 @@
-"""deploy/: the manifest protects every link, and the certificates make-certs.sh (or
-cert-manager.yaml) makes are the ones it mounts, with the identities its allow lists name.
+"""deploy/: the manifests protect every link, and the certificates make-certs.sh (or the
+cert-manager component) makes are the ones they mount, with the identities the allow lists name.
 
 The exec probe (deploy/probe.py) runs against a real gRPC server over real mTLS with those
 certificates. Once the protection flags are in the tree, every container's arguments are parsed
