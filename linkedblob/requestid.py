@@ -1,7 +1,7 @@
 """The request id of the call in progress (metadata ``x-request-id``).
 
 The gateway is the edge: it takes the id its caller sent (when it is printable ASCII of at most
-:data:`MAX_LENGTH` characters) or makes one, returns it in the call's initial metadata, and the
+:data:`MAX_LENGTH` characters) or makes one, returns it in the call's trailing metadata, and the
 backend calls it makes carry it (linkedblob.interceptors), so blobsvc's and linksvc's access log
 lines name the same id as the gateway's. A ContextVar, like linkedblob.caller: it belongs to the
 call's task.

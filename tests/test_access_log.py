@@ -55,7 +55,7 @@ def lines_with(svc: Any, request_id: str, method: str = "") -> list[dict[str, An
 
 
 def stat(stack: TelemetryStack, digest: str, metadata: Any = ()) -> tuple[Any, dict[str, str]]:
-    """StatBlob: its code and the initial metadata the gateway returned."""
+    """StatBlob: its code and the trailing metadata the gateway returned."""
     future = stack.stub().StatBlob.future(
         pb.StatBlobRequest(repository=REPO, digest=digest), metadata=metadata
     )
@@ -64,7 +64,7 @@ def stat(stack: TelemetryStack, digest: str, metadata: Any = ()) -> tuple[Any, d
         code = grpc.StatusCode.OK
     except grpc.RpcError as err:
         code = err.code()
-    return code, dict(future.initial_metadata())
+    return code, dict(future.trailing_metadata())
 
 
 def test_the_callers_request_id_reaches_the_backends_logs(stack: TelemetryStack) -> None:

@@ -161,6 +161,7 @@ def test_linksvc_counts_its_database(stack: TelemetryStack) -> None:
 def test_the_dashboard_uses_only_metrics_the_services_export() -> None:
     from prometheus_client import REGISTRY
 
+    import blobsvc.storage.metrics  # noqa: F401  (registers the storage metrics)
     import collector.metrics  # noqa: F401  (registers the collector's metrics)
     import linkedblob.metrics  # noqa: F401
 
