@@ -243,6 +243,13 @@ def _access_fields(request: Any) -> tuple[str, str]:
     )
 
 
+def peer_of(context: Any) -> str:
+    try:
+        return str(context.peer())
+    except Exception:  # a context without a peer (tests' fakes)
+        return ""
+
+
 def log_access(
     method: str,
     code: grpc.StatusCode,
@@ -254,14 +261,16 @@ def log_access(
     request: Any = None,
     bytes_in: int = 0,
     bytes_out: int = 0,
+    peer: str | None = None,
+    seconds: float | None = None,
 ) -> None:
     """The access log line of one call (also written by linkedblob.peers for the calls it
-    refuses before they reach the servicer)."""
-    seconds = perf_counter() - started
-    try:
-        peer = context.peer()
-    except Exception:  # a context without a peer (tests' fakes)
-        peer = ""
+    refuses before they reach the servicer). ``peer`` and ``seconds``, when given, stand for
+    ``context``'s and the time since ``started`` (a line written after the call ended)."""
+    if seconds is None:
+        seconds = perf_counter() - started
+    if peer is None:
+        peer = peer_of(context)
     who = caller()
     rid = requestid.REQUEST_ID.get()
     repository, digest = _access_fields(request)
@@ -359,16 +368,24 @@ def servicer_method(method: F) -> F:
         if sent:
             telemetry.sent.inc(sent)
         if access_log.isEnabledFor(info):
-            log_access(
-                name,
-                code,
-                reason,
-                started,
-                context,
-                service=telemetry.service,
-                request=request,
-                bytes_in=streamed.size if streamed is not None else 0,
-                bytes_out=sent_bytes,
+            # Written once the answer is on its way, not before: a line costs ~25 us of CPU,
+            # which a StatBlob (~0.5 ms) waited for (+0.09 ms p50 in the bench). call_soon
+            # runs it in a copy of this call's context (request id, caller, span).
+            asyncio.get_running_loop().call_soon(
+                functools.partial(
+                    log_access,
+                    name,
+                    code,
+                    reason,
+                    started,
+                    None,
+                    service=telemetry.service,
+                    request=request,
+                    bytes_in=streamed.size if streamed is not None else 0,
+                    bytes_out=sent_bytes,
+                    peer=peer_of(context),
+                    seconds=perf_counter() - started,
+                )
             )
 
     def aborted_code(context: Any, exc: BaseException) -> grpc.StatusCode:
