@@ -22,7 +22,8 @@ import sqlalchemy as sa
 from linkedblob.errors import Reason, failed_precondition, invalid_argument
 from linksvc.database import map_errors
 from linksvc.models import BlobState
-from linksvc.store import LinkedBlob, LinkStore, utcnow
+from linksvc.sessions import utcnow
+from linksvc.store import LinkedBlob, LinkStore
 
 DEFAULT_LEASE_TTL = timedelta(seconds=600)
 

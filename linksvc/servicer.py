@@ -20,7 +20,8 @@ from linksvc import validation as check
 from linksvc.database import Database
 from linksvc.lifecycle import IndexedBlob, LifecycleStore
 from linksvc.models import BlobState, SessionState
-from linksvc.store import LinkedBlob, LinkStore, SessionRecord
+from linksvc.sessions import SessionRecord
+from linksvc.store import LinkedBlob, LinkStore
 
 SERVICE_NAME = link_pb2.DESCRIPTOR.services_by_name["LinkService"].full_name
 

@@ -22,7 +22,8 @@ from linksvc import migrate
 from linksvc.database import Database
 from linksvc.lifecycle import LifecycleStore
 from linksvc.models import SessionState
-from linksvc.store import LinkedBlob, LinkStore, SessionRecord
+from linksvc.sessions import SessionRecord
+from linksvc.store import LinkedBlob, LinkStore
 
 
 def digest_of(text: str) -> str:
